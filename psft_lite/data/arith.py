@@ -1,0 +1,194 @@
+"""A seeded generator of GSM8K-style arithmetic word problems with checkable `#### N` answers.
+
+Ten templates are "in-domain" (train and held-out test sets); five more are never trained on and make the
+out-of-domain set. Each solution reasons step by step and ends with `#### <answer>` as GSM8K does.
+
+    python -m psft_lite.data.arith --out data/arith     # regenerates train.jsonl, test.jsonl, ood.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+NAMES = ["Tom", "Anna", "Ben", "Maria", "Leo", "Sara", "Omar", "Julia", "Ken", "Lucy", "Ravi", "Emma", "Noah", "Mia"]
+PRONOUN = {"Tom": "he", "Ben": "he", "Leo": "he", "Omar": "he", "Ken": "he", "Ravi": "he", "Noah": "he"}
+ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "cards", "shells", "coins", "stamps"]
+
+Problem = tuple[str, str, int]  # question, solution, answer
+
+
+def _pron(name: str) -> str:
+    return PRONOUN.get(name, "she")
+
+
+def _two_names(r: random.Random) -> tuple[str, str]:
+    a, b = r.sample(NAMES, 2)
+    return a, b
+
+
+def buy_more(r: random.Random) -> Problem:
+    n, item, a, b = r.choice(NAMES), r.choice(ITEMS), r.randint(3, 60), r.randint(2, 40)
+    q = f"{n} has {a} {item}. {_pron(n).capitalize()} buys {b} more. How many {item} does {n} have now?"
+    s = f"{n} starts with {a} {item} and buys {b} more, so {_pron(n)} has {a} + {b} = {a + b} {item}."
+    return q, s, a + b
+
+
+def give_away(r: random.Random) -> Problem:
+    n, m = _two_names(r)
+    item, a = r.choice(ITEMS), r.randint(10, 80)
+    b = r.randint(1, a - 1)
+    q = f"{n} has {a} {item} and gives {b} of them to {m}. How many {item} does {n} have left?"
+    s = f"{n} gives away {b} of {a} {item}, so {_pron(n)} has {a} - {b} = {a - b} {item} left."
+    return q, s, a - b
+
+
+def buy_then_give(r: random.Random) -> Problem:
+    n, m = _two_names(r)
+    item, a, b = r.choice(ITEMS), r.randint(5, 50), r.randint(2, 30)
+    c = r.randint(1, a + b - 1)
+    q = f"{n} has {a} {item}. {_pron(n).capitalize()} buys {b} more and then gives {c} to {m}. How many {item} does {n} have now?"
+    s = f"After buying, {n} has {a} + {b} = {a + b} {item}. After giving {c} to {m}, {_pron(n)} has {a + b} - {c} = {a + b - c} {item}."
+    return q, s, a + b - c
+
+
+def packs(r: random.Random) -> Problem:
+    n, item, a, b = r.choice(NAMES), r.choice(ITEMS), r.randint(2, 12), r.randint(2, 12)
+    q = f"{n} buys {a} packs of {item}. Each pack has {b} {item}. How many {item} does {n} buy in total?"
+    s = f"There are {a} packs with {b} {item} each, so {n} buys {a} * {b} = {a * b} {item}."
+    return q, s, a * b
+
+
+def share(r: random.Random) -> Problem:
+    n, item, each, k = r.choice(NAMES), r.choice(ITEMS), r.randint(2, 15), r.randint(2, 9)
+    total = each * k
+    q = f"{n} has {total} {item} and shares them equally among {k} friends. How many {item} does each friend get?"
+    s = f"{total} {item} shared equally among {k} friends gives {total} / {k} = {each} {item} each."
+    return q, s, each
+
+
+def cost(r: random.Random) -> Problem:
+    n, item, p, k = r.choice(NAMES), r.choice(ITEMS), r.randint(2, 15), r.randint(2, 10)
+    q = f"{item.capitalize()} cost ${p} each. {n} buys {k} {item}. How many dollars does {n} spend?"
+    s = f"{k} {item} at ${p} each cost {k} * {p} = ${k * p}."
+    return q, s, k * p
+
+
+def change(r: random.Random) -> Problem:
+    n, item, p, k = r.choice(NAMES), r.choice(ITEMS), r.randint(2, 9), r.randint(2, 8)
+    m = k * p + r.randint(1, 40)
+    q = f"{n} has ${m}. {_pron(n).capitalize()} buys {k} {item} for ${p} each. How many dollars does {n} have left?"
+    s = f"The {item} cost {k} * {p} = ${k * p}. {n} has {m} - {k * p} = ${m - k * p} left."
+    return q, s, m - k * p
+
+
+def more_than(r: random.Random) -> Problem:
+    n, m = _two_names(r)
+    item, a, b = r.choice(ITEMS), r.randint(3, 40), r.randint(1, 20)
+    q = f"{n} has {a} {item}. {m} has {b} more {item} than {n}. How many {item} do they have together?"
+    s = f"{m} has {a} + {b} = {a + b} {item}. Together they have {a} + {a + b} = {2 * a + b} {item}."
+    return q, s, 2 * a + b
+
+
+def daily(r: random.Random) -> Problem:
+    n, a, d = r.choice(NAMES), r.randint(2, 25), r.randint(2, 9)
+    q = f"{n} reads {a} pages every day. How many pages does {n} read in {d} days?"
+    s = f"In {d} days {n} reads {d} * {a} = {a * d} pages."
+    return q, s, a * d
+
+
+def eaten(r: random.Random) -> Problem:
+    n, m = _two_names(r)
+    a = r.randint(12, 60)
+    b = r.randint(1, a // 2)
+    c = r.randint(1, a - b - 1)
+    q = f"A box has {a} cookies. {n} eats {b} cookies and {m} eats {c} cookies. How many cookies are left in the box?"
+    s = f"They eat {b} + {c} = {b + c} cookies, so {a} - {b + c} = {a - b - c} cookies are left."
+    return q, s, a - b - c
+
+
+# --- out-of-domain templates: never used for training ---------------------------------------------------------------
+
+
+def speed(r: random.Random) -> Problem:
+    v, h = r.randint(20, 90), r.randint(2, 6)
+    q = f"A train travels at {v} kilometers per hour. How many kilometers does it travel in {h} hours?"
+    s = f"Distance is speed times time: {v} * {h} = {v * h} kilometers."
+    return q, s, v * h
+
+
+def ages(r: random.Random) -> Problem:
+    n, m = _two_names(r)
+    a, k = r.randint(3, 12), r.randint(2, 4)
+    q = f"{n} is {a} years old. {m} is {k} times as old as {n}. How old will {m} be in 5 years?"
+    s = f"{m} is {k} * {a} = {k * a} years old now. In 5 years {m} will be {k * a} + 5 = {k * a + 5}."
+    return q, s, k * a + 5
+
+
+def average(r: random.Random) -> Problem:
+    n = r.choice(NAMES)
+    mean = r.randint(50, 95)
+    d1, d2 = r.randint(1, 5), r.randint(1, 5)
+    xs = [mean - d1, mean + d2, mean + d1 - d2]
+    q = f"{n} scored {xs[0]}, {xs[1]} and {xs[2]} points on three tests. What is {n}'s average score?"
+    s = f"The total is {xs[0]} + {xs[1]} + {xs[2]} = {sum(xs)}. The average is {sum(xs)} / 3 = {mean}."
+    return q, s, mean
+
+
+def rectangle(r: random.Random) -> Problem:
+    w, h = r.randint(2, 20), r.randint(2, 20)
+    q = f"A garden is {w} meters long and {h} meters wide. How many meters of fence go around it?"
+    s = f"The perimeter is 2 * ({w} + {h}) = 2 * {w + h} = {2 * (w + h)} meters."
+    return q, s, 2 * (w + h)
+
+
+def half_left(r: random.Random) -> Problem:
+    n, item, a = r.choice(NAMES), r.choice(ITEMS), 2 * r.randint(5, 40)
+    b = r.randint(1, a // 2 - 1)
+    q = f"{n} had {a} {item}. {_pron(n).capitalize()} lost half of them and then found {b}. How many {item} does {n} have now?"
+    s = f"Half of {a} is {a} / 2 = {a // 2}. After finding {b}, {n} has {a // 2} + {b} = {a // 2 + b} {item}."
+    return q, s, a // 2 + b
+
+
+IN_DOMAIN: list[Callable[[random.Random], Problem]] = [
+    buy_more, give_away, buy_then_give, packs, share, cost, change, more_than, daily, eaten,
+]  # fmt: skip
+OUT_OF_DOMAIN: list[Callable[[random.Random], Problem]] = [speed, ages, average, rectangle, half_left]
+
+
+def generate(n: int, templates: list[Callable[[random.Random], Problem]], seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` distinct problems as {"prompt", "completion", "answer", "template"} rows (completion ends `#### N`)."""
+    r = random.Random(seed)
+    rows, seen = [], set(exclude)
+    while len(rows) < n:
+        t = r.choice(templates)
+        q, s, ans = t(r)
+        if q in seen:
+            continue
+        seen.add(q)
+        rows.append({"prompt": q, "completion": f"{s}\n#### {ans}", "answer": str(ans), "template": t.__name__})
+    return rows
+
+
+def write_sets(out: Path, n_train: int = 2000, n_test: int = 200, n_ood: int = 200) -> dict[str, int]:
+    out.mkdir(parents=True, exist_ok=True)
+    train = generate(n_train, IN_DOMAIN, seed=1)
+    test = generate(n_test, IN_DOMAIN, seed=2, exclude={row["prompt"] for row in train})
+    ood = generate(n_ood, OUT_OF_DOMAIN, seed=3)
+    sizes = {}
+    for name, rows in (("train", train), ("test", test), ("ood", ood)):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        sizes[name] = len(rows)
+    return sizes
+
+
+if __name__ == "__main__":  # pragma: no cover
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("data/arith"))
+    args = ap.parse_args()
+    print(write_sets(args.out))

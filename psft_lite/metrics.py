@@ -1,0 +1,138 @@
+"""The one metrics path: per-step statistics → metrics.jsonl and the live progress display, from the same dict.
+
+Key names (DESIGN.md §1) are shared by plot, eval and the README: step, epoch, loss, nll, entropy, grad_norm, lr,
+tokens, trained_tokens, tokens_per_s, step_s, peak_mem_mb; psft adds clip_frac, ratio_mean, ratio_max, approx_kl;
+idft adds phi_mean, phi_std, gamma_mean, weight_mean, lambda.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class StepStats:
+    """Combines micro-batch statistics into exact step values: token-weighted means, maxima for `*_max`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+        self.weight = 0
+        self.loss = 0.0
+
+    def add(self, stats: dict[str, torch.Tensor | float], n_tokens: int, loss: float) -> None:
+        self.loss += loss
+        self.weight += n_tokens
+        for k, v in stats.items():
+            v = float(v)
+            if k.endswith("_max"):
+                self.maxes[k] = max(self.maxes.get(k, -math.inf), v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v * n_tokens
+
+    def result(self) -> dict[str, float]:
+        out = {"loss": self.loss}
+        out.update({k: v / max(self.weight, 1) for k, v in self.sums.items()})
+        out.update(self.maxes)
+        return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return float(f"{v:.6g}")
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl, flushed at once (readable while the run goes on)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f: TextIO = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps({k: _round(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (a torn last line from a killed run is skipped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; plain periodic lines otherwise (CI logs, pipes)."""
+
+    FIELDS = (("loss", "loss", "{:.4f}"), ("nll", "nll", "{:.3f}"), ("entropy", "H", "{:.3f}"),
+              ("clip_frac", "clip", "{:.3f}"), ("phi_mean", "φ", "{:+.3f}"), ("tokens_per_s", "tok/s", "{:.0f}"))  # fmt: skip
+
+    def __init__(self, console: Console, total: int, start: int = 0, every: int = 10, label: str = "train"):
+        self.console = console
+        self.total = total
+        self.every = every
+        self.live = console.is_terminal
+        self._progress: Progress | None = None
+        self._t0 = time.monotonic()
+        self._start = start
+        if self.live:
+            self._progress = Progress(
+                TextColumn(f"[bold]{label}[/bold]"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._task = self._progress.add_task(label, total=total, completed=start, stats="")
+            self._progress.start()
+
+    def _fmt(self, rec: dict[str, Any]) -> str:
+        parts = []
+        for key, name, fmt in self.FIELDS:
+            if key in rec and isinstance(rec[key], (int, float)):
+                parts.append(f"{name} {fmt.format(rec[key])}")
+        return "  ".join(parts)
+
+    def update(self, rec: dict[str, Any]) -> None:
+        step = rec["step"]
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, stats=self._fmt(rec))
+        elif step % self.every == 0 or step == self.total or step == self._start + 1:
+            elapsed = time.monotonic() - self._t0
+            rate = (step - self._start) / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - step) / rate if rate > 0 else 0.0
+            self.console.print(f"step {step}/{self.total}  {self._fmt(rec)}  eta {eta:.0f}s", highlight=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

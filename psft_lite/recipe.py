@@ -1,0 +1,422 @@
+"""A recipe: one TOML file → one typed, validated `Recipe`.
+
+Every field is described once (its `Field(description=...)`); `validate`, the README's recipe reference
+(`python -m psft_lite.recipe`) and error messages all read that one copy. Unknown keys are errors with a
+"did you mean" hint, and every problem in a file is reported at once, before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from psft_lite.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+#: Data formats a recipe may name; all become chat messages (psft_lite/data/formats.py).
+FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "sharegpt")
+
+#: For each data format, the logical field names a recipe may remap in `data.fields`, with their defaults.
+FORMAT_FIELDS: dict[str, dict[str, str]] = {
+    "prompt_completion": {"prompt": "prompt", "completion": "completion", "system": "system"},
+    "messages": {"messages": "messages", "role": "role", "content": "content"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
+    "sharegpt": {"conversations": "conversations", "from": "from", "value": "value", "system": "system"},
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field(
+        EMBEDDED_MODEL,
+        description="Hub id (e.g. `Qwen/Qwen2.5-1.5B-Instruct`), a local model folder, a `.gguf` file, or the "
+        f"embedded alias `{EMBEDDED_MODEL}` (works offline).",
+    )
+    gguf_file: str | None = Field(None, description="File name of a GGUF checkpoint inside `name` (folder or hub repo).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    load_in_4bit: bool = Field(False, description="QLoRA: quantize the frozen base to 4-bit NF4 with bitsandbytes.")
+    double_quant: bool = Field(True, description="With `load_in_4bit`: also quantize the quantization constants.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Weights and compute precision. `auto`: bf16 where the device supports it (CUDA with bf16, "
+        "CPUs with avx512_bf16), else fp32 (fp16 on older GPUs).",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="`auto` uses CUDA when available.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30 % slower steps."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off by default.")
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch. Keep 0 for psft (see METHODS.md).")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="`all-linear` (every linear layer but the output head), a list of module names "
+        '(e.g. `["q_proj", "v_proj"]`), or a regex.',
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower.")
+
+
+class Source(Section):
+    path: str = Field(description="Local .jsonl/.json/.parquet/.csv file or folder, or a hub data set id.")
+    config: str | None = Field(None, description="Hub data set configuration (e.g. `main` for openai/gsm8k).")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Hub revision of the data set.")
+
+
+def _as_source(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+class DataSection(Section):
+    train: Source = Field(description="Training data: a path or hub id, or a table `{path, config, split}`.")
+    eval: Source | None = Field(None, description="Optional held-out data, same forms as `train`.")
+    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="`prompt_completion`, `messages`, `alpaca`, `sharegpt`, or `auto` (detected from the first row).",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description='Map the format\'s field names to your columns, e.g. `{prompt = "question", completion = "answer"}`.',
+    )
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    max_length: int = Field(1024, gt=1, description="Maximum tokens per example (prompt + response).")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "drop",
+        description="Examples longer than `max_length`: `drop` them (counted), `truncate` the response (its end-of-turn "
+        "token is lost), or stop with an `error` naming the row.",
+    )
+    shuffle: bool = Field(True, description="Reshuffle the examples every epoch (seeded by `train.seed`).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows of the training source.")
+
+    _coerce_train = field_validator("train", "eval", mode="before")(_as_source)
+
+
+class ObjectiveSection(Section):
+    kind: Literal["sft", "dft", "psft", "idft"] = Field("psft", description="Training objective (METHODS.md §1–§4).")
+    normalize: Literal["token", "sequence"] = Field(
+        "token",
+        description="`token`: every trained token of an optimizer step counts equally; `sequence`: every sequence does.",
+    )
+    old_policy: Literal["snapshot", "base"] = Field(
+        "snapshot",
+        description="psft: `snapshot` = the adapter as it was at the last refresh (faithful PSFT); `base` = the "
+        "adapter-disabled base model (a fixed trust region; its log-probs are computed once per example).",
+    )
+    refresh_every: int = Field(8, ge=1, description="psft snapshot: optimizer steps per old-policy refresh (K).")
+    clip_high: float = Field(0.28, gt=0, description="psft: ε_high; a token stops learning once its ratio exceeds 1 + ε_high.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="psft: ε_low (inert for SFT data, where the advantage is +1).")
+    sft_warmup_steps: int = Field(0, ge=0, description="psft: plain SFT for the first N optimizer steps.")
+    beta: float = Field(1.0, gt=0, description="idft: temperature of γ = exp(−φ / β).")
+    gamma_min: float = Field(0.1, gt=0, description="idft: lower clamp of γ.")
+    gamma_max: float = Field(2.0, gt=0, description="idft: upper clamp of γ.")
+    lambda_warmup: float = Field(0.0, ge=0, le=1, description="idft: fraction of training with λ = 0 (pure DFT).")
+    lambda_transition: float = Field(0.0, ge=0, le=1, description="idft: fraction over which λ rises linearly to 1.")
+
+
+class TrainSection(Section):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, gt=0, description="Number of optimizer steps; overrides `epochs`.")
+    batch_size: int = Field(8, gt=0, description="Sequences per optimizer step.")
+    micro_batch_size: int = Field(
+        4, gt=0, description="Sequences per forward pass; gradient accumulation = batch_size / micro_batch_size."
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="8-bit and paged AdamW (bitsandbytes) need CUDA; on CPU they fall back to AdamW."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Learning-rate decay after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of `lr` for cosine/linear.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables).")
+    seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
+    log_every: int = Field(1, gt=0, description="Print a progress line every N steps when not on a terminal.")
+    save_every: int = Field(0, ge=0, description="Save a checkpoint every N optimizer steps (0: only at the end).")
+    max_bad_steps: int = Field(5, gt=0, description="Abort after this many consecutive steps with NaN/inf loss or gradients.")
+
+    @field_validator("adam_betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
+class OutputSection(Section):
+    dir: str | None = Field(None, description="Run directory. Default: `runs/<recipe file name>`.")
+    save: Literal["adapter", "merged"] = Field(
+        "adapter", description="`adapter`: adapter only; `merged`: also fold it into the base (`merged/`)."
+    )
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    _path: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        t, o, d = self.train, self.objective, self.data
+        if t.batch_size % t.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+                f"({t.micro_batch_size}); gradient accumulation needs a whole number of micro-batches"
+            )
+        if o.gamma_min > o.gamma_max:
+            raise ValueError(f"objective.gamma_min ({o.gamma_min}) must be <= objective.gamma_max ({o.gamma_max})")
+        if o.lambda_warmup + o.lambda_transition > 1:
+            raise ValueError("objective.lambda_warmup + objective.lambda_transition must be <= 1 (fractions of training)")
+        fmt = d.format
+        if d.fields:
+            allowed = set().union(*FORMAT_FIELDS.values()) if fmt == "auto" else set(FORMAT_FIELDS[fmt])
+            for key in d.fields:
+                if key not in allowed:
+                    raise ValueError(f"data.fields: unknown field {key!r} for format {fmt!r}{_did_you_mean(key, allowed)}")
+        return self
+
+    @property
+    def path(self) -> Path | None:
+        """The file this recipe was read from, if any."""
+        return self._path
+
+    @property
+    def run_dir(self) -> Path:
+        if self.output.dir:
+            return Path(self.output.dir)
+        stem = self._path.stem if self._path else "run"
+        return Path("runs") / stem
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but probably not what the user meant."""
+        out: list[str] = []
+        o = self.objective
+        if o.kind == "psft" and o.old_policy == "snapshot" and o.refresh_every == 1:
+            out.append(
+                "objective.refresh_every = 1 with old_policy = 'snapshot' makes PSFT exactly SFT: the old policy is "
+                "refreshed before every optimizer step, so every ratio is 1 and nothing is ever clipped. "
+                "Use refresh_every >= 2 (the paper uses 8), or kind = 'sft' if plain SFT is what you want."
+            )
+        if o.kind == "psft" and self.lora.dropout > 0:
+            out.append(
+                f"lora.dropout = {self.lora.dropout} with psft: the old and current policy see different dropout masks, "
+                "so ratios differ from 1 even right after a refresh. Set lora.dropout = 0."
+            )
+        defaults = ObjectiveSection()
+        psft_keys = ("old_policy", "refresh_every", "clip_high", "clip_low", "sft_warmup_steps")
+        idft_keys = ("beta", "gamma_min", "gamma_max", "lambda_warmup", "lambda_transition")
+        for kind, keys in (("psft", psft_keys), ("idft", idft_keys)):
+            if o.kind != kind:
+                changed = [k for k in keys if getattr(o, k) != getattr(defaults, k)]
+                if changed:
+                    out.append(f"objective.{', objective.'.join(changed)} only apply to kind = '{kind}' and are ignored.")
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["output"]["dir"] = str(self.run_dir)
+        return tomli_w.dumps(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading, overrides and error formatting
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a TOML recipe, apply `--set section.key=value` overrides, validate. Raises `RecipeError`."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.is_dir():
+            near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*.toml")], n=1)
+            hint = f" Did you mean {path.parent / near[0]}?" if near else ""
+        raise RecipeError(f"{path}: recipe file not found.{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (expected a UTF-8 TOML recipe).") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}. Check quoting, brackets and `key = value` syntax.") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    recipe = recipe_from_dict(raw, source=str(path), text=text)
+    recipe._path = path
+    return recipe
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", text: str | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, source, text)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` → (["train", "lr"], 0.001). Values are TOML; anything that is not valid TOML is a string."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+    key, _, value = item.partition("=")
+    keys = key.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise RecipeError(f"--set {item!r}: the key must name a section and a key, e.g. train.lr")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return keys, parsed
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    keys, value = parse_override(item)
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            if isinstance(child, str) and k in ("train", "eval"):  # data.train = "x" then --set data.train.split=...
+                child = node[k] = {"path": child}
+            else:
+                raise RecipeError(f"--set {item!r}: {k!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _did_you_mean(word: str, options: Any) -> str:
+    near = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at `loc` (for did-you-mean on unknown keys)."""
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _line_of(text: str | None, loc: tuple[str, ...]) -> int | None:
+    """Best-effort line number of `section.key` in the TOML text."""
+    if not text or not loc:
+        return None
+    lines = text.splitlines()
+    section, key = (loc[0], loc[1]) if len(loc) > 1 else (None, loc[0])
+    current = None
+    for i, line in enumerate(lines, 1):
+        s = line.strip()
+        m = re.match(r"^\[([^\]]+)\]", s)
+        if m:
+            current = m.group(1).strip()
+            continue
+        m = re.match(r"^([A-Za-z0-9_.\-\"]+)\s*=", s)
+        if not m:
+            continue
+        name = m.group(1).strip('"')
+        if section is None and current is None and name == key:
+            return i
+        if current == section and name == key:
+            return i
+        if current is None and name in (f"{section}.{key}",):
+            return i
+    return None
+
+
+def _format_validation_error(e: ValidationError, source: str, text: str | None) -> str:
+    problems: dict[tuple[str, ...], list[str]] = {}
+    got: dict[tuple[str, ...], str] = {}
+    for err in e.errors():
+        loc = tuple(p for p in err["loc"] if isinstance(p, str) and not re.search(r"[\[\]'(]", p) and p != "function-after")
+        loc = tuple(p for p in loc if p not in ("str", "int", "float", "bool", "list", "dict", "tuple", "Source"))
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            hint = _did_you_mean(loc[-1], parent.model_fields) if parent else ""
+            msg = f"unknown key{hint}"
+        elif kind == "missing":
+            msg = "required but missing"
+        elif kind == "value_error":
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        else:
+            msg = err["msg"][0].lower() + err["msg"][1:]
+            if "input" in err and not isinstance(err["input"], dict):
+                got[loc] = f" (got {err['input']!r})"
+        problems.setdefault(loc, [])
+        if msg not in problems[loc]:
+            problems[loc].append(msg)
+    lines = []
+    for loc, msgs in problems.items():
+        where = ".".join(loc)
+        line = _line_of(text, loc)
+        prefix = f"{source}:{line}" if line else source
+        what = " or ".join(msgs) + got.get(loc, "")
+        lines.append(f"  {prefix}: {where}: {what}" if where else f"  {prefix}: {what}")
+    n = len(lines)
+    head = f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:"
+    return head + "\n" + "\n".join(lines) + "\nFix these keys (see `psft-lite validate --help` and the README's recipe reference)."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The recipe reference (README), generated from the field descriptions so docs and code cannot disagree.
+
+
+def reference_markdown() -> str:
+    sections = [(name, f.annotation) for name, f in Recipe.model_fields.items()]
+    out = []
+    for name, model in sections:
+        out.append(f"#### `[{name}]`\n\n| key | default | meaning |\n|---|---|---|")
+        for key, f in model.model_fields.items():  # type: ignore[union-attr]
+            default = "required" if f.is_required() else _fmt_default(f.get_default(call_default_factory=True))
+            out.append(f"| `{name}.{key}` | {default} | {f.description or ''} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _fmt_default(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, BaseModel):
+        return "—"
+    if isinstance(v, bool):
+        return f"`{str(v).lower()}`"
+    if isinstance(v, str):
+        return f'`"{v}"`'
+    if isinstance(v, tuple):
+        v = list(v)
+    return f"`{v}`"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(reference_markdown(), end="")

@@ -1,0 +1,334 @@
+"""`psft-lite train`: build everything (`run`), then loop (`train_loop`). Building and looping never interleave.
+
+One optimizer step (METHODS.md §2, §6):
+    old-policy log-probs for the step's micro-batches (psft) → for each micro-batch: forward, loss weighted by the
+    step's trained-token count, backward → clip → optimizer step (skipped on NaN/inf) → one metrics record.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from psft_lite import modeling
+from psft_lite.checkpoint import save_adapter
+from psft_lite.data import EncodeStats, Example, load_examples
+from psft_lite.data.batching import Batch, DataPlan, collate
+from psft_lite.errors import RecipeError, RunError
+from psft_lite.metrics import MetricsWriter, ProgressDisplay, StepStats, peak_memory_mb
+from psft_lite.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
+from psft_lite.policy import BasePolicy, OldPolicy, SnapshotPolicy, make_scorer
+from psft_lite.recipe import ObjectiveSection, Recipe, TrainSection
+
+RUN_MARKER = "recipe.toml"  # a folder holding this file is a psft-lite run directory
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure pieces: schedules and the objective dispatch
+
+
+def lr_at(step: int, total: int, t: TrainSection) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine decay."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    decay = 1 - progress if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * decay)
+
+
+def idft_lambda(step: int, total: int, o: ObjectiveSection) -> float:
+    """IDFT's λ: 0 during the warm-up fraction, then linear to 1 over the transition fraction (METHODS.md §4)."""
+    frac = step / max(1, total)
+    if frac < o.lambda_warmup:
+        return 0.0
+    if o.lambda_transition <= 0:
+        return 1.0
+    return min(1.0, (frac - o.lambda_warmup) / o.lambda_transition)
+
+
+def objective_loss(
+    o: ObjectiveSection,
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    lam: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if o.kind == "sft":
+        return sft_loss(logp, mask, weights)
+    if o.kind == "dft":
+        return dft_loss(logp, mask, weights)
+    if o.kind == "idft":
+        return idft_loss(logp, entropy, mask, weights, o.beta, o.gamma_min, o.gamma_max, lam)
+    old = logp.detach() if old_logp is None else old_logp  # None: the old policy is the current one (ratio 1)
+    return psft_loss(logp, old, mask, weights, o.clip_high, o.clip_low)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building a run
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    model: Any
+    examples: list[Example]
+    data_stats: EncodeStats
+    plan: DataPlan
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    policy: OldPolicy | None
+    run_dir: Path
+    console: Console
+    pad_id: int
+    lengths: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = np.array([len(e) for e in self.examples])
+
+    def amp(self) -> Any:
+        return modeling.autocast(self.device, self.dtype)
+
+    def step_batches(self, step: int) -> list[Batch]:
+        return [
+            collate([self.examples[i] for i in mb], mb, self.pad_id).to(self.device)
+            for mb in self.plan.micro_batches(step, self.lengths)
+        ]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into a non-empty folder, and never delete a folder that is not a psft-lite run."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RecipeError(f"output.dir {path} exists and is a file; choose another output.dir.")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise RecipeError(
+            f"output.dir {path} already holds a run. Pass --overwrite to replace it, or choose another "
+            "output.dir (e.g. --set output.dir=runs/new-name)."
+        )
+    if not (path / RUN_MARKER).exists():
+        raise RecipeError(
+            f"output.dir {path} is not empty and is not a psft-lite run directory; refusing to overwrite it. "
+            "Choose another output.dir."
+        )
+
+
+def build_optimizer(params: list[torch.nn.Parameter], t: TrainSection, device: torch.device, console: Console) -> torch.optim.Optimizer:
+    if t.optimizer != "adamw" and device.type == "cuda":
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    if t.optimizer != "adamw":
+        console.print(f"[yellow]note:[/yellow] train.optimizer = {t.optimizer!r} needs CUDA; using AdamW on {device.type}.")
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=device.type == "cuda")
+
+
+def build_policy(r: Run) -> OldPolicy | None:
+    o = r.recipe.objective
+    if o.kind != "psft":
+        return None
+    score = make_scorer(r.model, r.amp)
+    if o.old_policy == "base":
+        return BasePolicy(score, r.model)
+    return SnapshotPolicy(score, o.refresh_every, r.step_batches, r.total_steps)
+
+
+def build(recipe: Recipe, console: Console, overwrite: bool = False) -> Run:
+    """Load and check everything a run needs; nothing is written to the run directory yet."""
+    run_dir = recipe.run_dir
+    check_output_dir(run_dir, overwrite)
+    for w in recipe.warnings():
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    seed_everything(recipe.train.seed)
+    m = recipe.model
+    device = modeling.resolve_device(m.device)
+    dtype = modeling.resolve_dtype(m.dtype, device)
+    if m.name == modeling.EMBEDDED_MODEL and not (modeling.home() / "models" / m.name / "config.json").exists():
+        console.print(f"converting the embedded model into {modeling.home() / 'models'} (once, ~20 s)")
+    src = modeling.resolve_source(m)
+    tokenizer = modeling.load_tokenizer(m, src)
+    base_dir = recipe.path.parent if recipe.path else None
+    examples, stats = load_examples(recipe.data.train, recipe.data, tokenizer, limit=recipe.data.limit, base_dir=base_dir)
+    if recipe.data.eval is not None:  # fail now, not after training, if the eval data is unusable
+        load_examples(recipe.data.eval, recipe.data, tokenizer, base_dir=base_dir)
+    report_data(console, stats, tokenizer)
+
+    base = modeling.load_base_model(m, device, dtype, src)
+    model = modeling.attach_lora(base, recipe.lora, m.gradient_checkpointing)
+    model.train()
+    t = recipe.train
+    plan = DataPlan(len(examples), t.batch_size, t.micro_batch_size, t.seed, recipe.data.shuffle)
+    total = plan.total_steps(t.epochs, t.max_steps)
+    optimizer = build_optimizer(modeling.trainable_parameters(model), t, device, console)
+    run = Run(recipe, device, dtype, tokenizer, model, examples, stats, plan, total, optimizer, None, run_dir, console,
+              tokenizer.pad_token_id)  # fmt: skip
+    run.policy = build_policy(run)
+    return run
+
+
+def report_data(console: Console, s: EncodeStats, tokenizer: Any) -> None:
+    console.print(
+        f"data: {s.kept} examples ({s.rows} rows), {s.trained_tokens:,} trained of {s.total_tokens:,} tokens, "
+        f"longest {s.max_len}" + (f", {s.dropped_too_long} dropped as too long" if s.dropped_too_long else "")
+        + (f", {s.truncated} truncated" if s.truncated else "")
+    )
+    if s.truncated:
+        console.print("[yellow]warning:[/yellow] truncated responses lose their end-of-turn token; raise data.max_length.")
+    if s.eos_appended:
+        console.print(f"note: the chat template ends assistant turns without a special token; appended eos to {s.eos_appended}.")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        console.print(
+            f"note: pad token = eos token ({tokenizer.eos_token}); masks are built from positions, so the "
+            "end-of-turn token is still trained."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_step(r: Run, step: int) -> dict[str, Any]:
+    """One optimizer step; returns its metrics record (without timing)."""
+    o, t = r.recipe.objective, r.recipe.train
+    lr = lr_at(step, r.total_steps, t)
+    for g in r.optimizer.param_groups:
+        g["lr"] = lr
+    batches = r.step_batches(step)
+    n_tok = sum(b.n_trained for b in batches)
+    n_seq = sum(int((b.target_mask.sum(-1) > 0).sum()) for b in batches)
+    if r.policy is not None and step >= o.sft_warmup_steps:
+        olds = r.policy.old_logprobs(step, batches)
+    else:
+        olds = [None] * len(batches)
+    lam = idft_lambda(step, r.total_steps, o)
+    stats = StepStats()
+    for b, old in zip(batches, olds):
+        with r.amp():
+            logp, ent = modeling.response_logprobs(r.model, b)
+        mask = b.target_mask
+        weights = token_weights(mask, o.normalize, n_tok, n_seq)
+        loss, s = objective_loss(o, logp, ent, mask, weights, old, lam)
+        loss.backward()
+        m = mask.float()
+        s = {**s, "nll": -(logp.detach() * m).sum() / m.sum(), "entropy": (ent * m).sum() / m.sum()}
+        stats.add(s, b.n_trained, float(loss.detach()))
+    params = modeling.trainable_parameters(r.model)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf")))
+    record = {"step": step + 1, "epoch": r.plan.epoch_of(step), **stats.result(), "grad_norm": grad_norm, "lr": lr,
+              "tokens": sum(b.n_tokens for b in batches), "trained_tokens": n_tok}  # fmt: skip
+    if o.kind == "idft":
+        record["lambda"] = lam
+    if math.isfinite(record["loss"]) and math.isfinite(grad_norm):
+        r.optimizer.step()
+    else:
+        record["skipped"] = True
+    r.optimizer.zero_grad(set_to_none=True)
+    return record
+
+
+def train_loop(r: Run, start: int = 0) -> list[dict[str, Any]]:
+    writer = MetricsWriter(r.run_dir / "metrics.jsonl")
+    display = ProgressDisplay(r.console, r.total_steps, start, every=r.recipe.train.log_every)
+    records, bad = [], 0
+    try:
+        for step in range(start, r.total_steps):
+            t0 = time.perf_counter()
+            rec = train_step(r, step)
+            rec["step_s"] = time.perf_counter() - t0
+            rec["tokens_per_s"] = rec["tokens"] / rec["step_s"]
+            rec["peak_mem_mb"] = peak_memory_mb(r.device)
+            writer.write(rec)
+            records.append(rec)
+            display.update(rec)
+            bad = bad + 1 if rec.get("skipped") else 0
+            if rec.get("skipped"):
+                writer.write({"event": "skipped_step", "step": step + 1, "reason": "non-finite loss or gradient"})
+                r.console.print(f"[yellow]warning:[/yellow] step {step + 1}: loss or gradient is NaN/inf; step skipped.")
+            if bad >= r.recipe.train.max_bad_steps:
+                raise RunError(
+                    f"the loss or gradients were NaN/inf for {bad} steps in a row (up to step {step + 1}); training "
+                    "stopped. Lower train.lr, keep train.grad_clip > 0, or check the data for broken rows."
+                )
+    finally:
+        display.close()
+        writer.close()
+    return records
+
+
+def prepare_run_dir(r: Run) -> None:
+    if r.run_dir.exists():
+        shutil.rmtree(r.run_dir)  # check_output_dir allowed it: --overwrite of a psft-lite run dir
+    r.run_dir.mkdir(parents=True)
+    (r.run_dir / RUN_MARKER).write_text(r.recipe.to_toml(), encoding="utf-8")
+
+
+def adapter_meta(r: Run, step: int) -> dict[str, Any]:
+    return {
+        "base_model": r.recipe.model.model_dump(mode="json", exclude_none=True),
+        "objective": r.recipe.objective.kind,
+        "step": step,
+        "dtype": str(r.dtype).removeprefix("torch."),
+    }
+
+
+def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train as the recipe says; returns a summary (paths, steps, time)."""
+    console = console or Console(stderr=True)
+    t_start = time.perf_counter()
+    r = build(recipe, console, overwrite)
+    n_train = sum(p.numel() for p in modeling.trainable_parameters(r.model))
+    o = recipe.objective
+    what = o.kind + (f" ({o.old_policy}, K={o.refresh_every})" if o.kind == "psft" and o.old_policy == "snapshot" else "")
+    what += " (base)" if o.kind == "psft" and o.old_policy == "base" else ""
+    console.print(
+        f"model: {recipe.model.name} on {r.device.type}, {str(r.dtype).removeprefix('torch.')}"
+        + (", 4-bit NF4 base" if recipe.model.load_in_4bit else "")
+        + f"; LoRA r={recipe.lora.r}, {n_train:,} trainable parameters"
+    )
+    console.print(f"objective: {what}; {r.total_steps} steps of {recipe.train.batch_size} sequences "
+                  f"(micro-batch {recipe.train.micro_batch_size}), lr {recipe.train.lr:g}")  # fmt: skip
+    prepare_run_dir(r)
+    t_loop = time.perf_counter()
+    try:
+        records = train_loop(r)
+    except KeyboardInterrupt:
+        raise RunError(f"interrupted; metrics so far are in {r.run_dir / 'metrics.jsonl'}. No adapter was saved.") from None
+    loop_s = time.perf_counter() - t_loop
+    adapter = save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", adapter_meta(r, r.total_steps))
+    summary = {
+        "run_dir": str(r.run_dir),
+        "adapter": str(adapter),
+        "metrics": str(r.run_dir / "metrics.jsonl"),
+        "steps": r.total_steps,
+        "train_s": loop_s,
+        "total_s": time.perf_counter() - t_start,
+        "peak_mem_mb": peak_memory_mb(r.device),
+        "first": records[0] if records else None,
+        "last": records[-1] if records else None,
+    }
+    return summary

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real embedded model, a tiny random model of the same architecture, recipe helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; hub code paths run on local folders
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+ARITH = ROOT / "data" / "arith"
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from psft_lite import modeling
+
+    return modeling.embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from psft_lite import modeling
+    from psft_lite.recipe import ModelSection
+
+    return modeling.load_tokenizer(ModelSection(name=str(embedded_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir, tokenizer) -> Path:
+    """A 2-layer random llama with the real SmolLM2 tokenizer, saved as a local model folder (the hub code path)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(embedded_dir)
+    cfg.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16))  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def arith_rows(n: int, split: str = "train") -> list[dict]:
+    lines = (ARITH / f"{split}.jsonl").read_text().splitlines()[:n]
+    return [json.loads(x) for x in lines]
+
+
+def make_recipe(tmp_path: Path, model_path: str | Path, **sections: dict) -> Path:
+    """A recipe file in tmp_path training `model` on 16 arithmetic problems; `sections` override keys per section."""
+    import tomli_w
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data_file = write_jsonl(tmp_path / "train.jsonl", arith_rows(16))
+    raw: dict[str, dict] = {
+        "model": {"name": str(model_path), "dtype": "fp32"},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"train": str(data_file), "max_length": 256},
+        "objective": {"kind": "sft"},
+        "train": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "log_every": 1},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    path = tmp_path / "recipe.toml"
+    path.write_text(tomli_w.dumps(raw), encoding="utf-8")
+    return path

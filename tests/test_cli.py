@@ -1,0 +1,125 @@
+"""The command line: end to end on a tiny model, and every bad input → exit 2, one clear message, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from psft_lite import cli
+
+from conftest import ROOT, make_recipe, write_jsonl
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["psft-lite", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_train_end_to_end_writes_exactly_the_run_layout(tmp_path, tiny_model_dir, capsys):
+    recipe = make_recipe(tmp_path, tiny_model_dir, objective={"kind": "psft", "refresh_every": 2})
+    code, out, err = run_cli(capsys, "train", str(recipe), "--set", "train.max_steps=4")
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "metrics.jsonl", "recipe.toml"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
+            "psft_lite.json"} <= {p.name for p in (run / "adapter").iterdir()}  # fmt: skip
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("epoch", "loss", "nll", "entropy", "grad_norm", "lr", "tokens", "tokens_per_s", "peak_mem_mb",
+                "clip_frac", "ratio_mean", "ratio_max", "approx_kl"):  # fmt: skip
+        assert key in records[0], key
+    assert "max_steps = 4" in (run / "recipe.toml").read_text()  # the resolved recipe, overrides applied
+    assert f"adapter: {run / 'adapter'}" in out
+    assert "Traceback" not in err
+
+
+def test_version_and_help(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.startswith("psft-lite ")
+    for cmd in ("train", "validate"):
+        code, out, _ = run_cli(capsys, cmd, "--help")
+        assert code == 0 and "Example:" in out
+
+
+def test_validate_accepts_math_recipe_without_network(capsys):
+    code, out, err = run_cli(capsys, "validate", str(ROOT / "recipes" / "math.toml"))
+    assert code == 0, err
+    assert "Qwen/Qwen2.5-1.5B-Instruct (4-bit NF4)" in out and "openai/gsm8k" in out
+
+
+BAD_CASES = {
+    "missing recipe": (lambda t, m: ["train", str(t / "nope.toml")], "recipe file not found"),
+    "bad toml": (lambda t, m: ["train", _write(t / "r.toml", "[train\nlr=1")], "not valid TOML"),
+    "unknown key": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "train.lrr=1"], "did you mean 'lr'"),
+    "bad value": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "objective.kind=ppo"], "objective.kind"),
+    "row missing field": (
+        lambda t, m: ["train", str(make_recipe(t, m)), "--set",
+                      f"data.train={_rows(t, [{'prompt': 'x', 'completion': 'y'}, {'prompt': 'x'}])}"],
+        "bad.jsonl:2: missing field 'completion'"),
+    "empty data": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", f"data.train={_write(t / 'e.jsonl', '')}"],
+                   "the file is empty"),
+    "all too long": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.max_length=8"],
+                     "none of its 16 examples fit"),
+    "not a model": (lambda t, m: ["train", str(make_recipe(t, t))], "not a model folder (no config.json)"),
+    "missing model path": (lambda t, m: ["train", str(make_recipe(t, "./no/such/model"))], "no such model folder"),
+    "hub model offline": (lambda t, m: ["train", str(make_recipe(t, "nobody/no-such-model-xyz"))],
+                          "cannot load model 'nobody/no-such-model-xyz'"),
+    "bad target modules": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", 'lora.target_modules=["nope"]'],
+                           "lora.target_modules"),
+    "fp16 on cpu": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "model.dtype=fp16"], "fp16"),
+    "missing eval data": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.eval=./missing.jsonl"],
+                          "data file not found"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def _rows(t, rows):
+    return str(write_jsonl(t / "bad.jsonl", rows))
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, tiny_model_dir, capsys, case):
+    make_args, expected = BAD_CASES[case]
+    code, out, err = run_cli(capsys, *make_args(tmp_path, tiny_model_dir))
+    assert code == 2, (case, err)
+    assert expected in err, err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_dir_is_refused_then_replaced_with_overwrite(tmp_path, tiny_model_dir, capsys):
+    recipe = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 1})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "train", str(recipe), "--overwrite")
+    assert code == 2 and "not a psft-lite run directory" in err
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    (tmp_path / "run" / "notes.txt").unlink()
+    assert run_cli(capsys, "train", str(recipe))[0] == 0
+    code, _, err = run_cli(capsys, "train", str(recipe))
+    assert code == 2 and "--overwrite" in err
+    assert run_cli(capsys, "train", str(recipe), "--overwrite")[0] == 0
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    bad = tmp_path / "r.toml"
+    bad.write_text('[data]\ntrain = "x.jsonl"\n[train]\nlr = "fast"\n')
+    p = subprocess.run([sys.executable, "-m", "psft_lite", "validate", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "train.lr: input should be a valid number (got 'fast')" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,91 @@
+"""Recipes: every shipped recipe validates; bad keys and values are reported at once, with the key and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from psft_lite.errors import RecipeError
+from psft_lite.recipe import load_recipe, parse_override, recipe_from_dict, reference_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "recipes").rglob("*.toml"))
+    assert len(recipes) >= 2  # quickstart and math at least
+    for path in recipes:
+        r = load_recipe(path)
+        assert r.data.train.path
+
+
+def test_math_recipe_is_qlora_gsm8k_psft():
+    r = load_recipe(ROOT / "recipes" / "math.toml")
+    assert r.model.load_in_4bit and r.model.name == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert (r.data.train.path, r.data.train.config, r.data.train.split) == ("openai/gsm8k", "main", "train")
+    assert r.objective.kind == "psft" and r.objective.refresh_every == 8
+
+
+def _bad(tmp_path, text: str, *overrides: str) -> str:
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, overrides)
+    return str(e.value)
+
+
+def test_all_problems_reported_with_key_line_and_hint(tmp_path):
+    msg = _bad(
+        tmp_path,
+        '[data]\ntrain = "x.jsonl"\nformt = "messages"\n\n[train]\nlr = -1\nbatch_size = "8"\n\n[objectiv]\nkind = "sft"\n',
+    )
+    assert "4 problems" in msg
+    assert "r.toml:3: data.formt: unknown key (did you mean 'format'?)" in msg
+    assert "r.toml:6: train.lr: input should be greater than 0 (got -1)" in msg
+    assert "train.batch_size: input should be a valid integer (got '8')" in msg
+    assert "objectiv: unknown key (did you mean 'objective'?)" in msg
+
+
+def test_cross_field_and_toml_syntax_errors(tmp_path):
+    msg = _bad(tmp_path, '[data]\ntrain = "x.jsonl"\n[train]\nbatch_size = 6\nmicro_batch_size = 4\n')
+    assert "multiple of train.micro_batch_size" in msg
+    assert "not valid TOML" in _bad(tmp_path, "[data\ntrain = 1\n")
+    assert "data: required but missing" in _bad(tmp_path, "[train]\nlr = 1e-4\n")
+    msg = _bad(tmp_path, '[data]\ntrain = "x.jsonl"\nfields = { promt = "q" }\n')
+    assert "did you mean 'prompt'" in msg
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[data]\ntrain = "x.jsonl"\n')
+    r = load_recipe(p, ["train.lr=1e-3", "data.train.split=test", "lora.target_modules=[\"q_proj\"]", "model.name=a/b"])
+    assert r.train.lr == 1e-3 and r.data.train.split == "test" and r.lora.target_modules == ["q_proj"]
+    assert r.model.name == "a/b"
+    assert parse_override("output.dir=runs/x y") == (["output", "dir"], "runs/x y")
+    with pytest.raises(RecipeError, match="section.key=value"):
+        parse_override("train.lr")
+    assert "train.lr" in _bad(tmp_path, '[data]\ntrain = "x.jsonl"\n', "train.lr=abc")
+
+
+def test_psft_with_k1_warns_and_run_dir_defaults_to_recipe_name(tmp_path):
+    r = recipe_from_dict({"data": {"train": "x.jsonl"}, "objective": {"kind": "psft", "refresh_every": 1}})
+    assert any("exactly SFT" in w for w in r.warnings())
+    r = recipe_from_dict({"data": {"train": "x.jsonl"}, "objective": {"kind": "sft", "clip_high": 0.5}})
+    assert any("objective.clip_high only apply to kind = 'psft'" in w for w in r.warnings())
+    p = tmp_path / "my-run.toml"
+    p.write_text('[data]\ntrain = "x.jsonl"\n')
+    assert load_recipe(p).run_dir == Path("runs/my-run")
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_recipe(ROOT / "recipes" / "math.toml")
+    p = tmp_path / "resolved.toml"
+    p.write_text(r.to_toml())
+    again = load_recipe(p)
+    assert again.model_dump() == r.model_dump()
+
+
+def test_readme_recipe_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate with: python -m psft_lite.recipe"

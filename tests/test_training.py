@@ -1,0 +1,172 @@
+"""Training on real models: the loop, the objectives and the old policies do what METHODS.md says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from rich.console import Console
+
+from psft_lite import modeling, train
+from psft_lite.data.batching import collate
+from psft_lite.errors import RunError
+from psft_lite.recipe import load_recipe
+
+from conftest import make_recipe
+
+QUIET = Console(quiet=True)
+
+
+def _build(tmp_path, model_path, **sections):
+    recipe = load_recipe(make_recipe(tmp_path, model_path, **sections))
+    r = train.build(recipe, QUIET)
+    train.prepare_run_dir(r)
+    return r
+
+
+def _lora_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.slow
+def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedded_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    r = _build(tmp_path, embedded_dir, train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 2e-3},
+               data={"limit": 8})  # fmt: skip
+    before = _lora_state(r.model)
+    records = train.train_loop(r)
+    assert len(records) == 8 and (r.run_dir / "metrics.jsonl").read_text().count("\n") == 8
+    first = records[0]["nll"] + records[1]["nll"]  # epoch 1 (8 examples = 2 steps)
+    last = records[-2]["nll"] + records[-1]["nll"]  # epoch 4, same examples
+    assert last < 0.6 * first, (first, last)
+    after = _lora_state(r.model)
+    moved = [k for k in after if "lora_B" in k and after[k].abs().max() > 0]
+    assert len(moved) == len([k for k in after if "lora_B" in k])  # every lora_B left its zero init
+    assert all(before[k].abs().max() == 0 for k in moved)
+
+    batch = collate([r.examples[0]], [0], r.pad_id)
+    r.model.eval()
+    with torch.no_grad():
+        tuned = r.model(input_ids=batch.input_ids).logits
+        with r.model.disable_adapter():
+            base_logits = r.model(input_ids=batch.input_ids).logits
+    assert (tuned - base_logits).abs().max() > 0.5
+
+    adapter = train.save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", train.adapter_meta(r, 8))
+    assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "psft_lite.json"} <= {
+        p.name for p in adapter.iterdir()}  # fmt: skip
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=r.dtype), adapter)
+    plain.eval()
+    with torch.no_grad():
+        reloaded = plain(input_ids=batch.input_ids).logits
+    torch.testing.assert_close(reloaded, tuned, atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_psft_snapshot_clips_within_a_group_and_ratio_is_one_at_refresh(tmp_path, embedded_dir):
+    r = _build(tmp_path, embedded_dir, objective={"kind": "psft", "refresh_every": 4},
+               train={"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
+               data={"limit": 16})  # fmt: skip
+    # the old-policy pass has exactly the training forward's numerics: unchanged weights give identical log-probs
+    b = r.step_batches(0)[0]
+    old = r.policy.score(b)
+    with r.amp():
+        logp, _ = modeling.response_logprobs(r.model, b)
+    assert torch.equal(old[b.target_mask], logp.detach()[b.target_mask])
+
+    recs = train.train_loop(r)
+    assert recs[0]["ratio_mean"] == 1.0 and recs[0]["clip_frac"] == 0.0 and recs[0]["approx_kl"] == 0.0
+    later = recs[1:]
+    assert all(x["ratio_mean"] != 1.0 for x in later)
+    assert max(x["clip_frac"] for x in later) > 0
+    assert r.policy.refreshes == 1  # one refresh per K = 4 optimizer steps
+
+
+def test_psft_k1_is_exactly_sft(tmp_path, tiny_model_dir):
+    common = {"train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2}}
+    a = _build(tmp_path / "a", tiny_model_dir, objective={"kind": "sft"}, **common)
+    b = _build(tmp_path / "b", tiny_model_dir, objective={"kind": "psft", "refresh_every": 1}, **common)
+    ra, rb = train.train_loop(a), train.train_loop(b)
+    for x, y in zip(ra, rb):
+        assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-6)
+        assert y["clip_frac"] == 0 and y["ratio_mean"] == 1.0
+    sa, sb = _lora_state(a.model), _lora_state(b.model)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=1e-7, rtol=0)
+
+
+def test_idft_lambda0_is_dft(tmp_path, tiny_model_dir):
+    common = {"train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2}}
+    a = _build(tmp_path / "a", tiny_model_dir, objective={"kind": "dft"}, **common)
+    b = _build(tmp_path / "b", tiny_model_dir, objective={"kind": "idft", "lambda_warmup": 1.0}, **common)
+    ra, rb = train.train_loop(a), train.train_loop(b)
+    for x, y in zip(ra, rb):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6) and math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-6)
+        assert y["lambda"] == 0.0
+
+
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, normalize):
+    obj = {"kind": "sft", "normalize": normalize}
+    big = _build(tmp_path / "big", tiny_model_dir, objective=obj,
+                 train={"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2})  # fmt: skip
+    acc = _build(tmp_path / "acc", tiny_model_dir, objective=obj,
+                 train={"max_steps": 3, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2})  # fmt: skip
+    rb, ra = train.train_loop(big), train.train_loop(acc)
+    for x, y in zip(rb, ra):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5), (x["loss"], y["loss"])
+        assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4)
+
+
+def test_base_old_policy_is_the_adapter_disabled_model_and_is_cached(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    r = _build(tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "base"},
+               train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 5e-2})  # fmt: skip
+    recs = train.train_loop(r)  # 16 examples, 4 per step: 2 epochs
+    assert r.policy.scored == 16  # each example scored once, never again in epoch 2
+    assert recs[-1]["approx_kl"] != 0  # the adapter drifted from the base
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    b = r.step_batches(0)[0]
+    old = r.policy.old_logprobs(0, [b])[0]
+    ref, _ = modeling.response_logprobs(plain, b)
+    torch.testing.assert_close(old[b.target_mask], ref.detach()[b.target_mask], atol=1e-5, rtol=0)
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_dir, monkeypatch):
+    r = _build(tmp_path, tiny_model_dir, train={"max_steps": 5, "max_bad_steps": 2})
+    before = _lora_state(r.model)
+    real = train.objective_loss
+    monkeypatch.setattr(train, "objective_loss", lambda *a: (lambda l, s: (l * float("nan"), s))(*real(*a)))
+    with pytest.raises(RunError, match="NaN/inf for 2 steps in a row"):
+        train.train_loop(r)
+    after = _lora_state(r.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN update reached the weights
+    assert '"skipped": true' in (r.run_dir / "metrics.jsonl").read_text()
+
+
+def test_qlora_eval_forward_does_not_drop_gradients(tmp_path, embedded_dir):
+    """DESIGN.md trap: an eval no-grad forward must not repack 4-bit weights and silently kill gradients."""
+
+    def lowest_lora_grad(eval_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        r = _build(tmp_path / str(eval_first), embedded_dir, model={"load_in_4bit": True, "dtype": "bf16"})
+        b = r.step_batches(0)[0]
+        if eval_first:
+            r.model.eval()
+            with torch.no_grad():
+                r.model(input_ids=b.input_ids)
+            r.model.train()
+        with r.amp():
+            logp, _ = modeling.response_logprobs(r.model, b)
+        (-(logp * b.target_mask).sum()).backward()
+        # lora_B: lora_A gets no gradient while lora_B is at its zero init
+        name = next(n for n, p in r.model.named_parameters() if "layers.0." in n and "lora_B" in n)
+        return dict(r.model.named_parameters())[name].grad.clone()
+
+    ref, after_eval = lowest_lora_grad(False), lowest_lora_grad(True)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(after_eval, ref, rtol=1e-2, atol=1e-6)
