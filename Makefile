@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup quickstart test test-fast data bench clean
+.PHONY: setup quickstart test test-fast data docs bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -31,6 +31,9 @@ test-fast: setup
 
 data: setup
 	$(BIN)/python -m psft_lite.data.arith --out data/arith
+
+docs: setup
+	$(BIN)/python -m psft_lite.recipe --update-readme README.md
 
 bench: setup
 	$(BIN)/python bench/train_step.py

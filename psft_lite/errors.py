@@ -34,3 +34,11 @@ class RunError(PsftError):
     """Training (or another long command) started and then failed."""
 
     exit_code = 1
+
+
+class Interrupted(RunError):
+    """Stopped by SIGINT/SIGTERM after saving a checkpoint; exit 130 / 143 as shells expect."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

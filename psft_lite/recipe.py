@@ -153,8 +153,11 @@ class TrainSection(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of `lr` for cosine/linear.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables).")
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
-    log_every: int = Field(1, gt=0, description="Print a progress line every N steps when not on a terminal.")
-    save_every: int = Field(0, ge=0, description="Save a checkpoint every N optimizer steps (0: only at the end).")
+    log_every: int = Field(10, gt=0, description="Print a progress line every N steps when not on a terminal.")
+    save_every: int = Field(
+        0, ge=0, description="Save a checkpoint every N optimizer steps (0: only at the end and when interrupted)."
+    )
+    keep_last: int = Field(2, ge=0, description="Checkpoints to keep (the newest; 0 keeps all).")
     max_bad_steps: int = Field(5, gt=0, description="Abort after this many consecutive steps with NaN/inf loss or gradients.")
 
     @field_validator("adam_betas", mode="before")
@@ -308,6 +311,30 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[keys[-1]] = value
 
 
+#: Keys that may differ between a checkpoint's recipe and the recipe resuming it: they do not change the math.
+RESUME_FREE = {
+    "train.log_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs", "output.dir",
+    "output.save", "model.device", "model.gradient_checkpointing", "model.attn_implementation",
+}  # fmt: skip
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("fields",):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def math_differences(saved: Recipe, current: Recipe) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key that changes a run's trajectory."""
+    a, b = _flat(saved.model_dump(mode="json")), _flat(current.model_dump(mode="json"))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in RESUME_FREE and a.get(k) != b.get(k)]
+
+
 def _did_you_mean(word: str, options: Any) -> str:
     near = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {near[0]!r}?)" if near else ""
@@ -418,5 +445,16 @@ def _fmt_default(v: Any) -> str:
     return f"`{v}`"
 
 
+def update_readme(path: Path) -> None:
+    """Replace the README's generated recipe reference (between its two marker comments)."""
+    text = path.read_text(encoding="utf-8")
+    start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    path.write_text(text[:i] + reference_markdown() + text[j:], encoding="utf-8")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(reference_markdown(), end="")
+    if sys.argv[1:2] == ["--update-readme"]:
+        update_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        print(reference_markdown(), end="")

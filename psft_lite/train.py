@@ -7,27 +7,39 @@ One optimizer step (METHODS.md §2, §6):
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from rich.console import Console
 
 from psft_lite import modeling
-from psft_lite.checkpoint import save_adapter
+from psft_lite.checkpoint import (
+    TrainState,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_adapter,
+    save_checkpoint,
+)
 from psft_lite.data import EncodeStats, Example, load_examples
 from psft_lite.data.batching import Batch, DataPlan, collate
-from psft_lite.errors import RecipeError, RunError
+from psft_lite.errors import Interrupted, RecipeError, RunError
 from psft_lite.metrics import MetricsWriter, ProgressDisplay, StepStats, peak_memory_mb
 from psft_lite.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
 from psft_lite.policy import BasePolicy, OldPolicy, SnapshotPolicy, make_scorer
-from psft_lite.recipe import ObjectiveSection, Recipe, TrainSection
+from psft_lite.recipe import ObjectiveSection, Recipe, TrainSection, load_recipe, math_differences
 
 RUN_MARKER = "recipe.toml"  # a folder holding this file is a psft-lite run directory
 
@@ -104,6 +116,11 @@ class Run:
     def amp(self) -> Any:
         return modeling.autocast(self.device, self.dtype)
 
+    def data_identity(self) -> dict[str, Any]:
+        """What fixes the order of examples: a resumed run must see the same."""
+        return {"n_examples": len(self.examples), "tokens": int(self.lengths.sum()), "batch_size": self.plan.batch_size,
+                "seed": self.plan.seed, "shuffle": self.plan.shuffle}  # fmt: skip
+
     def step_batches(self, step: int) -> list[Batch]:
         return [
             collate([self.examples[i] for i in mb], mb, self.pad_id).to(self.device)
@@ -119,6 +136,11 @@ def seed_everything(seed: int) -> None:
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into a non-empty folder, and never delete a folder that is not a psft-lite run."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise RecipeError(f"output.dir {path}: {existing} is not writable; choose another output.dir.")
     if not path.exists():
         return
     if not path.is_dir():
@@ -126,8 +148,9 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if not any(path.iterdir()):
         return
     if not overwrite:
+        resume = " Pass --resume to continue it from its last checkpoint," if list_checkpoints(path) else ""
         raise RecipeError(
-            f"output.dir {path} already holds a run. Pass --overwrite to replace it, or choose another "
+            f"output.dir {path} already holds a run.{resume} Pass --overwrite to replace it, or choose another "
             "output.dir (e.g. --set output.dir=runs/new-name)."
         )
     if not (path / RUN_MARKER).exists():
@@ -158,10 +181,14 @@ def build_policy(r: Run) -> OldPolicy | None:
     return SnapshotPolicy(score, o.refresh_every, r.step_batches, r.total_steps)
 
 
-def build(recipe: Recipe, console: Console, overwrite: bool = False) -> Run:
+def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: bool = False) -> Run:
     """Load and check everything a run needs; nothing is written to the run directory yet."""
     run_dir = recipe.run_dir
-    check_output_dir(run_dir, overwrite)
+    if resuming:
+        if not (run_dir / RUN_MARKER).is_file():
+            raise RecipeError(f"--resume: {run_dir} is not a psft-lite run directory (output.dir of this recipe).")
+    else:
+        check_output_dir(run_dir, overwrite)
     for w in recipe.warnings():
         console.print(f"[yellow]warning:[/yellow] {w}")
     seed_everything(recipe.train.seed)
@@ -251,29 +278,78 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
     return record
 
 
-def train_loop(r: Run, start: int = 0) -> list[dict[str, Any]]:
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a request to stop after the current optimizer step (a second Ctrl-C aborts)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def save_state(r: Run, step: int, bad: int) -> Path:
+    state = TrainState(step=step, epoch=r.plan.epoch_of(step - 1), bad_steps=bad, data=r.data_identity())
+    policy_state = r.policy.state_dict() if r.policy is not None else {}
+    path = save_checkpoint(r.run_dir, r.model, r.optimizer, policy_state, state, r.recipe.to_toml())
+    prune_checkpoints(r.run_dir, r.recipe.train.keep_last)
+    return path
+
+
+def train_loop(
+    r: Run, start: int = 0, bad: int = 0, should_stop: Callable[[int], bool] | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer steps start..total-1. Checkpoints every `train.save_every` steps and at the end; on SIGINT/SIGTERM
+    (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises `Interrupted`."""
+    t = r.recipe.train
     writer = MetricsWriter(r.run_dir / "metrics.jsonl")
-    display = ProgressDisplay(r.console, r.total_steps, start, every=r.recipe.train.log_every)
-    records, bad = [], 0
+    display = ProgressDisplay(r.console, r.total_steps, start, every=t.log_every)
+    records: list[dict[str, Any]] = []
     try:
-        for step in range(start, r.total_steps):
-            t0 = time.perf_counter()
-            rec = train_step(r, step)
-            rec["step_s"] = time.perf_counter() - t0
-            rec["tokens_per_s"] = rec["tokens"] / rec["step_s"]
-            rec["peak_mem_mb"] = peak_memory_mb(r.device)
-            writer.write(rec)
-            records.append(rec)
-            display.update(rec)
-            bad = bad + 1 if rec.get("skipped") else 0
-            if rec.get("skipped"):
-                writer.write({"event": "skipped_step", "step": step + 1, "reason": "non-finite loss or gradient"})
-                r.console.print(f"[yellow]warning:[/yellow] step {step + 1}: loss or gradient is NaN/inf; step skipped.")
-            if bad >= r.recipe.train.max_bad_steps:
-                raise RunError(
-                    f"the loss or gradients were NaN/inf for {bad} steps in a row (up to step {step + 1}); training "
-                    "stopped. Lower train.lr, keep train.grad_clip > 0, or check the data for broken rows."
-                )
+        with StopSignal() as stop:
+            for step in range(start, r.total_steps):
+                t0 = time.perf_counter()
+                rec = train_step(r, step)
+                rec["step_s"] = time.perf_counter() - t0
+                rec["tokens_per_s"] = rec["tokens"] / rec["step_s"]
+                rec["peak_mem_mb"] = peak_memory_mb(r.device)
+                writer.write(rec)
+                records.append(rec)
+                display.update(rec)
+                bad = bad + 1 if rec.get("skipped") else 0
+                if rec.get("skipped"):
+                    writer.write({"event": "skipped_step", "step": step + 1, "reason": "non-finite loss or gradient"})
+                    r.console.print(f"[yellow]warning:[/yellow] step {step + 1}: loss or gradient is NaN/inf; step skipped.")
+                if bad >= t.max_bad_steps:
+                    raise RunError(
+                        f"the loss or gradients were NaN/inf for {bad} steps in a row (up to step {step + 1}); training "
+                        "stopped. Lower train.lr, keep train.grad_clip > 0, or check the data for broken rows."
+                    )
+                done = step + 1
+                stopping = stop.signum is not None or (should_stop is not None and should_stop(done))
+                if stopping or done == r.total_steps or (t.save_every and done % t.save_every == 0):
+                    path = save_state(r, done, bad)
+                if stopping:
+                    display.close()
+                    code = 143 if stop.signum == signal.SIGTERM else 130
+                    raise Interrupted(
+                        f"stopped after step {done} of {r.total_steps}; checkpoint saved to {path}. Resume with:\n"
+                        f"  psft-lite train {r.run_dir / RUN_MARKER} --resume",
+                        exit_code=code,
+                    )
     finally:
         display.close()
         writer.close()
@@ -281,10 +357,29 @@ def train_loop(r: Run, start: int = 0) -> list[dict[str, Any]]:
 
 
 def prepare_run_dir(r: Run) -> None:
+    """Create (or, with --overwrite, replace) the run directory and write the resolved recipe into it."""
     if r.run_dir.exists():
         shutil.rmtree(r.run_dir)  # check_output_dir allowed it: --overwrite of a psft-lite run dir
-    r.run_dir.mkdir(parents=True)
-    (r.run_dir / RUN_MARKER).write_text(r.recipe.to_toml(), encoding="utf-8")
+    try:
+        r.run_dir.mkdir(parents=True)
+        (r.run_dir / RUN_MARKER).write_text(r.recipe.to_toml(), encoding="utf-8")
+    except OSError as e:
+        shutil.rmtree(r.run_dir, ignore_errors=True)
+        raise RecipeError(f"output.dir {r.run_dir}: cannot write there ({e.strerror}); choose another output.dir.") from None
+    check_disk_space(r)
+
+
+def check_disk_space(r: Run) -> None:
+    """Fail before training when the checkpoints this run will keep cannot fit on the disk."""
+    n = sum(p.numel() for p in modeling.trainable_parameters(r.model))
+    per_checkpoint = n * 4 * 3 + 2**20  # adapter + two AdamW moments, float32, plus small files
+    need = per_checkpoint * (max(r.recipe.train.keep_last, 1) + 2)  # kept + the one being written + the adapter
+    free = shutil.disk_usage(r.run_dir).free
+    if free < need:
+        raise RecipeError(
+            f"output.dir {r.run_dir}: {free / 2**20:.0f} MB free, but this run's checkpoints need about "
+            f"{need / 2**20:.0f} MB. Free some space, lower train.keep_last, or choose another output.dir."
+        )
 
 
 def adapter_meta(r: Run, step: int) -> dict[str, Any]:
@@ -296,11 +391,56 @@ def adapter_meta(r: Run, step: int) -> dict[str, Any]:
     }
 
 
-def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train as the recipe says; returns a summary (paths, steps, time)."""
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after `step` (written after the checkpoint a run resumes from), atomically."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if _record_step(line) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return math.inf  # a torn line from a killed run: drop it
+
+
+def resume_point(r: Run, spec: str) -> tuple[int, int]:
+    """Load the checkpoint `spec` names into the run; returns (steps completed, consecutive bad steps)."""
+    path = find_checkpoint(r.run_dir, spec)
+    saved = load_recipe(path / "recipe.toml")
+    diffs = math_differences(saved, r.recipe)
+    if diffs:
+        key, old, new = diffs[0]
+        more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
+        raise RecipeError(
+            f"--resume: the checkpoint {path} was trained with {key} = {old!r}, but the recipe now says {new!r}{more}. "
+            "Resuming would not continue the same run; restore the key, or start a new run in another output.dir."
+        )
+    state, policy_state = load_checkpoint(path, r.model, r.optimizer)
+    if state.data and state.data != r.data_identity():
+        raise RecipeError(f"--resume: the training data changed since {path} ({state.data} vs {r.data_identity()}).")
+    if r.policy is not None:
+        r.policy.load_state_dict(policy_state)
+    if state.step >= r.total_steps:
+        raise RecipeError(
+            f"--resume: {path} is at step {state.step}, and the recipe asks for {r.total_steps} steps in all; "
+            "raise train.max_steps (or train.epochs) to train further."
+        )
+    if saved.train.schedule != "constant" and saved.train.max_steps != r.recipe.train.max_steps:
+        r.console.print("[yellow]warning:[/yellow] the run length changed, so the lr schedule differs from the original run's.")
+    truncate_metrics(r.run_dir / "metrics.jsonl", state.step)
+    return state.step, state.bad_steps
+
+
+def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False, resume: str | None = None) -> dict[str, Any]:
+    """Train as the recipe says (or continue from a checkpoint); returns a summary (paths, steps, time)."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
-    r = build(recipe, console, overwrite)
+    r = build(recipe, console, overwrite=overwrite, resuming=resume is not None)
     n_train = sum(p.numel() for p in modeling.trainable_parameters(r.model))
     o = recipe.objective
     what = o.kind + (f" ({o.old_policy}, K={o.refresh_every})" if o.kind == "psft" and o.old_policy == "snapshot" else "")
@@ -312,23 +452,35 @@ def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False)
     )
     console.print(f"objective: {what}; {r.total_steps} steps of {recipe.train.batch_size} sequences "
                   f"(micro-batch {recipe.train.micro_batch_size}), lr {recipe.train.lr:g}")  # fmt: skip
-    prepare_run_dir(r)
+    start, bad = 0, 0
+    if resume is not None:
+        start, bad = resume_point(r, resume)
+        (r.run_dir / RUN_MARKER).write_text(r.recipe.to_toml(), encoding="utf-8")
+        console.print(f"resuming at step {start} of {r.total_steps}")
+    else:
+        prepare_run_dir(r)
     t_loop = time.perf_counter()
-    try:
-        records = train_loop(r)
-    except KeyboardInterrupt:
-        raise RunError(f"interrupted; metrics so far are in {r.run_dir / 'metrics.jsonl'}. No adapter was saved.") from None
+    records = train_loop(r, start, bad)
     loop_s = time.perf_counter() - t_loop
-    adapter = save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", adapter_meta(r, r.total_steps))
+    try:
+        adapter = save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", adapter_meta(r, r.total_steps))
+    except OSError as e:
+        raise RunError(f"could not write the adapter into {r.run_dir} ({e.strerror}); the last checkpoint is intact.") from None
     summary = {
         "run_dir": str(r.run_dir),
         "adapter": str(adapter),
         "metrics": str(r.run_dir / "metrics.jsonl"),
-        "steps": r.total_steps,
+        "steps": r.total_steps - start,
         "train_s": loop_s,
         "total_s": time.perf_counter() - t_start,
         "peak_mem_mb": peak_memory_mb(r.device),
         "first": records[0] if records else None,
         "last": records[-1] if records else None,
     }
+    if recipe.output.save == "merged":
+        from psft_lite.merge import merge
+
+        del r.model, r.optimizer
+        report = merge(adapter, out=r.run_dir / "merged", console=console)
+        summary["merged"] = str(report["out"])
     return summary

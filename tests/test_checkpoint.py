@@ -1,0 +1,152 @@
+"""Checkpoints and resume: an interrupted run continues the same trajectory; a killed save corrupts nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from rich.console import Console
+
+from psft_lite import train
+from psft_lite.checkpoint import list_checkpoints
+from psft_lite.errors import Interrupted, RecipeError
+from psft_lite.recipe import load_recipe
+
+from conftest import make_recipe
+
+QUIET = Console(quiet=True)
+
+CASES = {
+    "sft": {"objective": {"kind": "sft"}, "lora": {"dropout": 0.1}},  # dropout: the torch RNG must be restored
+    "psft-snapshot": {"objective": {"kind": "psft", "refresh_every": 4}},  # stop mid-group: the cache is restored
+    "psft-base": {"objective": {"kind": "psft", "old_policy": "base"}},
+}
+
+
+def _steps(recs):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, case):
+    sections = {**CASES[case], "train": {"max_steps": 7, "batch_size": 4, "micro_batch_size": 2, "lr": 2e-2}}
+    # uninterrupted
+    full = train.build(load_recipe(make_recipe(tmp_path / "full", tiny_model_dir, **sections)), QUIET)
+    train.prepare_run_dir(full)
+    expected = _steps(train.train_loop(full))
+    # interrupted after step 2, then resumed by a fresh process-like build from the run's own recipe
+    recipe_path = make_recipe(tmp_path / "cut", tiny_model_dir, **sections)
+    cut = train.build(load_recipe(recipe_path), QUIET)
+    train.prepare_run_dir(cut)
+    with pytest.raises(Interrupted, match="--resume"):
+        train.train_loop(cut, should_stop=lambda done: done == 2)
+    assert [s for s, _ in list_checkpoints(cut.run_dir)] == [2]
+    resumed = train.build(load_recipe(cut.run_dir / "recipe.toml"), QUIET, resuming=True)
+    start, bad = train.resume_point(resumed, "latest")
+    assert start == 2
+    got = _steps(train.train_loop(resumed, start, bad))
+    assert len(got) == 5
+    for (s1, l1, g1), (s2, l2, g2) in zip(expected[2:], got):
+        assert s1 == s2 and math.isclose(l1, l2, rel_tol=1e-5, abs_tol=1e-7) and math.isclose(g1, g2, rel_tol=1e-5)
+    steps = [json.loads(x)["step"] for x in (cut.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))  # one record per step, none duplicated by the resume
+
+
+def test_resume_refuses_a_recipe_that_changes_the_math(tmp_path, tiny_model_dir):
+    path = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 2})
+    r = train.build(load_recipe(path), QUIET)
+    train.prepare_run_dir(r)
+    train.train_loop(r)
+    changed = train.build(load_recipe(path, ["lora.r=4", "train.max_steps=4"]), QUIET, resuming=True)
+    with pytest.raises(RecipeError, match=r"trained with lora.r = 8, but the recipe now says 4"):
+        train.resume_point(changed, "latest")
+    longer = train.build(load_recipe(path, ["train.max_steps=4"]), QUIET, resuming=True)
+    assert train.resume_point(longer, "latest") == (2, 0)  # extending a finished run is allowed
+    same = train.build(load_recipe(path), QUIET, resuming=True)
+    with pytest.raises(RecipeError, match="raise train.max_steps"):
+        train.resume_point(same, "latest")
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, tiny_model_dir):
+    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 5, "save_every": 1,
+                                                                               "keep_last": 2})), QUIET)  # fmt: skip
+    train.prepare_run_dir(r)
+    train.train_loop(r)
+    assert [s for s, _ in list_checkpoints(r.run_dir)] == [4, 5]
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "psft_lite", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})}, **kw)  # fmt: skip
+
+
+def _wait_for(predicate, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.1)
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 400, "batch_size": 4, "micro_batch_size": 4})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    p = _cli("train", str(recipe))
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Resume with:" in err and "Traceback" not in err
+    (step, _), = list_checkpoints(tmp_path / "run")
+    assert step >= 2
+    p = _cli("train", str(tmp_path / "run" / "recipe.toml"), "--resume", "--set", f"train.max_steps={step + 2}")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert f"resuming at step {step}" in err
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, step + 3))
+
+
+KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import pathlib, sys, time, torch
+    import psft_lite.checkpoint as ck
+    marker, recipe = sys.argv[1], sys.argv[2]
+    real_save = torch.save
+    def slow_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        if "step-3.tmp-" in str(f) and str(f).endswith("optimizer.pt"):
+            pathlib.Path(marker).touch()   # half-written checkpoint on disk: kill me now
+            time.sleep(600)
+    ck.torch.save = slow_save
+    sys.argv = ["psft-lite", "train", recipe]
+    from psft_lite.cli import main
+    main()
+    """
+)
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 6, "save_every": 1, "keep_last": 5})
+    marker = tmp_path / "saving"
+    p = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(marker), str(recipe)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(marker.exists)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    ckroot = tmp_path / "run" / "checkpoints"
+    assert any(".tmp-" in x.name for x in ckroot.iterdir())  # the torn save is there ...
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1, 2]  # ... and is not taken for a checkpoint
+    r = train.build(load_recipe(tmp_path / "run" / "recipe.toml"), QUIET, resuming=True)
+    start, bad = train.resume_point(r, "latest")
+    assert start == 2
+    train.train_loop(r, start, bad)
+    assert [s for s, _ in list_checkpoints(r.run_dir)] == [1, 2, 3, 4, 5, 6][-5:]
+    assert not any(".tmp-" in x.name for x in ckroot.iterdir())  # leftovers cleaned by the next save
