@@ -25,7 +25,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+out = out_console = Console(soft_wrap=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quickstart.toml.", show_default=False)]
 SetOpt = Annotated[
@@ -54,16 +54,24 @@ def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
+    resume: Annotated[
+        Optional[str],
+        typer.Option("--resume", help="Continue from a checkpoint: `latest` (the default when given alone) or a "
+                     "checkpoint folder.", show_default=False),
+    ] = None,
 ) -> None:
-    """Fine-tune as the recipe says; writes the run directory (adapter/, metrics.jsonl, recipe.toml).
+    """Fine-tune as the recipe says; writes the run directory (adapter/, metrics.jsonl, checkpoints/, recipe.toml).
+
+    Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and prints the command to resume.
 
     [dim]Example: psft-lite train recipes/quickstart.toml --set train.max_steps=20[/dim]
+    [dim]Example: psft-lite train runs/quickstart/recipe.toml --resume[/dim]
     """
     from psft_lite.recipe import load_recipe
     from psft_lite.train import run
 
     r = load_recipe(recipe, set_ or [])
-    summary = run(r, console=err, overwrite=overwrite)
+    summary = run(r, console=err, overwrite=overwrite, resume=resume)
     last = summary["last"] or {}
     err.print(
         f"[green]done[/green] in {summary['total_s']:.0f} s ({summary['steps']} steps, "
@@ -103,9 +111,42 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     out.print(f"  output    {r.run_dir}")
 
 
+@app.command()
+def merge(
+    source: Annotated[Path, typer.Argument(help="Run directory, its adapter/ folder, or a checkpoints/step-N folder.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder. Default: RUN_DIR/merged.", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model to merge into, if not the one trained on.", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32. Default: the training precision.", show_default=False)] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the logits check against the adapter model.")] = False,
+    from_original: Annotated[bool, typer.Option("--from-original", help="Merge into the original full-precision weights instead of the dequantized 4-bit ones (differs from what was trained).")] = False,
+) -> None:
+    """Fold the adapter into its base and write a plain transformers model folder; checks its logits match.
+
+    [dim]Example: psft-lite merge runs/quickstart --out models/quickstart-merged[/dim]
+    """
+    from psft_lite.errors import RecipeError
+    from psft_lite.merge import merge as do_merge
+
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise RecipeError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32.")
+    report = do_merge(source, out=out, base=base, dtype=dtype, verify=not no_verify, from_original=from_original, console=err)
+    out_console.print(f"merged: {report['out']}")
+
+
+def _default_resume(argv: list[str]) -> None:
+    """`--resume` given alone means `--resume latest` (click options cannot have an optional value)."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("-") or nxt.endswith(".toml"):
+                argv.insert(i + 1, "latest")
+            return
+
+
 def main() -> None:
     """Entry point: run the app, mapping known errors to one paragraph and an exit code."""
     debug = "--debug" in sys.argv or os.environ.get("PSFT_LITE_DEBUG") == "1"
+    _default_resume(sys.argv)
     try:
         app()  # standalone: usage errors exit 2 with click's message
     except PsftError as e:

@@ -32,7 +32,11 @@ def test_train_end_to_end_writes_exactly_the_run_layout(tmp_path, tiny_model_dir
     code, out, err = run_cli(capsys, "train", str(recipe), "--set", "train.max_steps=4")
     assert code == 0, err
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "metrics.jsonl", "recipe.toml"]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "recipe.toml"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-4"]  # the final state, for --resume
+    assert sorted(p.name for p in (run / "checkpoints" / "step-4").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "policy.pt", "recipe.toml", "rng.pt",
+        "trainer_state.json"]  # fmt: skip
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
             "psft_lite.json"} <= {p.name for p in (run / "adapter").iterdir()}  # fmt: skip
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -79,6 +83,10 @@ BAD_CASES = {
     "bad target modules": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", 'lora.target_modules=["nope"]'],
                            "lora.target_modules"),
     "fp16 on cpu": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "model.dtype=fp16"], "fp16"),
+    "merge: not an adapter": (lambda t, m: ["merge", str(t)], "not an adapter (no adapter_config.json)"),
+    "merge: bad dtype": (lambda t, m: ["merge", str(t), "--dtype", "int8"], "--dtype 'int8'"),
+    "resume without checkpoint": (lambda t, m: ["train", _write(t / "run" / "recipe.toml", _resolved(t, m)), "--resume"],
+                                  "no checkpoint in"),
     "missing eval data": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.eval=./missing.jsonl"],
                           "data file not found"),
 }
@@ -87,6 +95,11 @@ BAD_CASES = {
 def _write(path, text):
     path.write_text(text)
     return str(path)
+
+
+def _resolved(t, m):
+    (t / "run").mkdir(exist_ok=True)
+    return make_recipe(t, m).read_text()
 
 
 def _rows(t, rows):
@@ -100,7 +113,7 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, tiny_mo
     assert code == 2, (case, err)
     assert expected in err, err
     assert "Traceback" not in err and err.count("error:") == 1
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() or case == "resume without checkpoint"
 
 
 def test_existing_run_dir_is_refused_then_replaced_with_overwrite(tmp_path, tiny_model_dir, capsys):

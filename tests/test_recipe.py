@@ -88,4 +88,6 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 def test_readme_recipe_reference_is_current():
     readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate with: python -m psft_lite.recipe"
+    start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"
+    block = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert block == reference_markdown(), "regenerate with: make docs"
