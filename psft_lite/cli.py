@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
 from psft_lite import __version__
-from psft_lite.errors import PsftError
+from psft_lite.errors import Interrupted, PsftError
 
 app = typer.Typer(
     name="psft-lite",
@@ -83,18 +83,29 @@ def train(
 
 
 @app.command()
-def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Check a recipe (schema, values, local paths) without loading any model or downloading anything.
+def validate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    deep: Annotated[bool, typer.Option("--deep", help="Also load the model and time one training micro-step.")] = False,
+    no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Only check the recipe's keys and values.")] = False,
+) -> None:
+    """Check a recipe, then preflight it: the data as the model will see it, and an estimate of peak memory.
 
-    [dim]Example: psft-lite validate recipes/math.toml[/dim]
+    Never downloads: hub models and data sets are checked from the local cache when present.
+
+    [dim]Example: psft-lite validate recipes/quickstart.toml[/dim]
+    [dim]Example: psft-lite validate recipes/math.toml --deep[/dim]
     """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from psft_lite.data.sources import looks_local, resolve_local
     from psft_lite.errors import DataError
     from psft_lite.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
     base_dir = r.path.parent if r.path else None
-    for name, src in (("data.train", r.data.train), ("data.eval", r.data.eval)):
+    sources = [("data.train", r.data.train), ("data.eval", r.data.eval)] + [(f"eval.sets.{k}", v) for k, v in r.eval.sets.items()]
+    for name, src in sources:
         if src is not None and resolve_local(src.path, base_dir) is None and looks_local(src.path):
             raise DataError(f"{recipe}: {name}: file {src.path!r} not found (relative paths are read from the working directory).")
     for w in r.warnings():
@@ -109,6 +120,240 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     steps = f"max_steps={t.max_steps}" if t.max_steps else f"epochs={t.epochs:g}"
     out.print(f"  train     lr={t.lr:g} {steps} batch={t.batch_size} micro={t.micro_batch_size} seed={t.seed}")
     out.print(f"  output    {r.run_dir}")
+    if no_preflight:
+        return
+    from psft_lite.preflight import GB, run_preflight
+
+    rep = run_preflight(r, out, deep=deep)
+    st = rep.stats
+    if "examples" in st:
+        out.print(f"  examples  {st['examples']} of {st['rows']} rows; {st['trained_tokens']:,} trained of "
+                  f"{st['total_tokens']:,} tokens ({st['trained_share']:.0%}); longest {st['longest']}; "
+                  f"{st['dropped_too_long']} dropped, {st['truncated']} truncated")  # fmt: skip
+    if rep.memory is not None:
+        m = rep.memory
+        parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in m.parts.items())
+        avail = f" of {m.available / GB:.1f} GB available" if m.available else ""
+        flag = "" if m.fits is not False else "  [bold red]does not fit[/bold red]"
+        out.print(f"  memory    ~{m.total / GB:.1f} GB peak on {m.device}{avail} ({parts}){flag}")
+    if "deep_step_s" in st:
+        out.print(f"  deep      one micro-step {st['deep_step_s']:.2f} s, peak {st['deep_peak_mem_mb']:.0f} MB, "
+                  f"{st['trainable_parameters']:,} trainable parameters")  # fmt: skip
+    for n in rep.notes:
+        err.print(f"note: {n}")
+    for w in rep.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+ModelArg = Annotated[
+    str, typer.Argument(help="A run directory, an adapter or merged folder, a hub id, a local model folder, or "
+                        "smollm2-135m-instruct.", show_default=False)  # fmt: skip
+]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32 (default: as trained / auto).", show_default=False)]
+
+
+def _dtype(d: str | None) -> str | None:
+    from psft_lite.errors import RecipeError
+
+    if d is not None and d not in ("bf16", "fp16", "fp32"):
+        raise RecipeError(f"--dtype {d!r}: choose bf16, fp16 or fp32.")
+    return d
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="A .jsonl of {prompt} or {messages} rows; writes JSON lines.", show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message for --prompt.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Generate answers with the chat template the run trained with (base model, run dir, or merged folder).
+
+    [dim]Example: psft-lite generate runs/quickstart -p "Tom has 3 apples and buys 4 more. How many does he have?"[/dim]
+    """
+    import json
+
+    from psft_lite.errors import RecipeError
+    from psft_lite.generate import generate as do_generate
+    from psft_lite.generate import load_model, read_prompts
+
+    if bool(prompt) == bool(file):
+        raise RecipeError("give either --prompt TEXT (repeatable) or --file prompts.jsonl.")
+    prompts = read_prompts(file) if file else [
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt
+    ]  # fmt: skip
+    loaded = load_model(model, _dtype(dtype))
+    gens = do_generate(loaded, prompts, max_new_tokens, temperature, top_p, seed=seed)
+    for msgs, g in zip(prompts, gens):
+        if file:
+            out.print(json.dumps({"prompt": msgs[-1]["content"], "generation": g.text, "finished": g.finished}), highlight=False, soft_wrap=True)
+        else:
+            out.print(g.text, highlight=False)
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Chat with a model or a run interactively (/reset starts over, /exit or Ctrl-D quits).
+
+    [dim]Example: psft-lite chat runs/quickstart --temperature 0[/dim]
+    """
+    from transformers import TextStreamer
+
+    from psft_lite.generate import chat_reply, load_model
+
+    loaded = load_model(model, _dtype(dtype))
+    history = [{"role": "system", "content": system}] if system else []
+    messages = list(history)
+    err.print(f"chatting with {loaded.label} — /reset, /exit")
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            err.print("")
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = list(history)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("model> ")
+        sys.stdout.flush()
+        reply = chat_reply(loaded, messages, max_new_tokens, temperature, top_p, stream=streamer)
+        messages.append({"role": "assistant", "content": reply})
+
+
+@app.command("eval")
+def eval_(
+    model: ModelArg,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="A data file or NAME=FILE (repeatable). Default: the run's eval sets.", show_default=False)] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="k answers per problem (avg@k); needs --temperature > 0.")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems of each set.", show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write summary.json and predictions.jsonl here.", show_default=False)] = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Math-answer accuracy (#### N and \\boxed{} answers), generation entropy and reference NLL per data set.
+
+    [dim]Example: psft-lite eval runs/quickstart --data in_domain=data/arith/test.jsonl --data ood=data/arith/ood.jsonl[/dim]
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from psft_lite.errors import RecipeError
+    from psft_lite.evaluate import eval_items, evaluate_set, write_outputs
+    from psft_lite.generate import load_model
+    from psft_lite.recipe import DataSection
+
+    if samples > 1 and temperature == 0:
+        raise RecipeError("--samples > 1 needs --temperature > 0 (greedy answers are identical).")
+    loaded = load_model(model, _dtype(dtype))
+    sets: dict[str, Any] = {}
+    base_data = loaded.recipe.data if loaded.recipe else None
+    if data:
+        for item in data:
+            name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
+            section = DataSection(train=path, max_length=base_data.max_length if base_data else 4096)
+            sets[name] = (section.train, section)
+    elif loaded.recipe is not None and (loaded.recipe.eval.sets or loaded.recipe.data.eval):
+        named = loaded.recipe.eval.sets or {"eval": loaded.recipe.data.eval}
+        sets = {k: (v, loaded.recipe.data) for k, v in named.items()}
+    else:
+        raise RecipeError("no data to evaluate: pass --data FILE (or NAME=FILE), or a run whose recipe has data.eval or eval.sets.")
+    items = {name: eval_items(src, sec, limit=limit) for name, (src, sec) in sets.items()}
+    summaries, predictions = {}, {}
+    total = sum(len(v) for v in items.values()) * samples
+    with Progress(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as progress:  # fmt: skip
+        task = progress.add_task("", total=total)
+        for name, its in items.items():
+            progress.update(task, description=name)
+            summaries[name], predictions[name] = evaluate_set(
+                loaded, its, samples, temperature, top_p, max_new_tokens, batch_size,
+                progress=lambda n: progress.advance(task, n))  # fmt: skip
+    metric = "pass@1" if samples == 1 else f"avg@{samples}"
+    for name, sm in summaries.items():
+        out.print(f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   "
+                  f"reference NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}", highlight=False)  # fmt: skip
+    if out_dir is not None:
+        write_outputs(out_dir, summaries, predictions)
+        out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'predictions.jsonl'}")
+
+
+@app.command()
+def ddt(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", "-d", help="Data file (any supported format), or a hub data set id.", show_default=False)],
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N rows.", show_default=False)] = None,
+    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Truncate longer examples.")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
+    dtype: DtypeOpt = None,
+) -> None:
+    """How in-distribution a data set is for a model: φ = log p + H per response token (METHODS.md §3).
+
+    [dim]Example: psft-lite ddt smollm2-135m-instruct --data data/arith/train.jsonl --limit 200[/dim]
+    """
+    import json
+
+    from psft_lite.data import load_examples
+    from psft_lite.ddt import BINS, summarize, token_phi
+    from psft_lite.generate import load_model
+    from psft_lite.recipe import DataSection
+
+    loaded = load_model(model, _dtype(dtype))
+    section = DataSection(train=data, max_length=max_length, truncation="truncate")
+    examples, _ = load_examples(section.train, section, loaded.tokenizer, limit=limit)
+    phis = token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype)
+    stats = summarize(phis)
+    stats.update(model=str(model), data=data)
+    if as_json:
+        out.print(json.dumps(stats), highlight=False, soft_wrap=True)
+        return
+    out.print(f"DDT of {data} under {model}: {stats['examples']} examples, {stats['tokens']:,} response tokens")
+    out.print(f"  mean φ {stats['mean_phi']:+.4f}  (per sequence {stats['mean_phi_per_sequence']:+.4f}, std {stats['std_phi']:.3f})")
+    out.print(f"  share φ > 0: {stats['share_phi_gt_0']:.1%}   > −1: {stats['share_phi_gt_-1']:.1%}   "
+              f"> −3: {stats['share_phi_gt_-3']:.1%}   > −5: {stats['share_phi_gt_-5']:.1%}")  # fmt: skip
+    counts = stats["histogram"]["counts"]
+    edges = ["−∞", *[f"{b:g}" for b in BINS], "∞"]
+    top = max(counts) or 1
+    for i, c in enumerate(counts):
+        out.print(f"  [{edges[i]:>4}, {edges[i + 1]:>4})  {'█' * round(30 * c / top):<30} {c}", highlight=False)
+    out.print(f"  verdict: {stats['verdict']}")
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to overlay.", show_default=False)],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("plot.png"),
+    smooth: Annotated[int, typer.Option("--smooth", min=1, help="Moving average over N steps.")] = 1,
+) -> None:
+    """PNG figures of loss, entropy, clip fraction, KL and eval accuracy against step, runs overlaid.
+
+    Needs matplotlib: pip install 'psft-lite[plot]'.
+
+    [dim]Example: psft-lite plot runs/sft runs/psft --out sft-vs-psft.png[/dim]
+    """
+    from psft_lite.plot import plot_runs
+
+    report = plot_runs(runs, out_file, smooth)
+    out.print(f"wrote {report['out']}")
 
 
 @app.command()
@@ -152,7 +397,8 @@ def main() -> None:
     except PsftError as e:
         if debug:
             raise
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        label = "[bold yellow]stopped:[/bold yellow]" if isinstance(e, Interrupted) else "[bold red]error:[/bold red]"
+        err.print(f"{label} {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
 
 

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from psft_lite import modeling
-from psft_lite.checkpoint import ADAPTER_META, atomic_dir, read_adapter_meta
+from psft_lite.checkpoint import ADAPTER_META, atomic_dir, list_checkpoints, read_adapter_meta
 from psft_lite.errors import ModelError, RunError
 from psft_lite.recipe import ModelSection
 
@@ -47,6 +47,8 @@ def resolve_adapter(path: Path, base_override: str | None = None) -> AdapterInfo
     if not path.exists():
         raise ModelError(f"{path}: no such run directory or adapter folder.")
     adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    if not (adapter / "adapter_config.json").is_file() and list_checkpoints(path):
+        adapter = list_checkpoints(path)[-1][1]  # a run stopped before its final adapter: its newest checkpoint
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(
             f"{path}: not an adapter (no adapter_config.json) and not a run directory with an adapter/ folder. "

@@ -133,6 +133,11 @@ class ProgressDisplay:
             eta = (self.total - step) / rate if rate > 0 else 0.0
             self.console.print(f"step {step}/{self.total}  {self._fmt(rec)}  eta {eta:.0f}s", highlight=False)
 
+    def note(self, rec: dict[str, Any]) -> None:
+        """An event line (eval results, warnings) above the progress bar."""
+        parts = [f"{k.removeprefix('eval_')} {v:.4g}" for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float)]
+        self.console.print(f"{rec.get('event', 'event')} @ step {rec.get('step')}: " + "  ".join(parts), highlight=False)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

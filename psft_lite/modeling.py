@@ -157,6 +157,11 @@ def resolve_source(m: ModelSection) -> ModelSource:
     return ModelSource(m.name, m.gguf_file, m.name)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` (or a bare name) that is not a local path."""
+    return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
 def _hub_error(src: ModelSource, e: Exception) -> ModelError:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ModelError(
@@ -365,6 +370,20 @@ def response_logprobs(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.
     )
     pad = logp.new_zeros(logp.shape[0], 1)
     return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1)
+
+
+@torch.no_grad()
+def score_examples(model: Any, examples: list, pad_id: int, device: torch.device, dtype: torch.dtype,
+                   batch_size: int = 8) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """(batch, logp, entropy) for examples in order, batched, without gradients (eval, ddt)."""
+    from psft_lite.data.batching import collate
+
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        b = collate(chunk, list(range(start, start + len(chunk))), pad_id).to(device)
+        with autocast(device, dtype):
+            logp, ent = response_logprobs(model, b)
+        yield b, logp, ent
 
 
 @contextlib.contextmanager

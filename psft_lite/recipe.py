@@ -166,6 +166,26 @@ class TrainSection(Section):
         return tuple(v) if isinstance(v, list) else v
 
 
+class EvalSection(Section):
+    every: int = Field(
+        0, ge=0, description="Evaluate on `data.eval` every N optimizer steps (reference NLL, and accuracy on "
+        "`samples` generated answers); 0: never. Results go to metrics.jsonl as `eval` events."
+    )
+    samples: int = Field(32, ge=0, description="Problems answered by greedy generation at each in-training eval (0: NLL only).")
+    max_new_tokens: int = Field(256, gt=0, description="Generation length limit for evaluation.")
+    batch_size: int = Field(16, gt=0, description="Sequences per generation batch.")
+    sets: dict[str, Source] = Field(
+        default_factory=dict,
+        description='Named eval sets for `psft-lite eval RUN_DIR`, e.g. `{in_domain = "data/arith/test.jsonl", '
+        'ood = "data/arith/ood.jsonl"}`.',
+    )
+
+    @field_validator("sets", mode="before")
+    @classmethod
+    def _coerce_sets(cls, v: Any) -> Any:
+        return {k: _as_source(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Run directory. Default: `runs/<recipe file name>`.")
     save: Literal["adapter", "merged"] = Field(
@@ -179,6 +199,7 @@ class Recipe(Section):
     data: DataSection
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     _path: Path | None = PrivateAttr(None)
@@ -195,6 +216,8 @@ class Recipe(Section):
             raise ValueError(f"objective.gamma_min ({o.gamma_min}) must be <= objective.gamma_max ({o.gamma_max})")
         if o.lambda_warmup + o.lambda_transition > 1:
             raise ValueError("objective.lambda_warmup + objective.lambda_transition must be <= 1 (fractions of training)")
+        if self.eval.every and d.eval is None:
+            raise ValueError("eval.every needs data.eval: the held-out data to evaluate on")
         fmt = d.format
         if d.fields:
             allowed = set().union(*FORMAT_FIELDS.values()) if fmt == "auto" else set(FORMAT_FIELDS[fmt])
@@ -314,7 +337,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 #: Keys that may differ between a checkpoint's recipe and the recipe resuming it: they do not change the math.
 RESUME_FREE = {
     "train.log_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs", "output.dir",
-    "output.save", "model.device", "model.gradient_checkpointing", "model.attn_implementation",
+    "output.save", "model.device", "model.gradient_checkpointing", "model.attn_implementation", "eval.every",
+    "eval.samples", "eval.max_new_tokens", "eval.batch_size", "eval.sets", "data.eval",
 }  # fmt: skip
 
 
@@ -322,7 +346,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in ("fields",):
+        if isinstance(v, dict) and k not in ("fields", "sets"):
             out.update(_flat(v, key + "."))
         else:
             out[key] = v
@@ -332,7 +356,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def math_differences(saved: Recipe, current: Recipe) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key that changes a run's trajectory."""
     a, b = _flat(saved.model_dump(mode="json")), _flat(current.model_dump(mode="json"))
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in RESUME_FREE and a.get(k) != b.get(k)]
+    def free(k: str) -> bool:
+        return any(k == f or k.startswith(f + ".") for f in RESUME_FREE)
+
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
 
 
 def _did_you_mean(word: str, options: Any) -> str:

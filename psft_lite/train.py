@@ -108,6 +108,8 @@ class Run:
     run_dir: Path
     console: Console
     pad_id: int
+    eval_examples: list[Example] = field(default_factory=list)  # data.eval, tokenized (reference NLL)
+    eval_items: list[Any] = field(default_factory=list)  # the first eval.samples problems (generation accuracy)
     lengths: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -201,8 +203,13 @@ def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: b
     tokenizer = modeling.load_tokenizer(m, src)
     base_dir = recipe.path.parent if recipe.path else None
     examples, stats = load_examples(recipe.data.train, recipe.data, tokenizer, limit=recipe.data.limit, base_dir=base_dir)
+    eval_examples, eval_items = [], []
     if recipe.data.eval is not None:  # fail now, not after training, if the eval data is unusable
-        load_examples(recipe.data.eval, recipe.data, tokenizer, base_dir=base_dir)
+        eval_examples, _ = load_examples(recipe.data.eval, recipe.data, tokenizer, base_dir=base_dir)
+        if recipe.eval.every and recipe.eval.samples:
+            from psft_lite.evaluate import eval_items as read_items
+
+            eval_items = read_items(recipe.data.eval, recipe.data, limit=recipe.eval.samples, base_dir=base_dir)
     report_data(console, stats, tokenizer)
 
     base = modeling.load_base_model(m, device, dtype, src)
@@ -213,7 +220,7 @@ def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: b
     total = plan.total_steps(t.epochs, t.max_steps)
     optimizer = build_optimizer(modeling.trainable_parameters(model), t, device, console)
     run = Run(recipe, device, dtype, tokenizer, model, examples, stats, plan, total, optimizer, None, run_dir, console,
-              tokenizer.pad_token_id)  # fmt: skip
+              tokenizer.pad_token_id, eval_examples, eval_items)  # fmt: skip
     run.policy = build_policy(run)
     return run
 
@@ -278,6 +285,31 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
     return record
 
 
+def quick_eval(r: Run, step: int) -> dict[str, Any]:
+    """In-training eval: reference NLL on data.eval and greedy accuracy on a few problems. Leaves the training state
+    untouched (train mode restored, RNG forked; the 4-bit repack trap is disabled at load)."""
+    from psft_lite.evaluate import evaluate_set, mean_nll
+    from psft_lite.generate import Loaded
+
+    e = r.recipe.eval
+    loaded = Loaded(r.model, r.tokenizer, "run", r.device, r.dtype)
+    rec: dict[str, Any] = {"event": "eval", "step": step}
+    devices = [r.device] if r.device.type == "cuda" else []
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=devices):
+        r.model.eval()
+        try:
+            rec["eval_loss"] = mean_nll(loaded, r.eval_examples)
+            if r.eval_items:
+                summary, _ = evaluate_set(loaded, r.eval_items, max_new_tokens=e.max_new_tokens,
+                                          batch_size=e.batch_size, nll=False)  # fmt: skip
+                rec.update(eval_accuracy=summary["accuracy"], eval_entropy=summary["mean_entropy"], eval_n=summary["n"])
+        finally:
+            r.model.train()
+    rec["eval_s"] = time.perf_counter() - t0
+    return rec
+
+
 class StopSignal:
     """Turns SIGINT/SIGTERM into a request to stop after the current optimizer step (a second Ctrl-C aborts)."""
 
@@ -314,7 +346,7 @@ def train_loop(
 ) -> list[dict[str, Any]]:
     """Optimizer steps start..total-1. Checkpoints every `train.save_every` steps and at the end; on SIGINT/SIGTERM
     (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises `Interrupted`."""
-    t = r.recipe.train
+    t, t_eval = r.recipe.train, r.recipe.eval
     writer = MetricsWriter(r.run_dir / "metrics.jsonl")
     display = ProgressDisplay(r.console, r.total_steps, start, every=t.log_every)
     records: list[dict[str, Any]] = []
@@ -339,6 +371,10 @@ def train_loop(
                         "stopped. Lower train.lr, keep train.grad_clip > 0, or check the data for broken rows."
                     )
                 done = step + 1
+                if t_eval.every and (done % t_eval.every == 0 or done == r.total_steps):
+                    ev = quick_eval(r, done)
+                    writer.write(ev)
+                    display.note(ev)
                 stopping = stop.signum is not None or (should_stop is not None and should_stop(done))
                 if stopping or done == r.total_steps or (t.save_every and done % t.save_every == 0):
                     path = save_state(r, done, bad)

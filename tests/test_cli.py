@@ -52,7 +52,7 @@ def test_train_end_to_end_writes_exactly_the_run_layout(tmp_path, tiny_model_dir
 def test_version_and_help(capsys):
     code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.startswith("psft-lite ")
-    for cmd in ("train", "validate"):
+    for cmd in ("train", "validate", "merge", "generate", "chat", "eval", "ddt", "plot"):
         code, out, _ = run_cli(capsys, cmd, "--help")
         assert code == 0 and "Example:" in out
 
@@ -87,6 +87,12 @@ BAD_CASES = {
     "merge: bad dtype": (lambda t, m: ["merge", str(t), "--dtype", "int8"], "--dtype 'int8'"),
     "resume without checkpoint": (lambda t, m: ["train", _write(t / "run" / "recipe.toml", _resolved(t, m)), "--resume"],
                                   "no checkpoint in"),
+    "eval: no data": (lambda t, m: ["eval", str(m)], "no data to evaluate"),
+    "eval: samples without temperature": (lambda t, m: ["eval", str(m), "--data", "x.jsonl", "--samples", "3"],
+                                          "--samples > 1 needs --temperature > 0"),
+    "generate: no prompt": (lambda t, m: ["generate", str(m)], "give either --prompt"),
+    "plot: not a run": (lambda t, m: ["plot", str(t)], "no metrics.jsonl"),
+    "ddt: missing data": (lambda t, m: ["ddt", str(m), "--data", "./nope.jsonl"], "data file not found"),
     "missing eval data": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.eval=./missing.jsonl"],
                           "data file not found"),
 }

@@ -64,9 +64,9 @@ def test_multi_turn_trains_every_assistant_turn_only(tmp_path, tokenizer):
 def test_field_mapping_and_system_prompt(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "d.jsonl", [{"question": Q, "answer": A}])
     data = DataSection(train=str(f), fields={"prompt": "question", "completion": "answer"}, system_prompt="You add.")
-    ((msgs, where),) = load_conversations(data.train, data)
+    ((msgs, row),) = load_conversations(data.train, data)
     assert msgs[0] == {"role": "system", "content": "You add."} and msgs[-1]["content"] == A
-    assert where.endswith("d.jsonl:1")
+    assert row.where.endswith("d.jsonl:1") and row.data["question"] == Q
 
 
 def test_json_parquet_csv_and_dataset_folder_read_the_same(tmp_path, tokenizer):

@@ -14,21 +14,21 @@ from psft_lite.data.tokenize import EncodeStats, Example, encode_all
 from psft_lite.errors import DataError
 from psft_lite.recipe import DataSection, Source
 
-__all__ = ["Example", "EncodeStats", "load_examples", "load_conversations"]
+__all__ = ["Example", "EncodeStats", "Row", "load_examples", "load_conversations"]
 
 
 def load_conversations(
     source: Source, data: DataSection, limit: int | None = None, base_dir: Path | None = None
-) -> list[tuple[list[dict[str, str]], str]]:
-    """Read `source` and convert every row to chat messages; returns (messages, where) pairs."""
+) -> list[tuple[list[dict[str, str]], Row]]:
+    """Read `source` and convert every row to chat messages; returns (messages, row) pairs."""
     rows: list[Row] = read_rows(source, limit=limit, base_dir=base_dir)
-    fmt = data.format if data.format != "auto" else detect_format(rows[0], data.fields)
+    fmt, fields = (data.format, data.fields) if data.format != "auto" else detect_format(rows[0], data.fields)
     out = []
     for row in rows:
         if data.format == "auto":
             # a mixed file: say so at the row that differs, instead of a confusing missing-field message
             try:
-                other = detect_format(row, data.fields)
+                other = detect_format(row, data.fields)[0]
             except DataError:
                 other = None
             if other is not None and other != fmt:
@@ -36,7 +36,7 @@ def load_conversations(
                     f"{row.where}: this row looks like format {other!r} but the first row of the file is {fmt!r}; "
                     "one file must use one format."
                 )
-        out.append((to_messages(row, fmt, data.fields, data.system_prompt), row.where))
+        out.append((to_messages(row, fmt, fields, data.system_prompt), row))
     return out
 
 
@@ -49,7 +49,7 @@ def load_examples(
     progress: Callable[[], None] | None = None,
 ) -> tuple[list[Example], EncodeStats]:
     """Tokenized examples of `source` with the recipe's length policy. Raises `DataError` if none survive."""
-    conversations = load_conversations(source, data, limit=limit, base_dir=base_dir)
+    conversations = [(m, row.where) for m, row in load_conversations(source, data, limit=limit, base_dir=base_dir)]
     examples, stats = encode_all(tokenizer, conversations, data.max_length, data.truncation, progress)
     if not examples:
         raise DataError(

@@ -29,8 +29,13 @@ def field_names(fmt: str, overrides: dict[str, str]) -> dict[str, str]:
     return names
 
 
-def detect_format(row: Row, overrides: dict[str, str]) -> str:
-    """Guess the format from one row's keys (after applying the recipe's field mapping)."""
+#: Column pairs auto-detection maps onto prompt_completion (GSM8K's question/answer, MATH's problem/solution, ...).
+PROMPT_ALIASES = ("question", "query", "problem")
+COMPLETION_ALIASES = ("answer", "response", "solution")
+
+
+def detect_format(row: Row, overrides: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """Guess the format from one row's keys; returns it with the field mapping to use (aliases filled in)."""
     keys = set(row.data)
     required = {
         "messages": ["messages"],
@@ -41,7 +46,11 @@ def detect_format(row: Row, overrides: dict[str, str]) -> str:
     for fmt, logical in required.items():
         names = field_names(fmt, overrides)
         if all(names[k] in keys for k in logical):
-            return fmt
+            return fmt, overrides
+    prompt = next((k for k in PROMPT_ALIASES if k in keys), None)
+    completion = next((k for k in COMPLETION_ALIASES if k in keys), None)
+    if prompt and completion and not overrides:
+        return "prompt_completion", {"prompt": prompt, "completion": completion}
     shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
     raise DataError(
         f"{row.where}: cannot tell the data format from this row's fields ({shown}). Set data.format to one of "

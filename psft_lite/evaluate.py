@@ -1,0 +1,181 @@
+"""`psft-lite eval`: math-answer accuracy (GSM8K `#### N`, `\\boxed{}`), generation entropy and reference NLL.
+
+Per data set: greedy pass@1 (or avg@k with sampling), the mean token entropy of the generations (the model's own
+distribution at each generated token), and the mean NLL of the reference responses under the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable
+
+from psft_lite.data import load_conversations
+from psft_lite.data.tokenize import Example, encode_all
+from psft_lite.generate import Loaded, generate
+from psft_lite.modeling import score_examples
+from psft_lite.recipe import DataSection, Source
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answer extraction
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def _boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (balanced braces), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        if text[k] == "{":
+            depth += 1
+        elif text[k] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[j + 1 : k]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a solution: after the last `####`, else the last \\boxed{}, else the last number."""
+    if text is None:
+        return None
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        m = _NUMBER.search(tail.replace("$", ""))
+        if m:
+            return normalize(m.group(0))
+        return normalize(tail.splitlines()[0]) if tail else None
+    boxed = _boxed(text)
+    if boxed is not None:
+        inner = boxed.replace("\\!", "").replace("\\,", "").replace("$", "")
+        inner = re.sub(r"\\(?:d|t)?frac\{([^{}]+)\}\{([^{}]+)\}", r"\1/\2", inner)
+        inner = re.sub(r"\\text\{[^{}]*\}", "", inner)
+        return normalize(inner)
+    nums = _NUMBER.findall(text.replace("$", ""))
+    return normalize(nums[-1]) if nums else None
+
+
+def normalize(ans: str) -> str:
+    """Canonical form: numbers without commas, units or trailing zeros ('1,000.50 dollars' → '1000.5')."""
+    s = ans.strip().rstrip(".").strip()
+    m = _NUMBER.search(s)
+    if m and re.fullmatch(r"[\s$€£]*" + re.escape(m.group(0)) + r"\s*(?:%|[A-Za-z][A-Za-z .]*)?", s):
+        num = m.group(0).replace(",", "")
+        try:
+            value = Fraction(num)
+        except (ValueError, ZeroDivisionError):
+            return num
+        if value.denominator == 1:
+            return str(value.numerator)
+        as_float = float(value)
+        return f"{as_float:.6g}" if "/" not in num else f"{value.numerator}/{value.denominator}"
+    return re.sub(r"\s+", " ", s).lower()
+
+
+def answers_match(pred: str | None, gold: str | None) -> bool:
+    if pred is None or gold is None:
+        return False
+    if pred == gold:
+        return True
+    try:
+        return math.isclose(float(Fraction(pred)), float(Fraction(gold)), rel_tol=1e-6, abs_tol=1e-9)
+    except (ValueError, ZeroDivisionError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalItem:
+    prompt: list[dict[str, str]]  # the conversation up to the final assistant turn
+    reference: str  # the reference response
+    gold: str | None
+    where: str
+
+
+def eval_items(source: Source, data: DataSection, limit: int | None = None, base_dir: Path | None = None) -> list[EvalItem]:
+    """Problems with gold answers: from an `answer` column when present, else extracted from the reference."""
+    items = []
+    for msgs, row in load_conversations(source, data, limit=limit, base_dir=base_dir):
+        *prompt, last = msgs
+        gold = row.data.get("answer") if isinstance(row.data.get("answer"), (str, int, float)) else None
+        gold = normalize(str(gold)) if gold is not None and "####" not in str(gold) else extract_answer(last["content"])
+        items.append(EvalItem(prompt, last["content"], gold, row.where))
+    return items
+
+
+def mean_nll(loaded: Loaded, examples: list[Example], batch_size: int = 8) -> float:
+    """Mean NLL per trained token (end-of-turn included) of tokenized examples under the model."""
+    total, count = 0.0, 0
+    for b, logp, _ in score_examples(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype, batch_size):
+        total += float(-(logp * b.target_mask).sum())
+        count += b.n_trained
+    return total / max(count, 1)
+
+
+def reference_nll(loaded: Loaded, items: list[EvalItem], max_length: int = 2048) -> float:
+    """Mean NLL per token of the reference responses under the model."""
+    convs = [(it.prompt + [{"role": "assistant", "content": it.reference}], it.where) for it in items]
+    examples, _ = encode_all(loaded.tokenizer, convs, max_length, "truncate")
+    return mean_nll(loaded, examples)
+
+
+def evaluate_set(
+    loaded: Loaded,
+    items: list[EvalItem],
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    nll: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary, predictions) for one data set. With samples k > 1, accuracy is avg@k."""
+    preds: list[dict[str, Any]] = []
+    correct = 0.0
+    entropies: list[float] = []
+    for k in range(samples):
+        gens = generate(loaded, [it.prompt for it in items], max_new_tokens, temperature, top_p, batch_size,
+                        seed=seed + 1000 * k, progress=progress)  # fmt: skip
+        for it, g in zip(items, gens):
+            ans = extract_answer(g.text)
+            ok = answers_match(ans, it.gold)
+            correct += ok
+            entropies.append(g.mean_entropy)
+            preds.append({"where": it.where, "sample": k, "prompt": it.prompt[-1]["content"], "generation": g.text,
+                          "extracted": ans, "gold": it.gold, "correct": ok, "finished": g.finished,
+                          "tokens": g.n_tokens, "mean_entropy": g.mean_entropy})  # fmt: skip
+    n = len(items)
+    summary = {
+        "n": n,
+        "samples": samples,
+        "accuracy": correct / (n * samples) if n else 0.0,
+        "mean_entropy": sum(entropies) / len(entropies) if entropies else 0.0,
+        "finished": sum(p["finished"] for p in preds) / len(preds) if preds else 0.0,
+    }
+    if nll:
+        summary["mean_nll"] = reference_nll(loaded, items)
+    return summary, preds
+
+
+def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], predictions: dict[str, list[dict[str, Any]]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for name, preds in predictions.items():
+            for p in preds:
+                f.write(json.dumps({"set": name, **p}) + "\n")

@@ -1,0 +1,175 @@
+"""eval, generate, ddt, plot, preflight and in-training eval."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from psft_lite import train
+from psft_lite.data.tokenize import Example
+from psft_lite.ddt import summarize, token_phi
+from psft_lite.evaluate import answers_match, eval_items, evaluate_set, extract_answer, normalize
+from psft_lite.generate import generate, load_model
+from psft_lite.recipe import DataSection, load_recipe
+
+from conftest import ARITH, make_recipe, write_jsonl
+
+QUIET = Console(quiet=True)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("So she has 26 - 16 = 10 marbles.\n#### 10", "10"),
+        ("#### 1,234", "1234"),
+        ("The answer is #### $18.00", "18"),
+        ("#### 7 apples.", "7"),
+        ("Thus the total is \\boxed{42}.", "42"),
+        ("\\boxed{\\frac{3}{4}}", "3/4"),
+        ("We get \\boxed{1{,}000}", None),  # not a plain number; compared as text below
+        ("It costs 12 dollars, then 3 more, so 15 dollars", "15"),
+        ("first 2.50 then -3", "-3"),
+        ("no digits here", None),
+        ("#### -5", "-5"),
+        ("\\boxed{x^{2}+1} and later 7", "x^{2}+1"),
+    ],
+)
+def test_answer_extraction(text, expected):
+    got = extract_answer(text)
+    if expected is None and "boxed" in text:
+        assert got is not None
+    else:
+        assert got == expected
+
+
+def test_answer_matching_and_normalisation():
+    assert normalize("1,000.50 dollars") == "1000.5"
+    assert normalize("$18.00") == "18" and normalize("25%") == "25"
+    assert answers_match("18", "18.0") and answers_match("0.75", "3/4") and not answers_match("17", "18")
+    assert not answers_match(None, "1")
+
+
+def test_gold_answers_come_from_the_answer_column_or_the_reference(tmp_path):
+    items = eval_items(DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")), limit=3)
+    assert all(it.gold == extract_answer(it.reference) for it in items)
+    f = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "2+2=4\n#### 4"}])  # GSM8K columns
+    d = DataSection(train=str(f))
+    (it,) = eval_items(d.train, d)
+    assert it.gold == "4" and it.prompt == [{"role": "user", "content": "2+2?"}]
+
+
+def test_eval_end_to_end_writes_summary_and_predictions(tmp_path, tiny_model_dir):
+    from psft_lite.evaluate import write_outputs
+
+    loaded = load_model(tiny_model_dir, "fp32")
+    d = DataSection(train=str(ARITH / "test.jsonl"))
+    items = eval_items(d.train, d, limit=3)
+    summary, preds = evaluate_set(loaded, items, max_new_tokens=8, batch_size=2)
+    assert summary["n"] == 3 and 0 <= summary["accuracy"] <= 1 and summary["mean_entropy"] > 0
+    assert math.isfinite(summary["mean_nll"]) and summary["mean_nll"] > 0
+    write_outputs(tmp_path / "ev", {"test": summary}, {"test": preds})
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["test"]["n"] == 3
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {"prompt", "generation", "extracted", "gold", "correct"} <= set(rows[0])
+
+
+def test_generate_agrees_for_run_dir_and_merged_folder(tmp_path, tiny_model_dir):
+    from psft_lite.merge import merge
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 3, "lr": 5e-2}))
+    train.run(recipe, console=QUIET)
+    merge(tmp_path / "run", console=QUIET)
+    prompt = [[{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}]]
+    via_run = generate(load_model(tmp_path / "run"), prompt, max_new_tokens=10)[0]
+    via_merged = generate(load_model(tmp_path / "run" / "merged"), prompt, max_new_tokens=10)[0]
+    via_base = generate(load_model(tiny_model_dir), prompt, max_new_tokens=10)[0]
+    assert via_run.text == via_merged.text
+    assert via_run.text != via_base.text  # the adapter changed what the model writes
+
+
+@pytest.mark.slow
+def test_ddt_phi_is_zero_on_own_samples_and_negative_on_shuffled_text(embedded_dir):
+    """E_{y~p}[log p(y) + H(p)] = 0 exactly; shuffling the same tokens makes them off-distribution."""
+    loaded = load_model(embedded_dir, "fp32")
+    tok = loaded.tokenizer
+    prompts = [[{"role": "user", "content": q}] for q in (
+        "Tell me about the moon.", "What is a good breakfast?", "Describe a cat.", "How do plants grow?",
+        "Why is the sky blue?", "Write about rain.", "What is music?", "Explain friendship.")]  # fmt: skip
+    torch.manual_seed(0)
+    examples = []
+    tok.padding_side = "left"
+    enc = tok([tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts],
+              add_special_tokens=False, padding=True, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        out = loaded.model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48,
+                                    pad_token_id=tok.pad_token_id)  # fmt: skip
+    tok.padding_side = "right"
+    rng = np.random.default_rng(0)
+    shuffled = []
+    for row in range(len(prompts)):
+        prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].numpy()
+        gen = out[row, enc["input_ids"].shape[1] :].numpy()
+        if tok.eos_token_id in gen:
+            gen = gen[: list(gen).index(tok.eos_token_id) + 1]
+        ids = np.concatenate([prompt_ids, gen]).astype(np.int32)
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[len(prompt_ids):] = True
+        examples.append(Example(ids, mask, f"sample {row}"))
+        shuffled.append(Example(np.concatenate([prompt_ids, rng.permutation(gen)]).astype(np.int32), mask, f"shuffled {row}"))
+    own = summarize(token_phi(loaded.model, examples, tok.pad_token_id, loaded.device, loaded.dtype))
+    off = summarize(token_phi(loaded.model, shuffled, tok.pad_token_id, loaded.device, loaded.dtype))
+    assert own["tokens"] > 200
+    assert abs(own["mean_phi"]) < 0.25, own["mean_phi"]  # std of φ ≈ 1.5 → standard error ≈ 0.1 here
+    assert off["mean_phi"] < -2.0, off["mean_phi"]
+    assert own["verdict"].startswith(("in-distribution", "near")) and off["verdict"].startswith("off-distribution")
+
+
+def test_in_training_eval_logs_events_and_leaves_the_trajectory_unchanged(tmp_path, tiny_model_dir):
+    common = {"train": {"max_steps": 4, "lr": 2e-2}, "lora": {"dropout": 0.1}}
+    test_file = str(ARITH / "test.jsonl")
+    # build + train one run after the other: dropout draws from the global torch RNG, which build() seeds
+    plain = train.build(load_recipe(make_recipe(tmp_path / "a", tiny_model_dir, data={"eval": test_file}, **common)), QUIET)
+    train.prepare_run_dir(plain)
+    a = train.train_loop(plain)
+    with_eval = train.build(load_recipe(make_recipe(tmp_path / "b", tiny_model_dir, data={"eval": test_file},
+                                                    eval={"every": 2, "samples": 2, "max_new_tokens": 4}, **common)), QUIET)  # fmt: skip
+    train.prepare_run_dir(with_eval)
+    b = train.train_loop(with_eval)
+    assert [x["loss"] for x in a] == [x["loss"] for x in b]  # eval (generation, eval mode) did not disturb training
+    events = [json.loads(x) for x in (with_eval.run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [e["step"] for e in events] == [2, 4]
+    assert all(e["event"] == "eval" and e["eval_loss"] > 0 and 0 <= e["eval_accuracy"] <= 1 for e in events)
+
+
+def test_plot_overlays_runs(tmp_path, tiny_model_dir):
+    from psft_lite.plot import plot_runs
+
+    for kind in ("sft", "psft"):
+        r = train.build(load_recipe(make_recipe(tmp_path / kind, tiny_model_dir, objective={"kind": kind},
+                                                train={"max_steps": 3})), QUIET)  # fmt: skip
+        train.prepare_run_dir(r)
+        train.train_loop(r)
+    report = plot_runs([tmp_path / "sft" / "run", tmp_path / "psft" / "run"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    series = report["series"]
+    assert set(series["run (sft)"]) == {"loss", "nll", "entropy"}
+    assert {"clip_frac", "approx_kl", "entropy"} <= set(series["run (psft-snapshot)"])
+
+
+def test_preflight_flags_pad_eos_and_a_recipe_that_trains_nothing(tmp_path, tiny_model_dir):
+    from psft_lite.errors import DataError
+    from psft_lite.preflight import run_preflight
+
+    console = Console(record=True, width=200)
+    rep = run_preflight(load_recipe(make_recipe(tmp_path, tiny_model_dir)), console)
+    assert any("pad token = eos token" in n for n in rep.notes)
+    assert rep.stats["examples"] == 16 and 0 < rep.stats["trained_share"] < 1
+    assert rep.memory is not None and rep.memory.total > 0 and rep.memory.fits
+    assert "#### " in console.export_text()  # rendered examples
+    with pytest.raises(DataError, match="none of its 16 examples fit"):
+        run_preflight(load_recipe(make_recipe(tmp_path, tiny_model_dir, data={"max_length": 30, "truncation": "truncate"})), console)
