@@ -103,8 +103,8 @@ STATE_FILE = "trainer_state.json"
 class TrainState:
     step: int  # optimizer steps completed
     epoch: float
-    bad_steps: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # n_examples, batch_size, seed: the data order's identity
+    guard: dict[str, Any] = field(default_factory=dict)  # guard-rail running statistics
 
 
 def rng_state() -> dict[str, Any]:
@@ -164,7 +164,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> tuple[TrainState,
     policy_state = torch.load(path / "policy.pt", map_location="cpu", weights_only=True)
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     raw = json.loads((path / STATE_FILE).read_text())
-    state = TrainState(step=raw["step"], epoch=raw["epoch"], bad_steps=raw.get("bad_steps", 0), data=raw.get("data", {}))
+    state = TrainState(step=raw["step"], epoch=raw["epoch"], data=raw.get("data", {}), guard=raw.get("guard", {}))
     return state, policy_state
 
 

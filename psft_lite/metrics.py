@@ -133,6 +133,9 @@ class ProgressDisplay:
             eta = (self.total - step) / rate if rate > 0 else 0.0
             self.console.print(f"step {step}/{self.total}  {self._fmt(rec)}  eta {eta:.0f}s", highlight=False)
 
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
     def note(self, rec: dict[str, Any]) -> None:
         """An event line (eval results, warnings) above the progress bar."""
         parts = [f"{k.removeprefix('eval_')} {v:.4g}" for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float)]

@@ -191,10 +191,30 @@ def load_tokenizer(m: ModelSection, src: ModelSource | None = None) -> Any:
         tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(src, e) from None
+    if m.chat_template:
+        tok.chat_template = resolve_chat_template(m.chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding positions are masked by attention and position, never by id
     check_chat_template(tok, src.label)
     return tok
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def resolve_chat_template(value: str) -> str:
+    """`chatml`, a path to a template file, or the template text itself."""
+    if value == "chatml":
+        return CHATML
+    p = Path(value).expanduser()
+    if len(value) < 4096 and "{" not in value:
+        if not p.is_file():
+            raise ModelError(f"model.chat_template: {value!r} is neither 'chatml', a template file, nor template text.")
+        return p.read_text(encoding="utf-8")
+    return value
 
 
 def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:

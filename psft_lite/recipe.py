@@ -63,6 +63,10 @@ class ModelSection(Section):
         "sdpa", description="Attention kernel passed to transformers."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off by default.")
+    chat_template: str | None = Field(
+        None, description='Override the tokenizer\'s chat template: `"chatml"`, a path to a .jinja file, or the template '
+        "text. Needed for base models that ship without one."
+    )
 
 
 class LoraSection(Section):
@@ -158,7 +162,6 @@ class TrainSection(Section):
         0, ge=0, description="Save a checkpoint every N optimizer steps (0: only at the end and when interrupted)."
     )
     keep_last: int = Field(2, ge=0, description="Checkpoints to keep (the newest; 0 keeps all).")
-    max_bad_steps: int = Field(5, gt=0, description="Abort after this many consecutive steps with NaN/inf loss or gradients.")
 
     @field_validator("adam_betas", mode="before")
     @classmethod
@@ -186,6 +189,31 @@ class EvalSection(Section):
         return {k: _as_source(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
+class GuardSection(Section):
+    entropy_watch: bool = Field(True, description="Warn when the entropy on trained tokens collapses (EMA vs its value at the start).")
+    entropy_floor: float = Field(0.5, gt=0, lt=1, description="Warn when the entropy EMA falls below this fraction of the start.")
+    collapse_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Also warn when its trend would take it below this fraction by the end of the run."
+    )
+    trend_steps: int = Field(20, ge=2, description="Steps over which the entropy trend is measured.")
+    baseline_steps: int = Field(3, ge=1, description="First steps whose mean entropy is the starting value.")
+    drift_watch: bool = Field(True, description="Warn when the mean log-ratio to the base model on trained tokens exceeds `drift_max`.")
+    drift_max: float = Field(1.0, gt=0, description="Drift threshold in nats (1.0: data tokens e× likelier than under the base).")
+    drift_every: int = Field(
+        10, ge=0, description="Measure drift every N steps with one extra no-grad pass (free every step in psft base mode; 0: off)."
+    )
+    loss_spike_factor: float = Field(
+        3.0, ge=0, description="Skip an update whose NLL exceeds this factor × its running mean + `loss_spike_margin` (0: off)."
+    )
+    loss_spike_margin: float = Field(0.5, ge=0, description="Absolute NLL margin (nats) a spike must also exceed.")
+    warmup_steps: int = Field(5, ge=0, description="No spike checks during the first N steps.")
+    patience: int = Field(5, gt=0, description="Stop (with a checkpoint) after this many skipped updates in a row (NaN/inf or spikes).")
+    ema: float = Field(0.9, gt=0, lt=1, description="Smoothing of the running means.")
+    action: Literal["warn", "stop"] = Field(
+        "warn", description="On an entropy or drift warning: `warn` once, or `stop` the run with a checkpoint."
+    )
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Run directory. Default: `runs/<recipe file name>`.")
     save: Literal["adapter", "merged"] = Field(
@@ -200,6 +228,7 @@ class Recipe(Section):
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    guard: GuardSection = Field(default_factory=GuardSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     _path: Path | None = PrivateAttr(None)
@@ -338,7 +367,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 RESUME_FREE = {
     "train.log_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs", "output.dir",
     "output.save", "model.device", "model.gradient_checkpointing", "model.attn_implementation", "eval.every",
-    "eval.samples", "eval.max_new_tokens", "eval.batch_size", "eval.sets", "data.eval",
+    "eval.samples", "eval.max_new_tokens", "eval.batch_size", "eval.sets", "data.eval", "guard",
 }  # fmt: skip
 
 
@@ -382,6 +411,40 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _node(annotation: Any) -> Any:
+    """What a field holds, for walking an error location: a model class, ("dict", value node), or None."""
+    origin = getattr(annotation, "__origin__", None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if origin is dict:
+        return ("dict", _node(annotation.__args__[1]))
+    for arg in getattr(annotation, "__args__", ()):  # unions: the model member, if any
+        node = _node(arg)
+        if node is not None:
+            return node
+    return None
+
+
+def _clean_loc(loc: tuple[Any, ...], kind: str) -> tuple[str, ...]:
+    """The user's key path of a pydantic error location, without pydantic's union-member tags."""
+    out: list[str] = []
+    node: Any = Recipe
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if isinstance(part, str) and part in node.model_fields:
+                out.append(part)
+                node = _node(node.model_fields[part].annotation)
+            elif last and kind == "extra_forbidden":
+                out.append(str(part))
+        elif isinstance(node, tuple):  # a dict field: this part is the user's key
+            out.append(str(part))
+            node = node[1]
+        else:
+            break  # inside a plain value (list items, union tags): the path so far names the key
+    return tuple(out)
+
+
 def _line_of(text: str | None, loc: tuple[str, ...]) -> int | None:
     """Best-effort line number of `section.key` in the TOML text."""
     if not text or not loc:
@@ -412,12 +475,11 @@ def _format_validation_error(e: ValidationError, source: str, text: str | None) 
     problems: dict[tuple[str, ...], list[str]] = {}
     got: dict[tuple[str, ...], str] = {}
     for err in e.errors():
-        loc = tuple(p for p in err["loc"] if isinstance(p, str) and not re.search(r"[\[\]'(]", p) and p != "function-after")
-        loc = tuple(p for p in loc if p not in ("str", "int", "float", "bool", "list", "dict", "tuple", "Source"))
         kind = err["type"]
+        loc = _clean_loc(err["loc"], kind)
         if kind == "extra_forbidden":
             parent = _model_at(loc[:-1])
-            hint = _did_you_mean(loc[-1], parent.model_fields) if parent else ""
+            hint = _did_you_mean(loc[-1], parent.model_fields) if parent and loc else ""
             msg = f"unknown key{hint}"
         elif kind == "missing":
             msg = "required but missing"

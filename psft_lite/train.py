@@ -36,6 +36,7 @@ from psft_lite.checkpoint import (
 from psft_lite.data import EncodeStats, Example, load_examples
 from psft_lite.data.batching import Batch, DataPlan, collate
 from psft_lite.errors import Interrupted, RecipeError, RunError
+from psft_lite.guard import Guard
 from psft_lite.metrics import MetricsWriter, ProgressDisplay, StepStats, peak_memory_mb
 from psft_lite.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
 from psft_lite.policy import BasePolicy, OldPolicy, SnapshotPolicy, make_scorer
@@ -110,10 +111,12 @@ class Run:
     pad_id: int
     eval_examples: list[Example] = field(default_factory=list)  # data.eval, tokenized (reference NLL)
     eval_items: list[Any] = field(default_factory=list)  # the first eval.samples problems (generation accuracy)
+    guard: Guard = field(init=False)
     lengths: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.lengths = np.array([len(e) for e in self.examples])
+        self.guard = Guard(self.recipe.guard, self.total_steps)
 
     def amp(self) -> Any:
         return modeling.autocast(self.device, self.dtype)
@@ -260,8 +263,10 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
     else:
         olds = [None] * len(batches)
     lam = idft_lambda(step, r.total_steps, o)
+    base_lp = sample_base_logprobs(r, step, batches[0])
     stats = StepStats()
-    for b, old in zip(batches, olds):
+    drift = None
+    for i, (b, old) in enumerate(zip(batches, olds)):
         with r.amp():
             logp, ent = modeling.response_logprobs(r.model, b)
         mask = b.target_mask
@@ -271,18 +276,36 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
         m = mask.float()
         s = {**s, "nll": -(logp.detach() * m).sum() / m.sum(), "entropy": (ent * m).sum() / m.sum()}
         stats.add(s, b.n_trained, float(loss.detach()))
+        if i == 0 and base_lp is not None:
+            drift = float(((logp.detach() - base_lp) * m).sum() / m.sum())
     params = modeling.trainable_parameters(r.model)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf")))
     record = {"step": step + 1, "epoch": r.plan.epoch_of(step), **stats.result(), "grad_norm": grad_norm, "lr": lr,
               "tokens": sum(b.n_tokens for b in batches), "trained_tokens": n_tok}  # fmt: skip
     if o.kind == "idft":
         record["lambda"] = lam
-    if math.isfinite(record["loss"]) and math.isfinite(grad_norm):
+    if o.kind == "psft" and o.old_policy == "base" and "approx_kl" in record:
+        drift = -record["approx_kl"]  # free: the old policy is the base
+    if drift is not None:
+        record["drift"] = drift
+    skip = r.guard.check_step(record)
+    if skip is None:
         r.optimizer.step()
     else:
-        record["skipped"] = True
+        record["skipped"] = skip
     r.optimizer.zero_grad(set_to_none=True)
     return record
+
+
+def sample_base_logprobs(r: Run, step: int, b: Batch) -> torch.Tensor | None:
+    """Base-model log-probs of one micro-batch every guard.drift_every steps, for the drift watch (psft base mode
+    needs none: its old log-probs are the base's)."""
+    g, o = r.recipe.guard, r.recipe.objective
+    if not g.drift_watch or not g.drift_every or (o.kind == "psft" and o.old_policy == "base") or (step + 1) % g.drift_every:
+        return None
+    with modeling.adapter_disabled(r.model), torch.no_grad(), r.amp():
+        logp, _ = modeling.response_logprobs(r.model, b)
+    return logp
 
 
 def quick_eval(r: Run, step: int) -> dict[str, Any]:
@@ -333,19 +356,18 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def save_state(r: Run, step: int, bad: int) -> Path:
-    state = TrainState(step=step, epoch=r.plan.epoch_of(step - 1), bad_steps=bad, data=r.data_identity())
+def save_state(r: Run, step: int) -> Path:
+    state = TrainState(step=step, epoch=r.plan.epoch_of(step - 1), data=r.data_identity(), guard=r.guard.state_dict())
     policy_state = r.policy.state_dict() if r.policy is not None else {}
     path = save_checkpoint(r.run_dir, r.model, r.optimizer, policy_state, state, r.recipe.to_toml())
     prune_checkpoints(r.run_dir, r.recipe.train.keep_last)
     return path
 
 
-def train_loop(
-    r: Run, start: int = 0, bad: int = 0, should_stop: Callable[[int], bool] | None = None
-) -> list[dict[str, Any]]:
+def train_loop(r: Run, start: int = 0, should_stop: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
     """Optimizer steps start..total-1. Checkpoints every `train.save_every` steps and at the end; on SIGINT/SIGTERM
-    (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises `Interrupted`."""
+    (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises `Interrupted`; a guard
+    event asking to stop saves a checkpoint and raises `RunError`."""
     t, t_eval = r.recipe.train, r.recipe.eval
     writer = MetricsWriter(r.run_dir / "metrics.jsonl")
     display = ProgressDisplay(r.console, r.total_steps, start, every=t.log_every)
@@ -361,23 +383,25 @@ def train_loop(
                 writer.write(rec)
                 records.append(rec)
                 display.update(rec)
-                bad = bad + 1 if rec.get("skipped") else 0
-                if rec.get("skipped"):
-                    writer.write({"event": "skipped_step", "step": step + 1, "reason": "non-finite loss or gradient"})
-                    r.console.print(f"[yellow]warning:[/yellow] step {step + 1}: loss or gradient is NaN/inf; step skipped.")
-                if bad >= t.max_bad_steps:
-                    raise RunError(
-                        f"the loss or gradients were NaN/inf for {bad} steps in a row (up to step {step + 1}); training "
-                        "stopped. Lower train.lr, keep train.grad_clip > 0, or check the data for broken rows."
-                    )
+                events = r.guard.observe(rec, rec.get("skipped"))
+                for ev in events:
+                    writer.write(ev)
+                    display.warn(ev["message"])
                 done = step + 1
+                if any(ev["stop"] for ev in events):
+                    path = save_state(r, done)
+                    raise RunError(
+                        f"{events[-1]['message']} The run was stopped (guard); checkpoint saved to {path}. To continue "
+                        f"anyway: psft-lite train {r.run_dir / RUN_MARKER} --resume --set guard.action=warn "
+                        "(or change the setting the message names and start a new run)."
+                    )
                 if t_eval.every and (done % t_eval.every == 0 or done == r.total_steps):
                     ev = quick_eval(r, done)
                     writer.write(ev)
                     display.note(ev)
                 stopping = stop.signum is not None or (should_stop is not None and should_stop(done))
                 if stopping or done == r.total_steps or (t.save_every and done % t.save_every == 0):
-                    path = save_state(r, done, bad)
+                    path = save_state(r, done)
                 if stopping:
                     display.close()
                     code = 143 if stop.signum == signal.SIGTERM else 130
@@ -444,8 +468,8 @@ def _record_step(line: str) -> float:
         return math.inf  # a torn line from a killed run: drop it
 
 
-def resume_point(r: Run, spec: str) -> tuple[int, int]:
-    """Load the checkpoint `spec` names into the run; returns (steps completed, consecutive bad steps)."""
+def resume_point(r: Run, spec: str) -> int:
+    """Load the checkpoint `spec` names into the run; returns the number of steps it had completed."""
     path = find_checkpoint(r.run_dir, spec)
     saved = load_recipe(path / "recipe.toml")
     diffs = math_differences(saved, r.recipe)
@@ -468,8 +492,9 @@ def resume_point(r: Run, spec: str) -> tuple[int, int]:
         )
     if saved.train.schedule != "constant" and saved.train.max_steps != r.recipe.train.max_steps:
         r.console.print("[yellow]warning:[/yellow] the run length changed, so the lr schedule differs from the original run's.")
+    r.guard.load_state_dict(state.guard)
     truncate_metrics(r.run_dir / "metrics.jsonl", state.step)
-    return state.step, state.bad_steps
+    return state.step
 
 
 def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False, resume: str | None = None) -> dict[str, Any]:
@@ -488,15 +513,15 @@ def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False,
     )
     console.print(f"objective: {what}; {r.total_steps} steps of {recipe.train.batch_size} sequences "
                   f"(micro-batch {recipe.train.micro_batch_size}), lr {recipe.train.lr:g}")  # fmt: skip
-    start, bad = 0, 0
+    start = 0
     if resume is not None:
-        start, bad = resume_point(r, resume)
+        start = resume_point(r, resume)
         (r.run_dir / RUN_MARKER).write_text(r.recipe.to_toml(), encoding="utf-8")
         console.print(f"resuming at step {start} of {r.total_steps}")
     else:
         prepare_run_dir(r)
     t_loop = time.perf_counter()
-    records = train_loop(r, start, bad)
+    records = train_loop(r, start)
     loop_s = time.perf_counter() - t_loop
     try:
         adapter = save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", adapter_meta(r, r.total_steps))

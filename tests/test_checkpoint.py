@@ -49,9 +49,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, 
         train.train_loop(cut, should_stop=lambda done: done == 2)
     assert [s for s, _ in list_checkpoints(cut.run_dir)] == [2]
     resumed = train.build(load_recipe(cut.run_dir / "recipe.toml"), QUIET, resuming=True)
-    start, bad = train.resume_point(resumed, "latest")
+    start = train.resume_point(resumed, "latest")
     assert start == 2
-    got = _steps(train.train_loop(resumed, start, bad))
+    got = _steps(train.train_loop(resumed, start))
     assert len(got) == 5
     for (s1, l1, g1), (s2, l2, g2) in zip(expected[2:], got):
         assert s1 == s2 and math.isclose(l1, l2, rel_tol=1e-5, abs_tol=1e-7) and math.isclose(g1, g2, rel_tol=1e-5)
@@ -68,7 +68,7 @@ def test_resume_refuses_a_recipe_that_changes_the_math(tmp_path, tiny_model_dir)
     with pytest.raises(RecipeError, match=r"trained with lora.r = 8, but the recipe now says 4"):
         train.resume_point(changed, "latest")
     longer = train.build(load_recipe(path, ["train.max_steps=4"]), QUIET, resuming=True)
-    assert train.resume_point(longer, "latest") == (2, 0)  # extending a finished run is allowed
+    assert train.resume_point(longer, "latest") == 2  # extending a finished run is allowed
     same = train.build(load_recipe(path), QUIET, resuming=True)
     with pytest.raises(RecipeError, match="raise train.max_steps"):
         train.resume_point(same, "latest")
@@ -145,8 +145,8 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
     assert any(".tmp-" in x.name for x in ckroot.iterdir())  # the torn save is there ...
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1, 2]  # ... and is not taken for a checkpoint
     r = train.build(load_recipe(tmp_path / "run" / "recipe.toml"), QUIET, resuming=True)
-    start, bad = train.resume_point(r, "latest")
+    start = train.resume_point(r, "latest")
     assert start == 2
-    train.train_loop(r, start, bad)
+    train.train_loop(r, start)
     assert [s for s, _ in list_checkpoints(r.run_dir)] == [1, 2, 3, 4, 5, 6][-5:]
     assert not any(".tmp-" in x.name for x in ckroot.iterdir())  # leftovers cleaned by the next save

@@ -136,16 +136,18 @@ def test_base_old_policy_is_the_adapter_disabled_model_and_is_cached(tmp_path, t
     torch.testing.assert_close(old[b.target_mask], ref.detach()[b.target_mask], atol=1e-5, rtol=0)
 
 
-def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_dir, monkeypatch):
-    r = _build(tmp_path, tiny_model_dir, train={"max_steps": 5, "max_bad_steps": 2})
+def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    r = _build(tmp_path, tiny_model_dir, train={"max_steps": 5}, guard={"patience": 2})
     before = _lora_state(r.model)
     real = train.objective_loss
     monkeypatch.setattr(train, "objective_loss", lambda *a: (lambda l, s: (l * float("nan"), s))(*real(*a)))
-    with pytest.raises(RunError, match="NaN/inf for 2 steps in a row"):
+    with pytest.raises(RunError, match="2 in a row, patience 2 reached") as e:
         train.train_loop(r)
+    assert "checkpoint saved to" in str(e.value)
     after = _lora_state(r.model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN update reached the weights
-    assert '"skipped": true' in (r.run_dir / "metrics.jsonl").read_text()
+    text = (r.run_dir / "metrics.jsonl").read_text()
+    assert '"skipped": "non-finite loss or gradient"' in text and '"event": "skipped_step"' in text
 
 
 def test_qlora_eval_forward_does_not_drop_gradients(tmp_path, embedded_dir):

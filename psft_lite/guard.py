@@ -1,0 +1,119 @@
+"""Training-time guard rails: entropy watch, drift watch, loss watchdog (the `[guard]` recipe section).
+
+Plain SFT collapses the model's entropy and drifts away from what it knew; these watches say so while it happens.
+Each reads the per-step metrics record (no extra work, except the drift sample when psft `base` mode does not give
+it for free) and returns events that go to metrics.jsonl as `{"event": ..., "step": ...}` lines. An event with
+`stop` ends the run with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from psft_lite.recipe import GuardSection
+
+Event = dict[str, Any]
+
+
+class Guard:
+    def __init__(self, cfg: GuardSection, total_steps: int):
+        self.cfg = cfg
+        self.total = total_steps
+        self.baseline: float | None = None
+        self.first: list[float] = []  # entropies of the first steps (≈ the base model: LoRA B starts at zero)
+        self.entropy_ema: float | None = None
+        self.ema_history: list[float] = []
+        self.nll_ema: float | None = None
+        self.bad = 0  # consecutive skipped steps
+        self.fired: set[str] = set()
+
+    # -- before the optimizer step ------------------------------------------------------------------------------------
+
+    def check_step(self, rec: dict[str, Any]) -> str | None:
+        """Why this step's update must be skipped (non-finite values, or an NLL spike), or None."""
+        if not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]) and math.isfinite(rec.get("nll", 0.0))):
+            return "non-finite loss or gradient"
+        c, nll = self.cfg, rec.get("nll")
+        if c.loss_spike_factor and nll is not None and self.nll_ema is not None and rec["step"] > c.warmup_steps:
+            if nll > c.loss_spike_factor * self.nll_ema + c.loss_spike_margin:
+                return f"loss spike: nll {nll:.3g} > {c.loss_spike_factor:g} × its running mean {self.nll_ema:.3g}"
+        return None
+
+    # -- after the step -----------------------------------------------------------------------------------------------
+
+    def observe(self, rec: dict[str, Any], skipped: str | None) -> list[Event]:
+        step, events = rec["step"], []
+        if skipped:
+            self.bad += 1
+            stop = self.bad >= self.cfg.patience
+            events.append({"event": "skipped_step", "step": step, "reason": skipped, "stop": stop, "message": (
+                f"step {step}: {skipped}; update skipped ({self.bad} in a row"
+                + (f", patience {self.cfg.patience} reached" if stop else "") + ")."
+            )})  # fmt: skip
+            return events
+        self.bad = 0
+        a = self.cfg.ema
+        nll = rec.get("nll")
+        if nll is not None:
+            self.nll_ema = nll if self.nll_ema is None else a * self.nll_ema + (1 - a) * nll
+        ent = rec.get("entropy")
+        if ent is not None and self.cfg.entropy_watch:
+            events += self._entropy(step, ent)
+        drift = rec.get("drift")
+        if drift is not None and self.cfg.drift_watch and drift > self.cfg.drift_max and "drift" not in self.fired:
+            self.fired.add("drift")
+            events.append({"event": "drift_warning", "step": step, "drift": drift, "stop": self.cfg.action == "stop",
+                           "message": (
+                f"step {step}: the model has drifted from the base: on the training tokens it is e^{drift:.2f} = "
+                f"{math.exp(drift):.1f}× more likely than the base model on average (threshold guard.drift_max = "
+                f"{self.cfg.drift_max:g}). It is moving far from what it knew. Try psft with old_policy = 'base' (a "
+                "fixed trust region around the base), a lower train.lr, or fewer epochs."
+            )})  # fmt: skip
+        return events
+
+    def _entropy(self, step: int, ent: float) -> list[Event]:
+        c = self.cfg
+        if self.baseline is None:
+            self.first.append(ent)
+            if len(self.first) >= c.baseline_steps:
+                self.baseline = sum(self.first) / len(self.first)
+                self.entropy_ema = self.baseline
+            return []
+        self.entropy_ema = c.ema * self.entropy_ema + (1 - c.ema) * ent
+        self.ema_history.append(self.entropy_ema)
+        if "entropy" in self.fired or self.baseline <= 0:
+            return []
+        floor = c.entropy_floor * self.baseline
+        reason = None
+        if self.entropy_ema < floor:
+            reason = f"it fell to {self.entropy_ema / self.baseline:.0%} of its starting value"
+        elif len(self.ema_history) >= c.trend_steps and step < self.total:
+            window = self.ema_history[-c.trend_steps :]
+            slope = (window[-1] - window[0]) / (len(window) - 1)
+            projected = self.entropy_ema + slope * (self.total - step)
+            if slope < 0 and projected < c.collapse_fraction * self.baseline:
+                reason = (f"at its current rate it would fall to {max(projected, 0) / self.baseline:.0%} of its starting "
+                          "value by the end of the run")  # fmt: skip
+        if reason is None:
+            return []
+        self.fired.add("entropy")
+        return [{"event": "entropy_warning", "step": step, "entropy_ema": self.entropy_ema, "baseline": self.baseline,
+                 "stop": c.action == "stop", "message": (
+            f"step {step}: entropy on the trained tokens is collapsing — {reason} ({self.entropy_ema:.3f} vs "
+            f"{self.baseline:.3f}). The model is becoming certain of exactly the training text, which is how SFT "
+            "forgets what it knew. Try objective.kind = 'psft', a lower train.lr, a tighter objective.clip_high, "
+            "or fewer epochs."
+        )}]  # fmt: skip
+
+    # -- resume -------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "first": self.first, "entropy_ema": self.entropy_ema,
+                "ema_history": self.ema_history[-self.cfg.trend_steps :], "nll_ema": self.nll_ema, "bad": self.bad,
+                "fired": sorted(self.fired)}  # fmt: skip
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.baseline, self.first, self.entropy_ema = s.get("baseline"), list(s.get("first", [])), s.get("entropy_ema")
+        self.ema_history, self.nll_ema = list(s.get("ema_history", [])), s.get("nll_ema")
+        self.bad, self.fired = int(s.get("bad", 0)), set(s.get("fired", []))

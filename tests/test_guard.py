@@ -1,0 +1,102 @@
+"""Guard rails: entropy watch, drift watch and the loss watchdog."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from psft_lite import train
+from psft_lite.errors import RunError
+from psft_lite.guard import Guard
+from psft_lite.recipe import GuardSection, load_recipe
+
+from conftest import make_recipe
+
+QUIET = Console(quiet=True)
+
+
+def rec(step, entropy=1.0, nll=1.0, loss=1.0, drift=None):
+    r = {"step": step, "entropy": entropy, "nll": nll, "loss": loss, "grad_norm": 1.0}
+    if drift is not None:
+        r["drift"] = drift
+    return r
+
+
+def feed(g, records):
+    events = []
+    for r in records:
+        skip = g.check_step(r)
+        events += g.observe(r, skip)
+    return events
+
+
+def test_entropy_warning_fires_once_below_the_floor():
+    g = Guard(GuardSection(trend_steps=1000), total_steps=100)
+    events = feed(g, [rec(s, entropy=1.0) for s in range(1, 4)] + [rec(s, entropy=0.2) for s in range(4, 30)])
+    warns = [e for e in events if e["event"] == "entropy_warning"]
+    assert len(warns) == 1 and not warns[0]["stop"]
+    assert g.baseline == 1.0 and warns[0]["entropy_ema"] < 0.5
+    assert "psft" in warns[0]["message"] and "of its starting value" in warns[0]["message"]
+
+
+def test_entropy_trend_warns_before_the_floor_is_reached():
+    g = Guard(GuardSection(trend_steps=5, entropy_floor=0.3), total_steps=200)
+    ents = [1.0, 1.0, 1.0] + [1.0 - 0.02 * i for i in range(1, 15)]  # steady fall of 2 % per step
+    events = feed(g, [rec(s + 1, entropy=e) for s, e in enumerate(ents)])
+    (w,) = [e for e in events if e["event"] == "entropy_warning"]
+    assert "at its current rate" in w["message"] and w["entropy_ema"] > 0.3
+
+
+def test_stable_entropy_never_warns():
+    g = Guard(GuardSection(), total_steps=100)
+    assert feed(g, [rec(s, entropy=0.8 + 0.05 * (-1) ** s) for s in range(1, 100)]) == []
+
+
+def test_loss_spike_is_skipped_and_patience_stops():
+    g = Guard(GuardSection(warmup_steps=2, patience=3), total_steps=50)
+    feed(g, [rec(s, nll=1.0) for s in range(1, 10)])
+    assert g.check_step(rec(10, nll=1.2)) is None
+    assert "loss spike" in g.check_step(rec(10, nll=9.0))
+    events = feed(g, [rec(s, nll=9.0) for s in range(10, 13)])
+    assert [e["stop"] for e in events] == [False, False, True]
+    assert g.check_step(rec(13, loss=float("nan"))) == "non-finite loss or gradient"
+
+
+def test_drift_warning_and_stop_action():
+    g = Guard(GuardSection(action="stop", drift_max=0.5), total_steps=50)
+    events = feed(g, [rec(1, drift=0.1), rec(2, drift=0.7), rec(3, drift=0.9)])
+    (w,) = [e for e in events if e["event"] == "drift_warning"]
+    assert w["step"] == 2 and w["stop"] and "more likely than the base" in w["message"]
+
+
+def test_guard_state_survives_a_checkpoint_round_trip():
+    g = Guard(GuardSection(), total_steps=100)
+    feed(g, [rec(s, entropy=1.0 - 0.01 * s) for s in range(1, 20)])
+    h = Guard(GuardSection(), total_steps=100)
+    h.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    assert h.state_dict() == g.state_dict()
+
+
+def test_drift_is_sampled_and_guard_stop_ends_the_run_with_a_checkpoint(tmp_path, tiny_model_dir):
+    r = train.build(load_recipe(make_recipe(
+        tmp_path, tiny_model_dir, train={"max_steps": 6, "lr": 5e-2, "schedule": "constant"},
+        guard={"drift_every": 2, "drift_max": 0.05, "action": "stop"})), QUIET)  # fmt: skip
+    train.prepare_run_dir(r)
+    with pytest.raises(RunError, match="drifted from the base") as e:
+        train.train_loop(r)
+    assert "checkpoint saved to" in str(e.value) and "--set guard.action=warn" in str(e.value)
+    lines = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "event" not in x]
+    assert "drift" not in steps[0] and "drift" in steps[1]  # sampled every 2 steps
+    assert any(x.get("event") == "drift_warning" for x in lines)
+    assert (r.run_dir / "checkpoints" / f"step-{steps[-1]['step']}").is_dir()
+
+
+def test_psft_base_reports_drift_every_step_for_free(tmp_path, tiny_model_dir):
+    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "base"},
+                                            train={"max_steps": 2, "lr": 5e-2})), QUIET)  # fmt: skip
+    train.prepare_run_dir(r)
+    recs = train.train_loop(r)
+    assert all(x["drift"] == -x["approx_kl"] for x in recs)
