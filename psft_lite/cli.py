@@ -339,6 +339,53 @@ def ddt(
 
 
 @app.command()
+def hint(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", "-d", help="Problems with reference solutions (any training format).", show_default=False)],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl (kept rewrites); dropped ones go to OUT.dropped.jsonl.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="Data format (as data.format).")] = "auto",
+    beta: Annotated[float, typer.Option("--beta", min=0.0, help="λ = clamp(β·H(p)/ln|V|, 0, 1); 0 = the hinted stream alone.")] = 3.0,
+    answer_marker: Annotated[str, typer.Option("--answer-marker", help="After this text the plain stream decodes alone.")] = "####",
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.3,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 8192,
+    keep: Annotated[str, typer.Option("--keep", help="correct: keep rewrites whose answer matches the reference; all: keep every rewrite.")] = "correct",
+    min_phi: Annotated[Optional[float], typer.Option("--min-phi", help="Also drop rewrites whose mean φ is below this.", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    cot_fallback: Annotated[bool, typer.Option("--cot-fallback", help="When the analysis has no '# CoT' heading, append one instead of dropping the example (small models rarely write it).")] = False,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Hinted Decoding: rewrite (problem, solution) pairs in the model's own words, guided by the reference.
+
+    Resumable: rerun with the same --out to continue; finished examples are skipped.
+
+    [dim]Example: psft-lite hint smollm2-135m-instruct --data data/arith/train.jsonl --out runs/hinted.jsonl --limit 30[/dim]
+    """
+    from psft_lite.errors import RecipeError
+    from psft_lite.generate import load_model
+    from psft_lite.hinted import HintConfig, run
+    from psft_lite.recipe import FORMATS, DataSection
+
+    if fmt not in FORMATS:
+        raise RecipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    if keep not in ("correct", "all"):
+        raise RecipeError(f"--keep {keep!r}: choose correct or all.")
+    section = DataSection(train=data, format=fmt)
+    loaded = load_model(model, _dtype(dtype))
+    cfg = HintConfig(beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                     answer_marker=answer_marker, seed=seed, cot_fallback=cot_fallback)  # fmt: skip
+    s = run(loaded, section.train, section, out_file, cfg, keep, min_phi, limit, console=err)
+    acc = s["correct"] / s["decoded"] if s["decoded"] else float("nan")
+    out.print(f"hint: {s['kept']} kept, dropped {s['no_cot']} without # CoT, {s['wrong_answer']} wrong answer, "
+              f"{s['low_phi']} below --min-phi; {s['skipped_done']} already done")  # fmt: skip
+    if s["decoded"]:
+        out.print(f"  answer accuracy of the rewrites {acc:.0%} ({s['correct']}/{s['decoded']}); mean φ reference "
+                  f"{s['mean_phi_reference']:+.3f} → rewrites {s['mean_phi_hinted']:+.3f}")  # fmt: skip
+    out.print(f"  wrote {s['out']} (train on it directly: data.train = \"{s['out']}\") and {s['dropped_file']}")
+
+
+@app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to overlay.", show_default=False)],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("plot.png"),

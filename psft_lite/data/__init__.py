@@ -14,7 +14,7 @@ from psft_lite.data.tokenize import EncodeStats, Example, encode_all
 from psft_lite.errors import DataError
 from psft_lite.recipe import DataSection, Source
 
-__all__ = ["Example", "EncodeStats", "Row", "load_examples", "load_conversations"]
+__all__ = ["Example", "EncodeStats", "Row", "load_examples", "load_conversations", "resolve_format"]
 
 
 def load_conversations(
@@ -22,7 +22,7 @@ def load_conversations(
 ) -> list[tuple[list[dict[str, str]], Row]]:
     """Read `source` and convert every row to chat messages; returns (messages, row) pairs."""
     rows: list[Row] = read_rows(source, limit=limit, base_dir=base_dir)
-    fmt, fields = (data.format, data.fields) if data.format != "auto" else detect_format(rows[0], data.fields)
+    fmt, fields = resolve_format(rows, data)
     out = []
     for row in rows:
         if data.format == "auto":
@@ -38,6 +38,11 @@ def load_conversations(
                 )
         out.append((to_messages(row, fmt, fields, data.system_prompt), row))
     return out
+
+
+def resolve_format(rows: list[Row], data: DataSection) -> tuple[str, dict[str, str]]:
+    """The format and field mapping for these rows: the recipe's, or detected from the first row."""
+    return (data.format, data.fields) if data.format != "auto" else detect_format(rows[0], data.fields)
 
 
 def load_examples(

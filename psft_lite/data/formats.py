@@ -153,3 +153,28 @@ def _sharegpt(row: Row, names: dict[str, str]) -> list[Message]:
     value = _get(row, names["conversations"], "sharegpt", "conversations")
     msgs = _message_list(row, value, names["conversations"], names["from"], names["value"], SHAREGPT_ROLES)
     return _system(row, names, "sharegpt") + msgs
+
+
+def with_response(data: dict[str, Any], fmt: str, overrides: dict[str, str], text: str) -> dict[str, Any]:
+    """A copy of a row whose final assistant response is replaced by `text`, in the row's own format."""
+    import copy
+
+    names = field_names(fmt, overrides)
+    row = copy.deepcopy(data)
+    if fmt == "prompt_completion":
+        key = names["completion"]
+        if isinstance(row[key], list):
+            row[key][-1]["content"] = text
+        else:
+            row[key] = text
+    elif fmt == "alpaca":
+        row[names["output"]] = text
+    else:
+        list_key, role_key, content_key = (
+            (names["messages"], names["role"], names["content"]) if fmt == "messages"
+            else (names["conversations"], names["from"], names["value"])
+        )  # fmt: skip
+        turns = row[list_key]
+        last = max(i for i, m in enumerate(turns) if SHAREGPT_ROLES.get(m[role_key], m[role_key]) == "assistant")
+        turns[last][content_key] = text
+    return row

@@ -1,0 +1,323 @@
+"""`psft-lite hint`: Hinted Decoding (METHODS.md §5) — rewrite a training set into the model's own distribution.
+
+For each (problem, reference solution):
+1. Hint prefix: the model (greedy) analyses the reference under `# Analyze`, then starts its own reasoning under
+   `# CoT`; the text up to and including the last `# CoT` heading is kept (no heading: the example is dropped).
+2. Two streams of the same model decoded together — one batch of 2, each with its own KV cache:
+   hinted p = analysis prompt + hint prefix; plain q = the plain chat prompt (what the fine-tuned model will see).
+3. First token from p alone; then λ = clamp(β·H(p)/ln|V|, 0, 1) and logits (1−λ)·log p + λ·log q, nucleus top-p,
+   then temperature; the token is appended to both streams. Confident p dictates content; uncertain p lets q word it.
+4. After the answer marker appears, q alone. Stop on end-of-turn, max length, or a repeating 30-token window.
+5. Score with DDT (mean φ under the plain context); keep correct answers whose φ passes `--min-phi`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from psft_lite import modeling
+from psft_lite.data.tokenize import Example
+from psft_lite.errors import DataError
+from psft_lite.generate import Loaded, _eos_ids, render_prompt
+
+ANALYSIS_SYSTEM = (
+    "You are given a problem and a reference solution. First write the heading '# Analyze' and explain the reference "
+    "solution line by line: what each step computes and why. Then write the heading '# CoT' and begin your own "
+    "step-by-step solution of the problem in your own words, without mentioning that a reference solution was given."
+)
+ANALYZE = "# Analyze\n"
+COT = "# CoT"
+
+
+@dataclass
+class HintConfig:
+    beta: float = 3.0
+    temperature: float = 0.3
+    top_p: float = 0.95
+    max_new_tokens: int = 8192
+    hint_max_tokens: int = 512
+    answer_marker: str = "####"
+    repeat_window: int = 30
+    repeat_count: int = 5
+    seed: int = 0
+    cot_fallback: bool = False  # small models rarely write `# CoT`: append the heading instead of dropping
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    text: str
+    finish: str  # eos | length | repetition
+    lambdas: list[float] = field(default_factory=list)
+    handoff: int | None = None  # token index where the answer marker appeared
+
+    @property
+    def mean_lambda(self) -> float:
+        return float(np.mean(self.lambdas)) if self.lambdas else 0.0
+
+
+def analysis_messages(question_msgs: list[dict[str, str]], reference: str) -> list[dict[str, str]]:
+    question = question_msgs[-1]["content"]
+    return [{"role": "system", "content": ANALYSIS_SYSTEM},
+            {"role": "user", "content": f"Problem:\n{question}\n\nReference solution:\n{reference}"}]  # fmt: skip
+
+
+@torch.no_grad()
+def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: str, cfg: HintConfig) -> str | None:
+    """Greedy `# Analyze … # CoT` text, cut after the last `# CoT` heading; None when the model never writes one."""
+    tok = loaded.tokenizer
+    prompt = render_prompt(tok, analysis_messages(question_msgs, reference)) + ANALYZE
+    enc = tok(prompt, add_special_tokens=False, return_tensors="pt").to(loaded.device)
+    with modeling.autocast(loaded.device, loaded.dtype):
+        out = loaded.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                    max_new_tokens=cfg.hint_max_tokens, eos_token_id=_eos_ids(loaded),
+                                    pad_token_id=tok.pad_token_id)  # fmt: skip
+    text = ANALYZE + tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    cut = text.rfind(COT)
+    if cut < 0:
+        if not cfg.cot_fallback:
+            return None
+        return text.rstrip() + f"\n\n{COT}\n"
+    return text[: cut + len(COT)] + "\n"
+
+
+def mix_step(lp: torch.Tensor, lq: torch.Tensor, beta: float, first: bool, handed_off: bool) -> tuple[torch.Tensor, float]:
+    """Mixed log-scores for one step and λ (METHODS.md §5.3). lp, lq: [V] log-probabilities (float32)."""
+    if first:
+        return lp, 0.0
+    if handed_off:
+        return lq, 1.0
+    h = -(lp.exp() * lp).sum()
+    lam = float((beta * h / math.log(lp.shape[-1])).clamp(0.0, 1.0))
+    return (1 - lam) * lp + lam * lq, lam
+
+
+def nucleus(scores: torch.Tensor, top_p: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, probabilities) to draw from: the top-p nucleus of softmax(scores), then sharpened by temperature."""
+    probs = torch.softmax(scores.float(), -1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # every token needed to reach top_p (at least the first)
+    kept = order[keep]
+    return kept, torch.softmax(torch.log(probs[kept].clamp_min(1e-30)) / temperature, -1)
+
+
+def sample(scores: torch.Tensor, top_p: float, temperature: float, gen: torch.Generator) -> int:
+    """One draw from `nucleus` (greedy at temperature 0)."""
+    if temperature <= 0:
+        return int(scores.argmax())
+    kept, probs = nucleus(scores, top_p, temperature)
+    return int(kept[torch.multinomial(probs, 1, generator=gen)])
+
+
+def repeating(tokens: list[int], window: int, count: int) -> bool:
+    """The last `window` tokens occur `count` or more times in the generated text."""
+    if len(tokens) < window * count:
+        return False
+    tail = tokens[-window:]
+    arr = np.asarray(tokens)
+    hits = 0
+    for start in np.flatnonzero(arr[: len(arr) - window + 1] == tail[0]):
+        if tokens[start : start + window] == tail:
+            hits += 1
+            if hits >= count:
+                return True
+    return False
+
+
+class _Streams:
+    """Two prompts decoded in one batch, left-padded, each with its own KV cache rows."""
+
+    def __init__(self, loaded: Loaded, prompts: list[list[int]], incremental: bool):
+        self.loaded, self.incremental = loaded, incremental
+        width = max(len(p) for p in prompts)
+        pad = loaded.tokenizer.pad_token_id
+        self.ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=loaded.device)
+        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=loaded.device)
+        self.past = None
+
+    def logits(self) -> torch.Tensor:
+        """Next-token log-probabilities [2, V] (float32)."""
+        pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        if self.incremental and self.past is not None:
+            ids, pos = self.ids[:, -1:], pos[:, -1:]
+        else:
+            ids = self.ids
+        with modeling.autocast(self.loaded.device, self.loaded.dtype):
+            out = self.loaded.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                                    past_key_values=self.past if self.incremental else None,
+                                    use_cache=self.incremental)  # fmt: skip
+        if self.incremental:
+            self.past = out.past_key_values
+        return torch.log_softmax(out.logits[:, -1].float(), -1)
+
+    def append(self, token: int) -> None:
+        col = torch.full((2, 1), token, device=self.ids.device)
+        self.ids = torch.cat([self.ids, col], 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(col)], 1)
+
+
+@torch.no_grad()
+def decode(loaded: Loaded, hinted: list[int], plain: list[int], cfg: HintConfig, seed: int,
+           incremental: bool = True, progress: Callable[[], None] | None = None) -> Decoded:  # fmt: skip
+    """Hinted Decoding of one example from the two prompts' token ids."""
+    tok = loaded.tokenizer
+    eos = set(_eos_ids(loaded))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    streams = _Streams(loaded, [hinted, plain], incremental)
+    tokens: list[int] = []
+    lambdas: list[float] = []
+    handoff = None
+    finish = "length"
+    for i in range(cfg.max_new_tokens):
+        lp, lq = streams.logits().cpu()
+        scores, lam = mix_step(lp, lq, cfg.beta, first=i == 0, handed_off=handoff is not None)
+        if i > 0:
+            lambdas.append(lam)
+        t = sample(scores, cfg.top_p, cfg.temperature, gen)
+        if progress:
+            progress()
+        if t in eos:
+            finish = "eos"
+            break
+        tokens.append(t)
+        streams.append(t)
+        if handoff is None and cfg.answer_marker and cfg.answer_marker in tok.decode(tokens[-16:]):
+            handoff = len(tokens)
+        if len(tokens) % 10 == 0 and repeating(tokens, cfg.repeat_window, cfg.repeat_count):
+            finish = "repetition"
+            break
+    return Decoded(tokens, tok.decode(tokens, skip_special_tokens=True), finish, lambdas, handoff)
+
+
+def prompt_ids(loaded: Loaded, messages: list[dict[str, str]], prefix: str = "") -> list[int]:
+    text = render_prompt(loaded.tokenizer, messages) + prefix
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def mean_phi(loaded: Loaded, prompt: list[int], response: list[int]) -> float:
+    """Mean φ of `response` tokens after `prompt` under the model (the DDT score, plain context)."""
+    from psft_lite.ddt import token_phi
+
+    ids = np.asarray(prompt + response, dtype=np.int32)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[len(prompt) :] = True
+    (phi,) = token_phi(loaded.model, [Example(ids, mask, "hint")], loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype)
+    return float(phi.mean()) if phi.numel() else 0.0
+
+
+def stable_id(data: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
+
+
+def read_done(path: Path) -> set[str]:
+    """ids already written to a JSON-lines output; a torn last line (killed mid-write) is cut off, not fatal."""
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    done, good = set(), 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            done.add(json.loads(line)["hint_id"])
+            good += len(line) + 1
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            if i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1 :]):
+                path.write_bytes(raw[:good])  # repair: drop the torn tail
+                break
+            raise DataError(f"{path}:{i + 1}: not a line written by psft-lite hint; use another --out.") from None
+    return done
+
+
+def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep: str = "correct",
+        min_phi: float | None = None, limit: int | None = None, console: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Rewrite every example of `source` into `out` (kept) and `out.dropped.jsonl`; resumable; returns the summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from psft_lite.data import resolve_format
+    from psft_lite.data.formats import to_messages, with_response
+    from psft_lite.data.sources import read_rows
+    from psft_lite.evaluate import answers_match, extract_answer, normalize
+
+    rows = read_rows(source, limit=limit)
+    fmt, fields = resolve_format(rows, data)
+    dropped_path = out.with_name(out.stem + ".dropped.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(out) | read_done(dropped_path)
+    counts = {"kept": 0, "no_cot": 0, "wrong_answer": 0, "low_phi": 0, "skipped_done": 0, "decoded": 0, "correct": 0}
+    phis_before, phis_after, tokens_total = [], [], 0
+    with open(out, "a", encoding="utf-8") as kept_f, open(dropped_path, "a", encoding="utf-8") as drop_f, Progress(
+        TextColumn("[bold]hint[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(), console=console, transient=True, disable=console is None,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("", total=len(rows), rate="")
+        t0, n_new = time.perf_counter(), 0
+        for row in rows:
+            hid = stable_id(row.data)
+            if hid in done:
+                counts["skipped_done"] += 1
+                progress.advance(task)
+                continue
+            messages = to_messages(row, fmt, fields, data.system_prompt)
+            *prompt_msgs, last = messages
+            reference = last["content"]
+            gold = row.data.get("answer")
+            gold = normalize(str(gold)) if isinstance(gold, (str, int, float)) and "####" not in str(gold) else extract_answer(reference)
+            plain = prompt_ids(loaded, prompt_msgs)
+            ref_ids = loaded.tokenizer(reference, add_special_tokens=False)["input_ids"] + [loaded.tokenizer.eos_token_id]
+            phi_ref = mean_phi(loaded, plain, ref_ids)
+            record: dict[str, Any] = {"hint_id": hid, "hint_where": row.where, "hint_reference_answer": gold,
+                                      "hint_reference_phi": phi_ref}  # fmt: skip
+            prefix = hint_prefix(loaded, prompt_msgs, reference, cfg)
+            if prefix is None:
+                reason = "no_cot"
+                record.update(hint_drop="no # CoT heading in the analysis")
+            else:
+                hinted = prompt_ids(loaded, analysis_messages(prompt_msgs, reference), prefix)
+                seed = cfg.seed * 1_000_003 + int(hid[:8], 16)
+                d = decode(loaded, hinted, plain, cfg, seed)
+                tokens_total += len(d.tokens)
+                answer = extract_answer(d.text)
+                correct = answers_match(answer, gold)
+                resp = d.tokens + ([loaded.tokenizer.eos_token_id] if d.finish == "eos" else [])
+                phi = mean_phi(loaded, plain, resp)
+                record.update(hint_answer=answer, hint_correct=correct, hint_finish=d.finish, hint_tokens=len(d.tokens),
+                              hint_phi=phi, hint_lambda_mean=d.mean_lambda, hint_prefix=prefix)  # fmt: skip
+                phis_before.append(phi_ref)
+                phis_after.append(phi)
+                counts["decoded"] += 1
+                counts["correct"] += correct
+                reason = None
+                if keep == "correct" and not correct:
+                    reason = "wrong_answer"
+                elif min_phi is not None and phi < min_phi:
+                    reason = "low_phi"
+                new_row = with_response(row.data, fmt, fields, d.text)
+                record = {**new_row, **record}
+            if reason is None:
+                counts["kept"] += 1
+                kept_f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                kept_f.flush()
+            else:
+                counts[reason] += 1
+                drop_f.write(json.dumps({**record, "hint_dropped": reason}, ensure_ascii=False) + "\n")
+                drop_f.flush()
+            n_new += 1
+            dt = time.perf_counter() - t0
+            progress.update(task, advance=1, rate=f"{n_new / dt:.2f} ex/s  {tokens_total / dt:.1f} tok/s")
+    summary = {**counts, "examples": len(rows), "out": str(out), "dropped_file": str(dropped_path),
+               "mean_phi_reference": float(np.mean(phis_before)) if phis_before else None,
+               "mean_phi_hinted": float(np.mean(phis_after)) if phis_after else None,
+               "generated_tokens": tokens_total}  # fmt: skip
+    return summary
