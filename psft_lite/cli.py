@@ -72,6 +72,8 @@ def train(
 
     r = load_recipe(recipe, set_ or [])
     summary = run(r, console=err, overwrite=overwrite, resume=resume)
+    if not summary["main"]:
+        return  # other ranks of a distributed run stay quiet
     last = summary["last"] or {}
     err.print(
         f"[green]done[/green] in {summary['total_s']:.0f} s ({summary['steps']} steps, "

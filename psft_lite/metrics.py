@@ -39,6 +39,20 @@ class StepStats:
             else:
                 self.sums[k] = self.sums.get(k, 0.0) + v * n_tokens
 
+    def reduce(self, dist: Any, keys: list[str], max_keys: list[str]) -> None:
+        """Combine the statistics of all ranks (sums for means, max for maxima); keys are fixed per objective so
+        that a rank without micro-batches in a short last step still joins with zeros."""
+        if not dist.enabled:
+            return
+        t = torch.tensor([self.loss, float(self.weight)] + [self.sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        self.loss, self.weight = float(t[0]), int(t[1])
+        self.sums = {k: float(t[2 + i]) for i, k in enumerate(keys)}
+        if max_keys:
+            m = torch.tensor([self.maxes.get(k, -math.inf) for k in max_keys], dtype=torch.float64)
+            dist.all_reduce(m, op="max")
+            self.maxes = {k: float(m[i]) for i, k in enumerate(max_keys)}
+
     def result(self) -> dict[str, float]:
         out = {"loss": self.loss}
         out.update({k: v / max(self.weight, 1) for k, v in self.sums.items()})
@@ -64,16 +78,19 @@ def _round(v: Any) -> Any:
 class MetricsWriter:
     """Appends one JSON object per line to metrics.jsonl, flushed at once (readable while the run goes on)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
+        """`None`: a writer that writes nothing (ranks other than 0 of a distributed run)."""
         self.path = path
-        self._f: TextIO = open(path, "a", encoding="utf-8")
+        self._f: TextIO | None = open(path, "a", encoding="utf-8") if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps({k: _round(v) for k, v in record.items()}) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps({k: _round(v) for k, v in record.items()}) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from psft_lite import modeling
+from psft_lite import distributed, modeling
 from psft_lite.checkpoint import (
     TrainState,
     find_checkpoint,
@@ -36,6 +36,7 @@ from psft_lite.checkpoint import (
 from psft_lite.data import EncodeStats, Example, load_examples
 from psft_lite.data.batching import Batch, DataPlan, collate
 from psft_lite.errors import Interrupted, RecipeError, RunError
+from psft_lite.distributed import Dist
 from psft_lite.guard import Guard
 from psft_lite.metrics import MetricsWriter, ProgressDisplay, StepStats, peak_memory_mb
 from psft_lite.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
@@ -111,6 +112,7 @@ class Run:
     pad_id: int
     eval_examples: list[Example] = field(default_factory=list)  # data.eval, tokenized (reference NLL)
     eval_items: list[Any] = field(default_factory=list)  # the first eval.samples problems (generation accuracy)
+    dist: Dist = field(default_factory=Dist)
     guard: Guard = field(init=False)
     lengths: np.ndarray = field(init=False)
 
@@ -127,9 +129,11 @@ class Run:
                 "seed": self.plan.seed, "shuffle": self.plan.shuffle}  # fmt: skip
 
     def step_batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of optimizer step `step` (all of them in a single process)."""
+        d = self.dist
         return [
             collate([self.examples[i] for i in mb], mb, self.pad_id).to(self.device)
-            for mb in self.plan.micro_batches(step, self.lengths)
+            for mb in self.plan.micro_batches(step, self.lengths)[d.rank :: d.world]
         ]
 
 
@@ -186,9 +190,16 @@ def build_policy(r: Run) -> OldPolicy | None:
     return SnapshotPolicy(score, o.refresh_every, r.step_batches, r.total_steps)
 
 
-def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: bool = False) -> Run:
+def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: bool = False, dist: Dist | None = None) -> Run:
     """Load and check everything a run needs; nothing is written to the run directory yet."""
+    dist = dist or Dist()
     run_dir = recipe.run_dir
+    t = recipe.train
+    if t.batch_size % (t.micro_batch_size * dist.world):
+        raise RecipeError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) × "
+            f"the {dist.world} processes, so every process gets whole micro-batches of each global batch."
+        )
     if resuming:
         if not (run_dir / RUN_MARKER).is_file():
             raise RecipeError(f"--resume: {run_dir} is not a psft-lite run directory (output.dir of this recipe).")
@@ -199,6 +210,8 @@ def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: b
     seed_everything(recipe.train.seed)
     m = recipe.model
     device = modeling.resolve_device(m.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
     dtype = modeling.resolve_dtype(m.dtype, device)
     if m.name == modeling.EMBEDDED_MODEL and not (modeling.home() / "models" / m.name / "config.json").exists():
         console.print(f"converting the embedded model into {modeling.home() / 'models'} (once, ~20 s)")
@@ -218,12 +231,14 @@ def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: b
     base = modeling.load_base_model(m, device, dtype, src)
     model = modeling.attach_lora(base, recipe.lora, m.gradient_checkpointing)
     model.train()
-    t = recipe.train
+    if dist.enabled:
+        dist.broadcast_parameters(modeling.trainable_parameters(model))
+        torch.manual_seed(recipe.train.seed + 1000 * dist.rank)  # own dropout masks per rank
     plan = DataPlan(len(examples), t.batch_size, t.micro_batch_size, t.seed, recipe.data.shuffle)
     total = plan.total_steps(t.epochs, t.max_steps)
     optimizer = build_optimizer(modeling.trainable_parameters(model), t, device, console)
     run = Run(recipe, device, dtype, tokenizer, model, examples, stats, plan, total, optimizer, None, run_dir, console,
-              tokenizer.pad_token_id, eval_examples, eval_items)  # fmt: skip
+              tokenizer.pad_token_id, eval_examples, eval_items, dist)  # fmt: skip
     run.policy = build_policy(run)
     return run
 
@@ -256,14 +271,15 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
     for g in r.optimizer.param_groups:
         g["lr"] = lr
     batches = r.step_batches(step)
-    n_tok = sum(b.n_trained for b in batches)
-    n_seq = sum(int((b.target_mask.sum(-1) > 0).sum()) for b in batches)
+    everyone = r.plan.step_indices(step)  # the whole step, over all ranks: normalisation is global
+    n_tok = sum(r.examples[i].n_trained for i in everyone)
+    n_seq = len(everyone)
     if r.policy is not None and step >= o.sft_warmup_steps:
         olds = r.policy.old_logprobs(step, batches)
     else:
         olds = [None] * len(batches)
     lam = idft_lambda(step, r.total_steps, o)
-    base_lp = sample_base_logprobs(r, step, batches[0])
+    base_lp = sample_base_logprobs(r, step, batches[0]) if batches else None
     stats = StepStats()
     drift = None
     for i, (b, old) in enumerate(zip(batches, olds)):
@@ -279,9 +295,14 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
         if i == 0 and base_lp is not None:
             drift = float(((logp.detach() - base_lp) * m).sum() / m.sum())
     params = modeling.trainable_parameters(r.model)
+    r.dist.all_reduce_grads(params)
+    stats.reduce(r.dist, ["nll", "entropy", *STAT_KEYS[o.kind]], MAX_KEYS.get(o.kind, []))
+    if r.dist.enabled and r.recipe.guard.drift_watch:
+        d = r.dist.all_reduce(torch.tensor([drift or 0.0, float(drift is not None)], dtype=torch.float64))
+        drift = float(d[0] / d[1]) if d[1] > 0 else None
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf")))
     record = {"step": step + 1, "epoch": r.plan.epoch_of(step), **stats.result(), "grad_norm": grad_norm, "lr": lr,
-              "tokens": sum(b.n_tokens for b in batches), "trained_tokens": n_tok}  # fmt: skip
+              "tokens": sum(len(r.examples[i]) for i in everyone), "trained_tokens": n_tok}  # fmt: skip
     if o.kind == "idft":
         record["lambda"] = lam
     if o.kind == "psft" and o.old_policy == "base" and "approx_kl" in record:
@@ -295,6 +316,12 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
         record["skipped"] = skip
     r.optimizer.zero_grad(set_to_none=True)
     return record
+
+
+#: Per-objective statistics (token-weighted means, and maxima) combined across ranks; fixed so every rank agrees.
+STAT_KEYS = {"sft": [], "dft": [], "psft": ["clip_frac", "ratio_mean", "approx_kl"],
+             "idft": ["phi_mean", "phi_std", "gamma_mean", "weight_mean"]}  # fmt: skip
+MAX_KEYS = {"psft": ["ratio_max"]}
 
 
 def sample_base_logprobs(r: Run, step: int, b: Batch) -> torch.Tensor | None:
@@ -357,10 +384,14 @@ class StopSignal:
 
 
 def save_state(r: Run, step: int) -> Path:
+    """Checkpoint after `step` steps (rank 0 writes; the others wait for it)."""
     state = TrainState(step=step, epoch=r.plan.epoch_of(step - 1), data=r.data_identity(), guard=r.guard.state_dict())
-    policy_state = r.policy.state_dict() if r.policy is not None else {}
-    path = save_checkpoint(r.run_dir, r.model, r.optimizer, policy_state, state, r.recipe.to_toml())
-    prune_checkpoints(r.run_dir, r.recipe.train.keep_last)
+    path = r.run_dir / "checkpoints" / f"step-{step}"
+    if r.dist.is_main:
+        policy_state = r.policy.state_dict() if r.policy is not None else {}
+        path = save_checkpoint(r.run_dir, r.model, r.optimizer, policy_state, state, r.recipe.to_toml())
+        prune_checkpoints(r.run_dir, r.recipe.train.keep_last)
+    r.dist.barrier()
     return path
 
 
@@ -368,8 +399,8 @@ def train_loop(r: Run, start: int = 0, should_stop: Callable[[int], bool] | None
     """Optimizer steps start..total-1. Checkpoints every `train.save_every` steps and at the end; on SIGINT/SIGTERM
     (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises `Interrupted`; a guard
     event asking to stop saves a checkpoint and raises `RunError`."""
-    t, t_eval = r.recipe.train, r.recipe.eval
-    writer = MetricsWriter(r.run_dir / "metrics.jsonl")
+    t, t_eval, d = r.recipe.train, r.recipe.eval, r.dist
+    writer = MetricsWriter(r.run_dir / "metrics.jsonl") if d.is_main else MetricsWriter(None)
     display = ProgressDisplay(r.console, r.total_steps, start, every=t.log_every)
     records: list[dict[str, Any]] = []
     try:
@@ -380,6 +411,10 @@ def train_loop(r: Run, start: int = 0, should_stop: Callable[[int], bool] | None
                 rec["step_s"] = time.perf_counter() - t0
                 rec["tokens_per_s"] = rec["tokens"] / rec["step_s"]
                 rec["peak_mem_mb"] = peak_memory_mb(r.device)
+                if d.enabled:  # the slowest rank's time, the largest rank's memory; tokens are already global
+                    agg = d.all_reduce(torch.tensor([rec["step_s"], rec["peak_mem_mb"]], dtype=torch.float64), op="max")
+                    rec["step_s"], rec["peak_mem_mb"] = float(agg[0]), float(agg[1])
+                    rec["tokens_per_s"] = rec["tokens"] / rec["step_s"]
                 writer.write(rec)
                 records.append(rec)
                 display.update(rec)
@@ -396,10 +431,14 @@ def train_loop(r: Run, start: int = 0, should_stop: Callable[[int], bool] | None
                         "(or change the setting the message names and start a new run)."
                     )
                 if t_eval.every and (done % t_eval.every == 0 or done == r.total_steps):
-                    ev = quick_eval(r, done)
-                    writer.write(ev)
-                    display.note(ev)
+                    if d.is_main:
+                        ev = quick_eval(r, done)
+                        writer.write(ev)
+                        display.note(ev)
+                    d.barrier()
                 stopping = stop.signum is not None or (should_stop is not None and should_stop(done))
+                if d.enabled:  # a signal may reach one rank first: all stop after the same step
+                    stopping = bool(d.all_reduce(torch.tensor([float(stopping)]), op="max")[0])
                 if stopping or done == r.total_steps or (t.save_every and done % t.save_every == 0):
                     path = save_state(r, done)
                 if stopping:
@@ -417,7 +456,14 @@ def train_loop(r: Run, start: int = 0, should_stop: Callable[[int], bool] | None
 
 
 def prepare_run_dir(r: Run) -> None:
-    """Create (or, with --overwrite, replace) the run directory and write the resolved recipe into it."""
+    """Create (or, with --overwrite, replace) the run directory and write the resolved recipe into it (rank 0)."""
+    r.dist.barrier()  # every rank has checked output.dir before rank 0 changes it
+    if r.dist.is_main:
+        _create_run_dir(r)
+    r.dist.barrier()
+
+
+def _create_run_dir(r: Run) -> None:
     if r.run_dir.exists():
         shutil.rmtree(r.run_dir)  # check_output_dir allowed it: --overwrite of a psft-lite run dir
     try:
@@ -493,15 +539,25 @@ def resume_point(r: Run, spec: str) -> int:
     if saved.train.schedule != "constant" and saved.train.max_steps != r.recipe.train.max_steps:
         r.console.print("[yellow]warning:[/yellow] the run length changed, so the lr schedule differs from the original run's.")
     r.guard.load_state_dict(state.guard)
-    truncate_metrics(r.run_dir / "metrics.jsonl", state.step)
+    r.dist.barrier()
+    if r.dist.is_main:
+        truncate_metrics(r.run_dir / "metrics.jsonl", state.step)
     return state.step
 
 
 def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False, resume: str | None = None) -> dict[str, Any]:
     """Train as the recipe says (or continue from a checkpoint); returns a summary (paths, steps, time)."""
     console = console or Console(stderr=True)
+    dist = distributed.init_from_env()
+    try:
+        return _run(recipe, console if dist.is_main else Console(quiet=True), overwrite, resume, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, dist: Dist) -> dict[str, Any]:
     t_start = time.perf_counter()
-    r = build(recipe, console, overwrite=overwrite, resuming=resume is not None)
+    r = build(recipe, console, overwrite=overwrite, resuming=resume is not None, dist=dist)
     n_train = sum(p.numel() for p in modeling.trainable_parameters(r.model))
     o = recipe.objective
     what = o.kind + (f" ({o.old_policy}, K={o.refresh_every})" if o.kind == "psft" and o.old_policy == "snapshot" else "")
@@ -512,21 +568,26 @@ def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False,
         + f"; LoRA r={recipe.lora.r}, {n_train:,} trainable parameters"
     )
     console.print(f"objective: {what}; {r.total_steps} steps of {recipe.train.batch_size} sequences "
-                  f"(micro-batch {recipe.train.micro_batch_size}), lr {recipe.train.lr:g}")  # fmt: skip
+                  f"(micro-batch {recipe.train.micro_batch_size}), lr {recipe.train.lr:g}"
+                  + (f"; data-parallel over {dist.world} processes" if dist.enabled else ""))  # fmt: skip
     start = 0
     if resume is not None:
         start = resume_point(r, resume)
-        (r.run_dir / RUN_MARKER).write_text(r.recipe.to_toml(), encoding="utf-8")
+        if dist.is_main:
+            (r.run_dir / RUN_MARKER).write_text(r.recipe.to_toml(), encoding="utf-8")
         console.print(f"resuming at step {start} of {r.total_steps}")
     else:
         prepare_run_dir(r)
     t_loop = time.perf_counter()
     records = train_loop(r, start)
     loop_s = time.perf_counter() - t_loop
-    try:
-        adapter = save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", adapter_meta(r, r.total_steps))
-    except OSError as e:
-        raise RunError(f"could not write the adapter into {r.run_dir} ({e.strerror}); the last checkpoint is intact.") from None
+    adapter = r.run_dir / "adapter"
+    if dist.is_main:
+        try:
+            save_adapter(r.model, r.tokenizer, adapter, adapter_meta(r, r.total_steps))
+        except OSError as e:
+            raise RunError(f"could not write the adapter into {r.run_dir} ({e.strerror}); the last checkpoint is intact.") from None
+    dist.barrier()
     summary = {
         "run_dir": str(r.run_dir),
         "adapter": str(adapter),
@@ -537,8 +598,9 @@ def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False,
         "peak_mem_mb": peak_memory_mb(r.device),
         "first": records[0] if records else None,
         "last": records[-1] if records else None,
+        "main": dist.is_main,
     }
-    if recipe.output.save == "merged":
+    if recipe.output.save == "merged" and dist.is_main:
         from psft_lite.merge import merge
 
         del r.model, r.optimizer
