@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup quickstart test test-fast data docs bench clean
+.PHONY: setup quickstart test test-fast data docs bench study clean
 
 setup: $(VENV)/.setup-done
 
@@ -36,7 +36,12 @@ docs: setup
 	$(BIN)/python -m psft_lite.recipe --update-readme README.md
 
 bench: setup
+	$(BIN)/python -m pip install -q 'trl>=1.0'
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/hint_decode.py
+
+study: setup
+	$(BIN)/psft-lite study recipes/study/arith.toml --report docs/study
 
 clean:
 	rm -rf runs .pytest_cache

@@ -388,6 +388,45 @@ def hint(
 
 
 @app.command()
+def study(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "sft,dft,psft-snapshot,psft-base,idft",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Study folder. Default: the recipe's output.dir.", show_default=False)] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Problems per eval set.")] = 100,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write tables.md and PNG figures here (default: the study folder).", show_default=False)] = None,
+) -> None:
+    """Train every objective for several epochs and seeds on one recipe, evaluate each epoch end, report.
+
+    Resumable: rerun the same command to continue. Runs on a real model with --set model.name=...
+
+    [dim]Example: psft-lite study recipes/study/arith.toml[/dim]
+    """
+    from psft_lite.errors import RecipeError
+    from psft_lite.metrics import read_metrics
+    from psft_lite.recipe import load_recipe
+    from psft_lite.study import plot_study, report_tables, run_study
+
+    r = load_recipe(recipe, set_ or [])
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
+    folder = out_dir or r.run_dir
+    results_path = run_study(r, [m.strip() for m in methods.split(",") if m.strip()], seed_list, folder, limit,
+                             max_new_tokens, err)  # fmt: skip
+    results = read_metrics(results_path)
+    dest = report or folder
+    dest.mkdir(parents=True, exist_ok=True)
+    sets = list(r.eval.sets)
+    (dest / "tables.md").write_text(report_tables(results, sets), encoding="utf-8")
+    pngs = plot_study(results, dest, folder, sets)
+    out.print(f"results: {results_path}\ntables: {dest / 'tables.md'}\nfigures: {', '.join(map(str, pngs))}")
+
+
+@app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to overlay.", show_default=False)],
     out_file: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("plot.png"),

@@ -103,6 +103,16 @@ class EvalItem:
     reference: str  # the reference response
     gold: str | None
     where: str
+    match: str = "answer"  # "answer": compare extracted final answers; "contains": any of gold's |-alternatives appears
+
+    def correct(self, generation: str) -> tuple[str | None, bool]:
+        """(extracted answer, correct?) for one generation."""
+        if self.match == "contains":
+            alts = [a.strip() for a in (self.gold or "").split("|") if a.strip()]
+            hit = next((a for a in alts if re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", generation, re.I)), None)
+            return hit, hit is not None
+        ans = extract_answer(generation)
+        return ans, answers_match(ans, self.gold)
 
 
 def eval_items(source: Source, data: DataSection, limit: int | None = None, base_dir: Path | None = None) -> list[EvalItem]:
@@ -110,10 +120,20 @@ def eval_items(source: Source, data: DataSection, limit: int | None = None, base
     items = []
     for msgs, row in load_conversations(source, data, limit=limit, base_dir=base_dir):
         *prompt, last = msgs
-        gold = row.data.get("answer") if isinstance(row.data.get("answer"), (str, int, float)) else None
-        gold = normalize(str(gold)) if gold is not None and "####" not in str(gold) else extract_answer(last["content"])
-        items.append(EvalItem(prompt, last["content"], gold, row.where))
+        match = "contains" if row.data.get("match") == "contains" else "answer"
+        items.append(EvalItem(prompt, last["content"], gold_answer(row.data, last["content"], match), row.where, match))
     return items
+
+
+def gold_answer(data: dict[str, Any], reference: str, match: str = "answer") -> str | None:
+    """The gold answer of a row: its `answer` column when it has one (a bare answer, or a GSM8K-style solution),
+    else the final answer of the reference response."""
+    gold = data.get("answer") if isinstance(data.get("answer"), (str, int, float)) else None
+    if match == "contains":
+        return str(gold if gold is not None else reference)
+    if gold is not None:
+        return extract_answer(str(gold)) if "####" in str(gold) else normalize(str(gold))
+    return extract_answer(reference)
 
 
 def mean_nll(loaded: Loaded, examples: list[Example], batch_size: int = 8) -> float:
@@ -152,8 +172,7 @@ def evaluate_set(
         gens = generate(loaded, [it.prompt for it in items], max_new_tokens, temperature, top_p, batch_size,
                         seed=seed + 1000 * k, progress=progress)  # fmt: skip
         for it, g in zip(items, gens):
-            ans = extract_answer(g.text)
-            ok = answers_match(ans, it.gold)
+            ans, ok = it.correct(g.text)
             correct += ok
             entropies.append(g.mean_entropy)
             preds.append({"where": it.where, "sample": k, "prompt": it.prompt[-1]["content"], "generation": g.text,

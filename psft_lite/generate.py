@@ -14,7 +14,6 @@ from typing import Any, Callable
 import torch
 
 from psft_lite import modeling
-from psft_lite.errors import ModelError
 from psft_lite.recipe import ModelSection, Recipe
 
 Message = dict[str, str]
@@ -45,23 +44,18 @@ def is_adapter_source(path: Path) -> bool:
 
 def load_model(spec: str | Path, dtype: str | None = None, device: str = "auto") -> Loaded:
     """Load `spec` for inference (eval mode, no gradients needed)."""
-    from psft_lite.merge import resolve_adapter
+    from psft_lite.merge import resolve_adapter, with_adapter
 
     modeling.quiet_transformers()
     path = Path(spec)
     if path.is_dir() and is_adapter_source(path):
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
         info = resolve_adapter(path)
         dev = modeling.resolve_device(device if device != "auto" else info.base.device)
         dt = modeling.DTYPES[dtype] if dtype else (getattr(torch, info.dtype) if info.dtype else
                                                    modeling.resolve_dtype(info.base.dtype, dev))  # fmt: skip
-        base = modeling.load_base_model(info.base, dev, dt)
-        try:
-            model = PeftModel.from_pretrained(base, info.path)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ModelError(f"{info.path}: the adapter does not fit the base model {info.base.name!r}: {e}") from None
+        model = with_adapter(modeling.load_base_model(info.base, dev, dt), info)
         tok_dir = info.path if (info.path / "tokenizer_config.json").is_file() else None
         tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else modeling.load_tokenizer(info.base)
         if tokenizer.pad_token_id is None:

@@ -248,7 +248,7 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
     from psft_lite.data import resolve_format
     from psft_lite.data.formats import to_messages, with_response
     from psft_lite.data.sources import read_rows
-    from psft_lite.evaluate import answers_match, extract_answer, normalize
+    from psft_lite.evaluate import answers_match, extract_answer, gold_answer
 
     rows = read_rows(source, limit=limit)
     fmt, fields = resolve_format(rows, data)
@@ -272,8 +272,7 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
             messages = to_messages(row, fmt, fields, data.system_prompt)
             *prompt_msgs, last = messages
             reference = last["content"]
-            gold = row.data.get("answer")
-            gold = normalize(str(gold)) if isinstance(gold, (str, int, float)) and "####" not in str(gold) else extract_answer(reference)
+            gold = gold_answer(row.data, reference)
             plain = prompt_ids(loaded, prompt_msgs)
             ref_ids = loaded.tokenizer(reference, add_special_tokens=False)["input_ids"] + [loaded.tokenizer.eos_token_id]
             phi_ref = mean_phi(loaded, plain, ref_ids)

@@ -112,32 +112,30 @@ def _compare(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[floa
     return float(diff.max()), float(agree)
 
 
-def _adapter_logits(info: AdapterInfo, device: torch.device, dtype: torch.dtype, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of base + adapter exactly as trained (4-bit base kept 4-bit), computed in `dtype`."""
+def with_adapter(base: Any, info: AdapterInfo) -> Any:
+    """`base` wrapped with the trained adapter (plain PEFT), or a clear error when it was trained on another model."""
     from peft import PeftModel
 
-    base = modeling.load_base_model(info.base, device, dtype)
     try:
-        model = PeftModel.from_pretrained(base, info.path)
+        return PeftModel.from_pretrained(base, info.path)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ModelError(f"{info.path}: the adapter does not fit the base model {info.base.name!r}: {e}") from None
+
+
+def _adapter_logits(info: AdapterInfo, device: torch.device, dtype: torch.dtype, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of base + adapter exactly as trained (4-bit base kept 4-bit), computed in `dtype`."""
+    model = with_adapter(modeling.load_base_model(info.base, device, dtype), info)
     logits = _logits(model, batch)
-    del model, base
+    del model
     return logits
 
 
 def _merged_model(info: AdapterInfo, device: torch.device, train_dtype: torch.dtype, out_dtype: torch.dtype, from_original: bool) -> Any:
-    from peft import PeftModel
-
     if info.base.load_in_4bit and not from_original:
         base = modeling.load_base_model(info.base, device, train_dtype).dequantize()
     else:
         base = modeling.load_base_model(info.base.model_copy(update={"load_in_4bit": False}), device, out_dtype)
-    base = base.to(out_dtype)
-    try:
-        merged = PeftModel.from_pretrained(base, info.path).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ModelError(f"{info.path}: the adapter does not fit the base model {info.base.name!r}: {e}") from None
+    merged = with_adapter(base.to(out_dtype), info).merge_and_unload()
     merged.config.use_cache = True
     return merged
 

@@ -1,0 +1,245 @@
+"""`psft-lite study`: train every objective on the same recipe for several epochs and seeds, evaluate each
+epoch-end checkpoint, and report — the replication study of docs/study.md, rerunnable on any model.
+
+Each (method, seed) is an ordinary run in OUT/<method>-s<seed>/ with a checkpoint at every epoch end; evaluations
+are appended to OUT/results.jsonl as they finish. Rerunning skips finished runs and evaluations and resumes an
+interrupted run from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from psft_lite import modeling
+from psft_lite.checkpoint import list_checkpoints
+from psft_lite.errors import RecipeError
+from psft_lite.metrics import read_metrics
+from psft_lite.recipe import Recipe, recipe_from_dict
+
+#: Each method is a set of recipe overrides; everything else (lr, batch, steps, seed) is shared.
+METHODS: dict[str, dict[str, Any]] = {
+    "sft": {"kind": "sft"},
+    "dft": {"kind": "dft"},
+    "psft-snapshot": {"kind": "psft", "old_policy": "snapshot"},
+    "psft-base": {"kind": "psft", "old_policy": "base"},
+    "idft": {"kind": "idft"},
+}
+PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to the base model
+
+
+def method_recipe(base: Recipe, method: str, seed: int, run_dir: Path, steps_per_epoch: int) -> Recipe:
+    raw = base.model_dump(mode="json", exclude_none=True)
+    raw["objective"] = {**raw["objective"], **METHODS[method]}
+    raw["train"].update(seed=seed, save_every=steps_per_epoch, keep_last=0)
+    raw["eval"]["every"] = 0
+    raw["output"] = {**raw["output"], "dir": str(run_dir)}
+    return recipe_from_dict(raw, source=f"study:{method}")
+
+
+@torch.no_grad()
+def kl_to_base(loaded: Any, items: list[Any]) -> float:
+    """Mean over reference tokens of KL(p_base ‖ p_model), teacher-forced on the probe's reference answers."""
+    from psft_lite.data.batching import collate
+    from psft_lite.data.tokenize import encode_all
+
+    if not loaded.has_adapter:
+        return 0.0
+    convs = [(it.prompt + [{"role": "assistant", "content": it.reference}], it.where) for it in items]
+    examples, _ = encode_all(loaded.tokenizer, convs, 512, "truncate")
+    total, count = 0.0, 0
+    for start in range(0, len(examples), 8):
+        b = collate(examples[start : start + 8], list(range(8)), loaded.tokenizer.pad_token_id).to(loaded.device)
+        pos = b.target_mask[:, 1:]
+        with modeling.autocast(loaded.device, loaded.dtype):
+            model_logits = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][pos]
+            with loaded.model.disable_adapter():
+                base_logits = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][pos]
+        lb, lm = torch.log_softmax(base_logits.float(), -1), torch.log_softmax(model_logits.float(), -1)
+        total += float((lb.exp() * (lb - lm)).sum())
+        count += int(pos.sum())
+    return total / max(count, 1)
+
+
+def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_tokens: int) -> dict[str, Any]:
+    from psft_lite.evaluate import evaluate_set
+    from psft_lite.generate import load_model
+
+    loaded = load_model(spec)
+    out: dict[str, Any] = {}
+    for name, items in sets.items():
+        summary, _ = evaluate_set(loaded, items[:limit], max_new_tokens=max_new_tokens, batch_size=32)
+        out[name] = {k: summary[k] for k in ("accuracy", "mean_entropy", "mean_nll", "n")}
+        if name == PROBE:
+            out[name]["kl_to_base"] = kl_to_base(loaded, items[:limit])
+    return out
+
+
+def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, limit: int, max_new_tokens: int,
+              console: Console) -> Path:  # fmt: skip
+    """Train and evaluate everything that is not done yet; returns OUT/results.jsonl."""
+    from psft_lite import train
+    from psft_lite.data import load_examples
+    from psft_lite.evaluate import eval_items
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise RecipeError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
+    if not recipe.eval.sets:
+        raise RecipeError("the study recipe needs eval.sets (e.g. in_domain, ood and probe) to evaluate each epoch on.")
+    epochs = int(recipe.train.epochs)
+    if recipe.train.max_steps is not None or epochs != recipe.train.epochs:
+        raise RecipeError("a study trains whole epochs: set train.epochs to an integer and leave train.max_steps unset.")
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {(r["method"], r["seed"], r["epoch"]) for r in _read(results_path)}
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    base_dir = recipe.path.parent if recipe.path else None
+    examples, _ = load_examples(recipe.data.train, recipe.data, tokenizer, limit=recipe.data.limit, base_dir=base_dir)
+    steps_per_epoch = math.ceil(len(examples) / recipe.train.batch_size)
+    sets = {name: eval_items(src, recipe.data, base_dir=base_dir) for name, src in recipe.eval.sets.items()}
+    runs = [(m, s) for m in methods for s in seeds]
+    t_step = _time_one_step(recipe, console)
+    n_steps = len(runs) * epochs * steps_per_epoch
+    n_evals = len(runs) * epochs + 1 - len(done)
+    console.print(f"study: {len(methods)} methods × {len(seeds)} seeds × {epochs} epochs of {steps_per_epoch} steps "
+                  f"({n_steps} steps); ~{t_step:.1f} s/step → training ≈ {n_steps * t_step * 1.15 / 60:.0f} min, "
+                  f"plus {n_evals} evaluations of {sum(min(len(v), limit) for v in sets.values())} problems")  # fmt: skip
+    t0 = time.perf_counter()
+    if ("base", 0, 0) not in done:
+        _append(results_path, {"method": "base", "seed": 0, "epoch": 0, "step": 0,
+                               **evaluate_model(recipe.model.name, sets, limit, max_new_tokens)})  # fmt: skip
+    for method, seed in runs:
+        run_dir = out / f"{method}-s{seed}"
+        r = method_recipe(recipe, method, seed, run_dir, steps_per_epoch)
+        if not (run_dir / "adapter" / "adapter_config.json").is_file():
+            resume = "latest" if list_checkpoints(run_dir) else None
+            console.print(f"[bold]{method}[/bold] seed {seed}: " + ("resuming" if resume else "training"))
+            train.run(r, console=console, overwrite=resume is None, resume=resume)
+        for step, ckpt in list_checkpoints(run_dir):
+            epoch = step // steps_per_epoch
+            if step % steps_per_epoch or (method, seed, epoch) in done:
+                continue
+            scores = evaluate_model(ckpt, sets, limit, max_new_tokens)
+            _append(results_path, {"method": method, "seed": seed, "epoch": epoch, "step": step,
+                                   "train_entropy": _train_entropy(run_dir, step, steps_per_epoch), **scores})  # fmt: skip
+            done.add((method, seed, epoch))
+        console.print(f"  done {method} seed {seed} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
+    return results_path
+
+
+def _time_one_step(recipe: Recipe, console: Console) -> float:
+    """Seconds per optimizer step, measured on one step of the recipe (model load excluded)."""
+    from psft_lite import train
+
+    raw = recipe.model_dump(mode="json", exclude_none=True)
+    raw["output"]["dir"] = str(Path("/tmp") / f"psft-lite-study-probe-{id(recipe)}")
+    r = train.build(recipe_from_dict(raw), Console(quiet=True), overwrite=True)
+    train.train_step(r, 0)  # warm-up
+    t0 = time.perf_counter()
+    train.train_step(r, 1)
+    return time.perf_counter() - t0
+
+
+def _train_entropy(run_dir: Path, step: int, steps_per_epoch: int) -> float | None:
+    """Mean entropy on trained tokens over the epoch that ended at `step`."""
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r and step - steps_per_epoch < r["step"] <= step]
+    return statistics.mean(r["entropy"] for r in recs) if recs else None
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return read_metrics(path) if path.exists() else []
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _cell(values: list[float], pct: bool) -> str:
+    if not values:
+        return "—"
+    scale = 100 if pct else 1
+    m = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{m:.1f}" if pct else f"{m:.3f}"
+    spread = (max(values) - min(values)) * scale / 2
+    return f"{m:.1f} ± {spread:.1f}" if pct else f"{m:.3f} ± {spread:.3f}"
+
+
+def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
+    """One markdown table per epoch end: mean ± half-range over seeds."""
+    epochs = sorted({r["epoch"] for r in results if r["method"] != "base"})
+    methods = ["base"] + [m for m in METHODS if any(r["method"] == m for r in results)]
+    cols = [f"{s} acc %" for s in sets] + ["train entropy", f"{PROBE} NLL", f"{PROBE} KL to base"]
+    out = []
+    for epoch in epochs:
+        out.append(f"#### Epoch {epoch}\n\n| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+        for m in methods:
+            rows = [r for r in results if r["method"] == m and (r["epoch"] == epoch or m == "base")]
+            if not rows:
+                continue
+            cells = [_cell([r[s]["accuracy"] for r in rows if s in r], True) for s in sets]
+            cells.append(_cell([r["train_entropy"] for r in rows if r.get("train_entropy") is not None], False))
+            cells.append(_cell([r[PROBE]["mean_nll"] for r in rows if PROBE in r], False))
+            cells.append(_cell([r[PROBE].get("kl_to_base", 0.0) for r in rows if PROBE in r], False))
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str]) -> list[Path]:
+    """Entropy vs step (seed 0 of every method) and accuracy vs epoch (mean over seeds), as small PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for m in METHODS:
+        run = run_root / f"{m}-s0"
+        if (run / "metrics.jsonl").exists():
+            recs = [r for r in read_metrics(run / "metrics.jsonl") if "event" not in r]
+            ax.plot([r["step"] for r in recs], [r["entropy"] for r in recs], label=m, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("entropy on trained tokens (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "study-entropy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.4), squeeze=False)
+    base = next((r for r in results if r["method"] == "base"), None)
+    for ax, s in zip(axes[0], sets):
+        for m in METHODS:
+            rows = [r for r in results if r["method"] == m]
+            epochs = sorted({r["epoch"] for r in rows})
+            if not epochs:
+                continue
+            ys = [statistics.mean(r[s]["accuracy"] for r in rows if r["epoch"] == e) * 100 for e in epochs]
+            if base:
+                epochs, ys = [0, *epochs], [base[s]["accuracy"] * 100, *ys]
+            ax.plot(epochs, ys, marker="o", markersize=3, label=m)
+        ax.set_title(f"{s} accuracy (%)", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "study-accuracy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
