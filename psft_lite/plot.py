@@ -57,7 +57,7 @@ def load_series(run_dir: Path) -> tuple[dict[str, tuple[list[float], list[float]
 
 
 def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> dict[str, Any]:
-    """Write one PNG with a panel per metric; returns which series were drawn per run."""
+    """Write one PNG with a panel per metric; returns which series (and colours) were drawn per run."""
     try:
         import matplotlib
 
@@ -73,16 +73,19 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> dict[str, Any
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
     drawn: dict[str, list[str]] = {}
+    colors: dict[str, set[str]] = {}
     for ax, (key, title) in zip(axes.flat, keys):
-        for label, series, events in runs:
+        for i, (label, series, events) in enumerate(runs):
             if key not in series:
                 continue
             xs, ys = series[key]
             ys = _smooth(ys, smooth) if key not in ("eval_accuracy", "eval_loss") else ys
-            line, = ax.plot(xs, ys, label=label, marker="o" if key.startswith("eval") else None, markersize=3)
+            line, = ax.plot(xs, ys, label=label, color=f"C{i % 10}",  # one colour per run in every panel
+                            marker="o" if key.startswith("eval") else None, markersize=3)
             for ev in events:  # guard-rail and skipped-step events as markers on the run's curve
                 ax.axvline(ev.get("step", 0), color=line.get_color(), alpha=0.3, linestyle=":")
             drawn.setdefault(label, []).append(key)
+            colors.setdefault(label, set()).add(line.get_color())
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -99,7 +102,7 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> dict[str, Any
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return {"out": str(out), "series": drawn}
+    return {"out": str(out), "series": drawn, "colors": {k: sorted(v) for k, v in colors.items()}}
 
 
 def _smooth(ys: list[float], k: int) -> list[float]:

@@ -56,7 +56,8 @@ def kl_to_base(loaded: Any, items: list[Any]) -> float:
     examples, _ = encode_all(loaded.tokenizer, convs, 512, "truncate")
     total, count = 0.0, 0
     for start in range(0, len(examples), 8):
-        b = collate(examples[start : start + 8], list(range(8)), loaded.tokenizer.pad_token_id).to(loaded.device)
+        chunk = examples[start : start + 8]
+        b = collate(chunk, list(range(start, start + len(chunk))), loaded.tokenizer.pad_token_id).to(loaded.device)
         pos = b.target_mask[:, 1:]
         with modeling.autocast(loaded.device, loaded.dtype):
             model_logits = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][pos]
@@ -213,7 +214,8 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
         run = run_root / f"{m}-s0"
         if (run / "metrics.jsonl").exists():
             recs = [r for r in read_metrics(run / "metrics.jsonl") if "event" not in r]
-            ax.plot([r["step"] for r in recs], [r["entropy"] for r in recs], label=m, linewidth=1)
+            ax.plot([r["step"] for r in recs], [r["entropy"] for r in recs], label=m, linewidth=1,
+                    color=f"C{list(METHODS).index(m)}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("entropy on trained tokens (nats)")
     ax.grid(alpha=0.3)
@@ -233,7 +235,7 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
             ys = [statistics.mean(r[s]["accuracy"] for r in rows if r["epoch"] == e) * 100 for e in epochs]
             if base:
                 epochs, ys = [0, *epochs], [base[s]["accuracy"] * 100, *ys]
-            ax.plot(epochs, ys, marker="o", markersize=3, label=m)
+            ax.plot(epochs, ys, marker="o", markersize=3, label=m, color=f"C{list(METHODS).index(m)}")
         ax.set_title(f"{s} accuracy (%)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

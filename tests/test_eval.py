@@ -159,6 +159,8 @@ def test_plot_overlays_runs(tmp_path, tiny_model_dir):
     series = report["series"]
     assert set(series["run (sft)"]) == {"loss", "nll", "entropy"}
     assert {"clip_frac", "approx_kl", "entropy"} <= set(series["run (psft-snapshot)"])
+    colors = report["colors"]  # a run keeps its colour in panels other runs lack (clip_frac is psft-only)
+    assert all(len(c) == 1 for c in colors.values()) and colors["run (sft)"] != colors["run (psft-snapshot)"]
 
 
 def test_preflight_flags_pad_eos_and_a_recipe_that_trains_nothing(tmp_path, tiny_model_dir):
