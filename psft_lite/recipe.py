@@ -334,14 +334,20 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", text: str | No
         raise RecipeError(_format_validation_error(e, source, text)) from None
 
 
+UNSET = object()  #: `--set key=` with nothing after `=`: remove the key
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-3` → (["train", "lr"], 0.001). Values are TOML; anything that is not valid TOML is a string."""
+    """`train.lr=1e-3` → (["train", "lr"], 0.001). Values are TOML; anything that is not valid TOML is a string;
+    an empty value (`data.eval=`) is `UNSET`: the key is removed, back to its default."""
     if "=" not in item:
         raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
     key, _, value = item.partition("=")
     keys = key.strip().split(".")
     if len(keys) < 2 or not all(keys):
         raise RecipeError(f"--set {item!r}: the key must name a section and a key, e.g. train.lr")
+    if not value.strip():
+        return keys, UNSET
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -360,7 +366,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             else:
                 raise RecipeError(f"--set {item!r}: {k!r} is a value, not a section")
         node = child
-    node[keys[-1]] = value
+    if value is UNSET:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
 
 
 #: Keys that may differ between a checkpoint's recipe and the recipe resuming it: they do not change the math.

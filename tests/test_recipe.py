@@ -66,6 +66,9 @@ def test_overrides_are_typed_and_checked(tmp_path):
     with pytest.raises(RecipeError, match="section.key=value"):
         parse_override("train.lr")
     assert "train.lr" in _bad(tmp_path, '[data]\ntrain = "x.jsonl"\n', "train.lr=abc")
+    p.write_text('[data]\ntrain = "x.jsonl"\neval = "y.jsonl"\n[train]\nmax_steps = 5\n')
+    r = load_recipe(p, ["data.eval=", "train.max_steps= ", "train.epochs=2"])  # an empty value unsets a key
+    assert r.data.eval is None and r.train.max_steps is None and r.train.epochs == 2
 
 
 def test_psft_with_k1_warns_and_run_dir_defaults_to_recipe_name(tmp_path):
