@@ -389,7 +389,14 @@ def save_state(r: Run, step: int) -> Path:
     path = r.run_dir / "checkpoints" / f"step-{step}"
     if r.dist.is_main:
         policy_state = r.policy.state_dict() if r.policy is not None else {}
-        path = save_checkpoint(r.run_dir, r.model, r.optimizer, policy_state, state, r.recipe.to_toml())
+        try:
+            path = save_checkpoint(r.run_dir, r.model, r.optimizer, policy_state, state, r.recipe.to_toml())
+        except OSError as e:  # disk full, quota, a vanished mount: the half-written folder is already gone
+            kept = list_checkpoints(r.run_dir)
+            last = f"the last good checkpoint, {kept[-1][1]}, is intact: free space and continue with --resume" if kept \
+                else "no earlier checkpoint exists"  # fmt: skip
+            raise RunError(f"could not write checkpoint step-{step} into {r.run_dir / 'checkpoints'} "
+                           f"({e.strerror or e}); {last}.") from None  # fmt: skip
         prune_checkpoints(r.run_dir, r.recipe.train.keep_last)
     r.dist.barrier()
     return path
@@ -472,7 +479,11 @@ def _create_run_dir(r: Run) -> None:
     except OSError as e:
         shutil.rmtree(r.run_dir, ignore_errors=True)
         raise RecipeError(f"output.dir {r.run_dir}: cannot write there ({e.strerror}); choose another output.dir.") from None
-    check_disk_space(r)
+    try:
+        check_disk_space(r)  # measured on the run dir's own file system, so only once it exists
+    except RecipeError:
+        shutil.rmtree(r.run_dir, ignore_errors=True)
+        raise
 
 
 def check_disk_space(r: Run) -> None:

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from psft_lite import train
 from psft_lite.checkpoint import list_checkpoints
-from psft_lite.errors import Interrupted, RecipeError
+from psft_lite.errors import Interrupted, RecipeError, RunError
 from psft_lite.recipe import load_recipe
 
 from conftest import make_recipe
@@ -80,6 +80,41 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, tiny_model_dir):
     train.prepare_run_dir(r)
     train.train_loop(r)
     assert [s for s, _ in list_checkpoints(r.run_dir)] == [4, 5]
+
+
+def test_a_failed_checkpoint_write_stops_cleanly_and_keeps_the_last_good_one(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    import psft_lite.checkpoint as ckpt
+
+    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 4, "save_every": 2})), QUIET)
+    train.prepare_run_dir(r)
+    real_save, calls = ckpt.torch.save, []
+
+    def disk_full_on_second_checkpoint(obj, path, *a, **kw):
+        calls.append(path)
+        if "step-4" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full_on_second_checkpoint)
+    with pytest.raises(RunError, match=r"step-4 .*No space left on device.*step-2, is intact.*--resume"):
+        train.train_loop(r)
+    assert sorted(p.name for p in (r.run_dir / "checkpoints").iterdir()) == ["step-2"]  # no half-written folder
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    r2 = train.build(load_recipe(r.run_dir / "recipe.toml"), QUIET, resuming=True)
+    assert train.resume_point(r2, "latest") == 2
+
+
+def test_too_little_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    from collections import namedtuple
+
+    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir)), QUIET)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(RecipeError, match=r"1 MB free.*lower train.keep_last"):
+        train.prepare_run_dir(r)
+    assert not r.run_dir.exists()  # nothing left behind that looks like a run
 
 
 def _cli(*args, env=None, **kw):
