@@ -380,7 +380,7 @@ def response_logprobs(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.
     """
     lm = causal_lm(model)
     decoder = lm.get_decoder()
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    out = decoder(**batch.model_inputs(), use_cache=False)
     hidden = out.last_hidden_state  # [B, L, H]
     head = lm_head(model)
     # shift: hidden at t-1 predicts token t

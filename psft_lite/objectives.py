@@ -124,19 +124,31 @@ def logprobs_from_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
 
 
 def token_weights(
-    mask: Tensor, normalize: str, n_tokens: int | None = None, n_seqs: int | None = None, dtype: torch.dtype = torch.float32
+    mask: Tensor,
+    normalize: str,
+    n_tokens: int | None = None,
+    n_seqs: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seq_ids: Tensor | None = None,
 ) -> Tensor:
     """Per-token weights so that Σ weights·ℓ over an optimizer step is its token-mean or sequence-mean.
 
     Pass the whole step's `n_tokens` (trained tokens) or `n_seqs` (sequences with any trained token) when the step
-    is split into micro-batches; the defaults normalise over this tensor alone.
+    is split into micro-batches; the defaults normalise over this tensor alone. For packed rows, `seq_ids` [B, L]
+    says which sequence of its row each token belongs to, so a sequence-mean is over sequences, not rows.
     """
     m = mask.to(dtype)
     if normalize == "token":
         return m / (n_tokens if n_tokens is not None else m.sum().clamp(min=1))
     if normalize == "sequence":
-        per_seq = m.sum(-1, keepdim=True)
-        seqs = n_seqs if n_seqs is not None else int((per_seq > 0).sum())
+        if seq_ids is None:
+            per_seq = m.sum(-1, keepdim=True)
+            seqs = n_seqs if n_seqs is not None else int((per_seq > 0).sum())
+        else:
+            flat = (torch.arange(m.shape[0], device=m.device)[:, None] * m.shape[1] + seq_ids).flatten()
+            counts = torch.zeros(m.numel(), dtype=dtype, device=m.device).index_add_(0, flat, m.flatten())
+            per_seq = counts[flat].view_as(m)
+            seqs = n_seqs if n_seqs is not None else int((counts > 0).sum())
         return m / per_seq.clamp(min=1) / max(seqs, 1)
     raise ValueError(f"unknown normalisation {normalize!r}")
 

@@ -112,6 +112,11 @@ class DataSection(Section):
         "token is lost), or stop with an `error` naming the row.",
     )
     shuffle: bool = Field(True, description="Reshuffle the examples every epoch (seeded by `train.seed`).")
+    packing: bool = Field(
+        False,
+        description="Pack short examples into rows of up to `max_length` tokens to save padding; each example still "
+        "attends only to itself (position ids restart per example). `train.batch_size` then counts rows.",
+    )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows of the training source.")
 
     _coerce_train = field_validator("train", "eval", mode="before")(_as_source)

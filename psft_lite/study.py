@@ -60,9 +60,9 @@ def kl_to_base(loaded: Any, items: list[Any]) -> float:
         b = collate(chunk, list(range(start, start + len(chunk))), loaded.tokenizer.pad_token_id).to(loaded.device)
         pos = b.target_mask[:, 1:]
         with modeling.autocast(loaded.device, loaded.dtype):
-            model_logits = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][pos]
+            model_logits = loaded.model(**b.model_inputs()).logits[:, :-1][pos]
             with loaded.model.disable_adapter():
-                base_logits = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][pos]
+                base_logits = loaded.model(**b.model_inputs()).logits[:, :-1][pos]
         lb, lm = torch.log_softmax(base_logits.float(), -1), torch.log_softmax(model_logits.float(), -1)
         total += float((lb.exp() * (lb - lm)).sum())
         count += int(pos.sum())

@@ -34,7 +34,7 @@ from psft_lite.checkpoint import (
     save_checkpoint,
 )
 from psft_lite.data import EncodeStats, Example, load_examples
-from psft_lite.data.batching import Batch, DataPlan, collate
+from psft_lite.data.batching import Batch, DataPlan, collate, pack_examples
 from psft_lite.errors import Interrupted, RecipeError, RunError
 from psft_lite.distributed import Dist
 from psft_lite.guard import Guard
@@ -227,6 +227,12 @@ def build(recipe: Recipe, console: Console, overwrite: bool = False, resuming: b
 
             eval_items = read_items(recipe.data.eval, recipe.data, limit=recipe.eval.samples, base_dir=base_dir)
     report_data(console, stats, tokenizer)
+    if recipe.data.packing:
+        n_before = len(examples)
+        examples = pack_examples(examples, recipe.data.max_length)
+        fill = sum(len(e) for e in examples) / (len(examples) * max(len(e) for e in examples))
+        console.print(f"packing: {n_before} examples into {len(examples)} rows of up to {recipe.data.max_length} "
+                      f"tokens ({fill:.0%} of the longest row's length filled on average)")  # fmt: skip
 
     base = modeling.load_base_model(m, device, dtype, src)
     model = modeling.attach_lora(base, recipe.lora, m.gradient_checkpointing)
@@ -273,7 +279,7 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
     batches = r.step_batches(step)
     everyone = r.plan.step_indices(step)  # the whole step, over all ranks: normalisation is global
     n_tok = sum(r.examples[i].n_trained for i in everyone)
-    n_seq = len(everyone)
+    n_seq = sum(r.examples[i].n_sequences for i in everyone)
     if r.policy is not None and step >= o.sft_warmup_steps:
         olds = r.policy.old_logprobs(step, batches)
     else:
@@ -286,7 +292,7 @@ def train_step(r: Run, step: int) -> dict[str, Any]:
         with r.amp():
             logp, ent = modeling.response_logprobs(r.model, b)
         mask = b.target_mask
-        weights = token_weights(mask, o.normalize, n_tok, n_seq)
+        weights = token_weights(mask, o.normalize, n_tok, n_seq, seq_ids=b.seq_ids)
         loss, s = objective_loss(o, logp, ent, mask, weights, old, lam)
         loss.backward()
         m = mask.float()

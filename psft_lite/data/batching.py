@@ -64,6 +64,8 @@ class Batch:
     attention_mask: torch.Tensor  # long [B, L]
     target_mask: torch.Tensor  # bool [B, L]: token t is a trained target (predicted from position t-1)
     index: list[int]  # example indices, for per-example caches
+    position_ids: torch.Tensor | None = None  # long [B, L], restarting at 0 per packed example (None: not packed)
+    seq_ids: torch.Tensor | None = None  # long [B, L]: which example of its row a token belongs to (packed)
 
     @property
     def n_trained(self) -> int:
@@ -73,8 +75,19 @@ class Batch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the decoder. Packed rows pass position ids and no 2-D mask: transformers then builds
+        a block-diagonal causal mask from the restarts, so no example attends to another (any attention backend)."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device), self.index)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device), self.index,
+                     move(self.position_ids), move(self.seq_ids))  # fmt: skip
 
 
 def collate(examples: list[Example], index: list[int], pad_id: int) -> Batch:
@@ -87,4 +100,46 @@ def collate(examples: list[Example], index: list[int], pad_id: int) -> Batch:
         ids[row, :n] = torch.from_numpy(e.ids.astype(np.int64))
         attn[row, :n] = 1
         tmask[row, :n] = torch.from_numpy(e.mask)
-    return Batch(ids, attn, tmask, list(index))
+    if not any(e.segments for e in examples):
+        return Batch(ids, attn, tmask, list(index))
+    pos = torch.zeros((len(examples), length), dtype=torch.long)
+    seq = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        start = 0
+        for k, n in enumerate([*(e.segments or (len(e),)), length - len(e)]):  # the padding tail is a segment too
+            pos[row, start : start + n] = torch.arange(n)
+            seq[row, start : start + n] = k
+            start += n
+    return Batch(ids, attn, tmask, list(index), pos, seq)
+
+
+def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
+    """First-fit-decreasing: indices grouped into rows of at most `max_length` tokens, each row in data order and
+    the rows in the order of their first index. Deterministic for the same lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        k = next((k for k, r in enumerate(room) if r >= lengths[i]), None)
+        if k is None:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+        else:
+            rows[k].append(i)
+            room[k] -= lengths[i]
+    return sorted((sorted(row) for row in rows), key=lambda row: row[0])
+
+
+def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
+    """Short examples concatenated into rows (see `pack_groups`); a row of one example is that example unchanged."""
+    out = []
+    for row in pack_groups([len(e) for e in examples], max_length):
+        members = [examples[i] for i in row]
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        out.append(Example(
+            np.concatenate([e.ids for e in members]), np.concatenate([e.mask for e in members]),
+            f"{members[0].where} (+{len(members) - 1} packed)", tuple(len(e) for e in members),
+        ))  # fmt: skip
+    return out

@@ -27,6 +27,7 @@ class Example:
     ids: np.ndarray  # int32 [L]
     mask: np.ndarray  # bool [L]: True where the token is a training target
     where: str
+    segments: tuple[int, ...] = ()  # a packed row: the lengths of the examples in it (empty: one example)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -34,6 +35,10 @@ class Example:
     @property
     def n_trained(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.segments) or 1
 
 
 @dataclass
