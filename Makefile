@@ -41,7 +41,7 @@ bench: setup
 	$(BIN)/python bench/hint_decode.py
 
 study: setup
-	$(BIN)/psft-lite study recipes/study/arith.toml --limit 64 --report docs/study
+	$(BIN)/psft-lite study recipes/study/arith.toml --limit 40 --report docs/study
 
 clean:
 	rm -rf runs .pytest_cache

@@ -400,14 +400,15 @@ def study(
 ) -> None:
     """Train every objective for several epochs and seeds on one recipe, evaluate each epoch end, report.
 
-    Resumable: rerun the same command to continue. Runs on a real model with --set model.name=...
+    Resumable: rerun the same command to continue; processes may share one study folder (one per --seeds value).
+    Runs on a real model with --set model.name=...
 
     [dim]Example: psft-lite study recipes/study/arith.toml[/dim]
     """
     from psft_lite.errors import RecipeError
     from psft_lite.metrics import read_metrics
     from psft_lite.recipe import load_recipe
-    from psft_lite.study import plot_study, report_tables, run_study
+    from psft_lite.study import latest_results, plot_study, report_tables, run_study
 
     r = load_recipe(recipe, set_ or [])
     try:
@@ -417,7 +418,7 @@ def study(
     folder = out_dir or r.run_dir
     results_path = run_study(r, [m.strip() for m in methods.split(",") if m.strip()], seed_list, folder, limit,
                              max_new_tokens, err)  # fmt: skip
-    results = read_metrics(results_path)
+    results = latest_results(read_metrics(results_path))
     dest = report or folder
     dest.mkdir(parents=True, exist_ok=True)
     sets = list(r.eval.sets)

@@ -110,7 +110,7 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
     t_step = _time_one_step(recipe, console)
     n_steps = len(runs) * epochs * steps_per_epoch
     n_evals = len(runs) * epochs + 1 - len(done)
-    console.print(f"study: {len(methods)} methods × {len(seeds)} seeds × {epochs} epochs of {steps_per_epoch} steps "
+    console.print(f"study: {len(methods)} method(s) × {len(seeds)} seed(s) × {epochs} epochs of {steps_per_epoch} steps "
                   f"({n_steps} steps); ~{t_step:.1f} s/step → training ≈ {n_steps * t_step * 1.15 / 60:.0f} min, "
                   f"plus {n_evals} evaluations of {sum(min(len(v), limit) for v in sets.values())} problems")  # fmt: skip
     t0 = time.perf_counter()
@@ -177,6 +177,11 @@ def _cell(values: list[float], pct: bool) -> str:
         return f"{m:.1f}" if pct else f"{m:.3f}"
     spread = (max(values) - min(values)) * scale / 2
     return f"{m:.1f} ± {spread:.1f}" if pct else f"{m:.3f} ± {spread:.3f}"
+
+
+def latest_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, seed, epoch), the last written (study processes run side by side may repeat one)."""
+    return list({(r["method"], r["seed"], r["epoch"]): r for r in results}.values())
 
 
 def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
