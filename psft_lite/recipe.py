@@ -294,7 +294,9 @@ class Recipe(Section):
             if o.kind != kind:
                 changed = [k for k in keys if getattr(o, k) != getattr(defaults, k)]
                 if changed:
-                    out.append(f"objective.{', objective.'.join(changed)} only apply to kind = '{kind}' and are ignored.")
+                    verb = "applies" if len(changed) == 1 else "apply"
+                    out.append(f"objective.{', objective.'.join(changed)} only {verb} to kind = '{kind}' and "
+                               f"{'is' if len(changed) == 1 else 'are'} ignored.")  # fmt: skip
         return out
 
     def to_toml(self) -> str:
