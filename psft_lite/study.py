@@ -107,12 +107,15 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
     steps_per_epoch = math.ceil(len(examples) / recipe.train.batch_size)
     sets = {name: eval_items(src, recipe.data, base_dir=base_dir) for name, src in recipe.eval.sets.items()}
     runs = [(m, s) for m in methods for s in seeds]
-    t_step = _time_one_step(recipe, console)
-    n_steps = len(runs) * epochs * steps_per_epoch
-    n_evals = len(runs) * epochs + 1 - len(done)
-    console.print(f"study: {len(methods)} method(s) × {len(seeds)} seed(s) × {epochs} epochs of {steps_per_epoch} steps "
-                  f"({n_steps} steps); ~{t_step:.1f} s/step → training ≈ {n_steps * t_step * 1.15 / 60:.0f} min, "
-                  f"plus {n_evals} evaluations of {sum(min(len(v), limit) for v in sets.values())} problems")  # fmt: skip
+    to_train = [(m, sd) for m, sd in runs if not (out / f"{m}-s{sd}" / "adapter" / "adapter_config.json").is_file()]
+    n_steps = len(to_train) * epochs * steps_per_epoch  # an interrupted run counts whole: a rough upper bound
+    n_evals = len(runs) * epochs + 1 - len(done & {(m, sd, e) for m, sd in runs for e in range(1, epochs + 1)}) \
+        - (("base", 0, 0) in done)  # fmt: skip
+    plan = f"study: {len(methods)} method(s) × {len(seeds)} seed(s) × {epochs} epochs of {steps_per_epoch} steps"
+    if n_steps:
+        t_step = _time_one_step(recipe, console)
+        plan += f"; to do: {n_steps} steps at ~{t_step:.1f} s/step ≈ {n_steps * t_step * 1.15 / 60:.0f} min"
+    console.print(plan + f"; {n_evals} evaluation(s) of {sum(min(len(v), limit) for v in sets.values())} problems to do")
     t0 = time.perf_counter()
     if ("base", 0, 0) not in done:
         _append(results_path, {"method": "base", "seed": 0, "epoch": 0, "step": 0,
@@ -206,7 +209,8 @@ def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
 
 
 def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str]) -> list[Path]:
-    """Entropy vs step (seed 0 of every method) and accuracy vs epoch (mean over seeds), as small PNGs."""
+    """Entropy vs step (seed 0 of every method); accuracy per set and the probe's KL to base vs epoch (mean over
+    seeds), as small PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,19 +233,23 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     paths.append(out_dir / "study-entropy.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
-    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.4), squeeze=False)
+    panels = [*sets, "kl"] if PROBE in sets else list(sets)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     base = next((r for r in results if r["method"] == "base"), None)
-    for ax, s in zip(axes[0], sets):
+    def value(r: dict[str, Any], panel: str) -> float:
+        return r[PROBE].get("kl_to_base", 0.0) if panel == "kl" else r[panel]["accuracy"] * 100
+
+    for ax, s in zip(axes[0], panels):
         for m in METHODS:
             rows = [r for r in results if r["method"] == m]
             epochs = sorted({r["epoch"] for r in rows})
             if not epochs:
                 continue
-            ys = [statistics.mean(r[s]["accuracy"] for r in rows if r["epoch"] == e) * 100 for e in epochs]
+            ys = [statistics.mean(value(r, s) for r in rows if r["epoch"] == e) for e in epochs]
             if base:
-                epochs, ys = [0, *epochs], [base[s]["accuracy"] * 100, *ys]
+                epochs, ys = [0, *epochs], [value(base, s), *ys]
             ax.plot(epochs, ys, marker="o", markersize=3, label=m, color=f"C{list(METHODS).index(m)}")
-        ax.set_title(f"{s} accuracy (%)", fontsize=10)
+        ax.set_title(f"{PROBE}: KL to base (nats/token)" if s == "kl" else f"{s} accuracy (%)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
