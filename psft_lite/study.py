@@ -107,10 +107,10 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
     steps_per_epoch = math.ceil(len(examples) / recipe.train.batch_size)
     sets = {name: eval_items(src, recipe.data, base_dir=base_dir) for name, src in recipe.eval.sets.items()}
     runs = [(m, s) for m in methods for s in seeds]
-    to_train = [(m, sd) for m, sd in runs if not (out / f"{m}-s{sd}" / "adapter" / "adapter_config.json").is_file()]
+    to_train = [(m, sd) for m, sd in runs if not _trained(out / f"{m}-s{sd}")]
     n_steps = len(to_train) * epochs * steps_per_epoch  # an interrupted run counts whole: a rough upper bound
-    n_evals = len(runs) * epochs + 1 - len(done & {(m, sd, e) for m, sd in runs for e in range(1, epochs + 1)}) \
-        - (("base", 0, 0) in done)  # fmt: skip
+    evals = {(m, sd, e) for m, sd in runs for e in range(1, epochs + 1)} | {("base", 0, 0)}
+    n_evals = len(evals - done)
     plan = f"study: {len(methods)} method(s) × {len(seeds)} seed(s) × {epochs} epochs of {steps_per_epoch} steps"
     if n_steps:
         t_step = _time_one_step(recipe, console)
@@ -123,7 +123,7 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
     for method, seed in runs:
         run_dir = out / f"{method}-s{seed}"
         r = method_recipe(recipe, method, seed, run_dir, steps_per_epoch)
-        if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        if not _trained(run_dir):
             resume = "latest" if list_checkpoints(run_dir) else None
             console.print(f"[bold]{method}[/bold] seed {seed}: " + ("resuming" if resume else "training"))
             train.run(r, console=console, overwrite=resume is None, resume=resume)
@@ -137,6 +137,11 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
             done.add((method, seed, epoch))
         console.print(f"  done {method} seed {seed} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
     return results_path
+
+
+def _trained(run_dir: Path) -> bool:
+    """The run finished: its final adapter exists."""
+    return (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
 def _time_one_step(recipe: Recipe, console: Console) -> float:
