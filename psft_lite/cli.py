@@ -379,11 +379,14 @@ def hint(
                      answer_marker=answer_marker, seed=seed, cot_fallback=cot_fallback)  # fmt: skip
     s = run(loaded, section.train, section, out_file, cfg, keep, min_phi, limit, console=err)
     acc = s["correct"] / s["decoded"] if s["decoded"] else float("nan")
-    out.print(f"hint: {s['kept']} kept, dropped {s['no_cot']} without # CoT, {s['wrong_answer']} wrong answer, "
-              f"{s['low_phi']} below --min-phi; {s['skipped_done']} already done")  # fmt: skip
+    out.print(f"hint: {s['kept']} of {s['examples']} kept; dropped {s['no_cot']} without # CoT, {s['unfinished']} "
+              f"unfinished (length/repetition), {s['wrong_answer']} wrong answer, {s['low_phi']} below --min-phi "
+              f"({s['skipped_done']} were done before this run)")  # fmt: skip
     if s["decoded"]:
         out.print(f"  answer accuracy of the rewrites {acc:.0%} ({s['correct']}/{s['decoded']}); mean φ reference "
                   f"{s['mean_phi_reference']:+.3f} → rewrites {s['mean_phi_hinted']:+.3f}")  # fmt: skip
+    if s["kept"]:
+        out.print(f"  kept rewrites: mean φ {s['mean_phi_kept']:+.3f} (their references {s['mean_phi_reference_kept']:+.3f})")
     out.print(f"  wrote {s['out']} (train on it directly: data.train = \"{s['out']}\") and {s['dropped_file']}")
 
 

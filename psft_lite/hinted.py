@@ -2,13 +2,16 @@
 
 For each (problem, reference solution):
 1. Hint prefix: the model (greedy) analyses the reference under `# Analyze`, then starts its own reasoning under
-   `# CoT`; the text up to and including the last `# CoT` heading is kept (no heading: the example is dropped).
+   `# CoT`; the text up to and including the `# CoT` heading is kept (no heading: the example is dropped). Greedy
+   generation stops at the first heading line — what a model writes after it would be cut anyway, and small models
+   otherwise loop `# CoT` blocks until the token limit, which then primes the hinted stream to loop too.
 2. Two streams of the same model decoded together — one batch of 2, each with its own KV cache:
    hinted p = analysis prompt + hint prefix; plain q = the plain chat prompt (what the fine-tuned model will see).
 3. First token from p alone; then λ = clamp(β·H(p)/ln|V|, 0, 1) and logits (1−λ)·log p + λ·log q, nucleus top-p,
    then temperature; the token is appended to both streams. Confident p dictates content; uncertain p lets q word it.
 4. After the answer marker appears, q alone. Stop on end-of-turn, max length, or a repeating 30-token window.
-5. Score with DDT (mean φ under the plain context); keep correct answers whose φ passes `--min-phi`.
+5. Score with DDT (mean φ under the plain context); keep finished rewrites (end-of-turn, not cut by the length or
+   repetition stop: training appends end-of-turn to every target) with the right answer and φ ≥ `--min-phi`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,8 @@ ANALYSIS_SYSTEM = (
 )
 ANALYZE = "# Analyze\n"
 COT = "# CoT"
+# A `CoT` heading on its own line at any markdown level: small models write `#### CoT` as often as `# CoT`.
+COT_HEADING = re.compile(r"^#{1,6}[ \t]*CoT[ \t]*:?[ \t]*(?=\n|\Z)", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass
@@ -71,23 +77,44 @@ def analysis_messages(question_msgs: list[dict[str, str]], reference: str) -> li
             {"role": "user", "content": f"Problem:\n{question}\n\nReference solution:\n{reference}"}]  # fmt: skip
 
 
+class _StopAtCoT:
+    """Stopping criterion: the generated text has a complete `CoT` heading line."""
+
+    def __init__(self, tokenizer: Any, start: int):
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.tensor([self.complete(self.tokenizer.decode(row[self.start :], skip_special_tokens=True))
+                             for row in input_ids], device=input_ids.device)  # fmt: skip
+
+    @staticmethod
+    def complete(text: str) -> bool:
+        return any(m.end() < len(text) for m in COT_HEADING.finditer(text))  # the heading's line has ended
+
+
+def cut_at_cot(text: str, fallback: bool = False) -> str | None:
+    """The analysis up to the last `CoT` heading, which is written as `# CoT` (None: no heading and no fallback)."""
+    heads = list(COT_HEADING.finditer(text))
+    if not heads:
+        return text.rstrip() + f"\n\n{COT}\n" if fallback else None
+    return text[: heads[-1].start()] + COT + "\n"
+
+
 @torch.no_grad()
 def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: str, cfg: HintConfig) -> str | None:
-    """Greedy `# Analyze … # CoT` text, cut after the last `# CoT` heading; None when the model never writes one."""
+    """Greedy `# Analyze … # CoT` text, stopped and cut at the `CoT` heading; None when the model never writes one."""
+    from transformers import StoppingCriteriaList
+
     tok = loaded.tokenizer
     prompt = render_prompt(tok, analysis_messages(question_msgs, reference)) + ANALYZE
     enc = tok(prompt, add_special_tokens=False, return_tensors="pt").to(loaded.device)
+    start = enc["input_ids"].shape[1]
     with modeling.autocast(loaded.device, loaded.dtype):
         out = loaded.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,
                                     max_new_tokens=cfg.hint_max_tokens, eos_token_id=_eos_ids(loaded),
-                                    pad_token_id=tok.pad_token_id)  # fmt: skip
-    text = ANALYZE + tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    cut = text.rfind(COT)
-    if cut < 0:
-        if not cfg.cot_fallback:
-            return None
-        return text.rstrip() + f"\n\n{COT}\n"
-    return text[: cut + len(COT)] + "\n"
+                                    pad_token_id=tok.pad_token_id,
+                                    stopping_criteria=StoppingCriteriaList([_StopAtCoT(tok, start)]))  # fmt: skip
+    return cut_at_cot(ANALYZE + tok.decode(out[0, start:], skip_special_tokens=True), cfg.cot_fallback)
 
 
 def mix_step(lp: torch.Tensor, lq: torch.Tensor, beta: float, first: bool, handed_off: bool) -> tuple[torch.Tensor, float]:
@@ -242,7 +269,8 @@ def read_done(path: Path) -> set[str]:
 
 def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep: str = "correct",
         min_phi: float | None = None, limit: int | None = None, console: Any = None) -> dict[str, Any]:  # fmt: skip
-    """Rewrite every example of `source` into `out` (kept) and `out.dropped.jsonl`; resumable; returns the summary."""
+    """Rewrite every example of `source` into `out` (kept) and `out.dropped.jsonl`; resumable; returns the summary
+    over every example of `source` written so far (this call's and earlier calls')."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from psft_lite.data import resolve_format
@@ -255,19 +283,17 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
     dropped_path = out.with_name(out.stem + ".dropped.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out) | read_done(dropped_path)
-    counts = {"kept": 0, "no_cot": 0, "wrong_answer": 0, "low_phi": 0, "skipped_done": 0, "decoded": 0, "correct": 0}
-    phis_before, phis_after, tokens_total = [], [], 0
+    ids = [stable_id(row.data) for row in rows]
+    skipped = sum(hid in done for hid in ids)
+    tokens_total = 0
     with open(out, "a", encoding="utf-8") as kept_f, open(dropped_path, "a", encoding="utf-8") as drop_f, Progress(
         TextColumn("[bold]hint[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(), console=console, transient=True, disable=console is None,
     ) as progress:  # fmt: skip
-        task = progress.add_task("", total=len(rows), rate="")
+        task = progress.add_task("", total=len(rows), completed=skipped, rate="")
         t0, n_new = time.perf_counter(), 0
-        for row in rows:
-            hid = stable_id(row.data)
+        for row, hid in zip(rows, ids):
             if hid in done:
-                counts["skipped_done"] += 1
-                progress.advance(task)
                 continue
             messages = to_messages(row, fmt, fields, data.system_prompt)
             *prompt_msgs, last = messages
@@ -275,17 +301,15 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
             gold = gold_answer(row.data, reference)
             plain = prompt_ids(loaded, prompt_msgs)
             ref_ids = loaded.tokenizer(reference, add_special_tokens=False)["input_ids"] + [loaded.tokenizer.eos_token_id]
-            phi_ref = mean_phi(loaded, plain, ref_ids)
             record: dict[str, Any] = {"hint_id": hid, "hint_where": row.where, "hint_reference_answer": gold,
-                                      "hint_reference_phi": phi_ref}  # fmt: skip
+                                      "hint_reference_phi": mean_phi(loaded, plain, ref_ids)}  # fmt: skip
             prefix = hint_prefix(loaded, prompt_msgs, reference, cfg)
+            reason = None
             if prefix is None:
                 reason = "no_cot"
-                record.update(hint_drop="no # CoT heading in the analysis")
             else:
                 hinted = prompt_ids(loaded, analysis_messages(prompt_msgs, reference), prefix)
-                seed = cfg.seed * 1_000_003 + int(hid[:8], 16)
-                d = decode(loaded, hinted, plain, cfg, seed)
+                d = decode(loaded, hinted, plain, cfg, seed=cfg.seed * 1_000_003 + int(hid[:8], 16))
                 tokens_total += len(d.tokens)
                 answer = extract_answer(d.text)
                 correct = answers_match(answer, gold)
@@ -293,30 +317,37 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
                 phi = mean_phi(loaded, plain, resp)
                 record.update(hint_answer=answer, hint_correct=correct, hint_finish=d.finish, hint_tokens=len(d.tokens),
                               hint_phi=phi, hint_lambda_mean=d.mean_lambda, hint_prefix=prefix)  # fmt: skip
-                phis_before.append(phi_ref)
-                phis_after.append(phi)
-                counts["decoded"] += 1
-                counts["correct"] += correct
-                reason = None
-                if keep == "correct" and not correct:
+                if keep == "correct" and d.finish != "eos":
+                    reason = "unfinished"  # cut by the length or repetition stop: not a whole solution
+                elif keep == "correct" and not correct:
                     reason = "wrong_answer"
                 elif min_phi is not None and phi < min_phi:
                     reason = "low_phi"
-                new_row = with_response(row.data, fmt, fields, d.text)
-                record = {**new_row, **record}
-            if reason is None:
-                counts["kept"] += 1
-                kept_f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                kept_f.flush()
-            else:
-                counts[reason] += 1
-                drop_f.write(json.dumps({**record, "hint_dropped": reason}, ensure_ascii=False) + "\n")
-                drop_f.flush()
+                record = {**with_response(row.data, fmt, fields, d.text), **record}
+            f = kept_f if reason is None else drop_f
+            f.write(json.dumps(record if reason is None else {**record, "hint_dropped": reason}, ensure_ascii=False) + "\n")
+            f.flush()
             n_new += 1
             dt = time.perf_counter() - t0
             progress.update(task, advance=1, rate=f"{n_new / dt:.2f} ex/s  {tokens_total / dt:.1f} tok/s")
-    summary = {**counts, "examples": len(rows), "out": str(out), "dropped_file": str(dropped_path),
-               "mean_phi_reference": float(np.mean(phis_before)) if phis_before else None,
-               "mean_phi_hinted": float(np.mean(phis_after)) if phis_after else None,
-               "generated_tokens": tokens_total}  # fmt: skip
-    return summary
+    return {**summarize(out, dropped_path, set(ids)), "examples": len(rows), "skipped_done": skipped,
+            "generated_tokens": tokens_total}  # fmt: skip
+
+
+def summarize(out: Path, dropped_path: Path, ids: set[str]) -> dict[str, Any]:
+    """Counts and mean φ over the records of `ids` in the kept and dropped files (so a resumed run reports all)."""
+    kept = [r for r in _records(out) if r["hint_id"] in ids]
+    dropped = [r for r in _records(dropped_path) if r["hint_id"] in ids]
+    decoded = [r for r in kept + dropped if "hint_phi" in r]
+    mean = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
+    reasons = {k: sum(r["hint_dropped"] == k for r in dropped) for k in ("no_cot", "unfinished", "wrong_answer", "low_phi")}
+    return {"kept": len(kept), **reasons, "decoded": len(decoded), "correct": sum(bool(r["hint_correct"]) for r in decoded),
+            "mean_phi_reference": mean(decoded, "hint_reference_phi"), "mean_phi_hinted": mean(decoded, "hint_phi"),
+            "mean_phi_reference_kept": mean(kept, "hint_reference_phi"), "mean_phi_kept": mean(kept, "hint_phi"),
+            "out": str(out), "dropped_file": str(dropped_path)}  # fmt: skip
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

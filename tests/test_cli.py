@@ -93,6 +93,14 @@ BAD_CASES = {
     "generate: no prompt": (lambda t, m: ["generate", str(m)], "give either --prompt"),
     "plot: not a run": (lambda t, m: ["plot", str(t)], "no metrics.jsonl"),
     "ddt: missing data": (lambda t, m: ["ddt", str(m), "--data", "./nope.jsonl"], "data file not found"),
+    "hint: bad keep": (lambda t, m: ["hint", str(m), "--data", "x.jsonl", "--out", str(t / "h.jsonl"), "--keep", "some"],
+                       "--keep 'some'"),
+    "hint: missing data": (lambda t, m: ["hint", str(m), "--data", "./nope.jsonl", "--out", str(t / "h.jsonl")],
+                           "data file not found"),
+    "hint: --out is another file": (
+        lambda t, m: ["hint", str(m), "--data", _rows(t, [{"prompt": "1+1?", "completion": "#### 2"}]),
+                      "--out", _write(t / "mine.jsonl", '{"a": 1}\n{"a": 2}\n')],
+        "mine.jsonl:1: not a line written by psft-lite hint"),
     "missing eval data": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.eval=./missing.jsonl"],
                           "data file not found"),
 }
@@ -134,6 +142,22 @@ def test_existing_run_dir_is_refused_then_replaced_with_overwrite(tmp_path, tiny
     code, _, err = run_cli(capsys, "train", str(recipe))
     assert code == 2 and "--overwrite" in err
     assert run_cli(capsys, "train", str(recipe), "--overwrite")[0] == 0
+
+
+def test_hint_end_to_end_and_a_rerun_reports_every_example(tmp_path, tiny_model_dir, capsys):
+    from conftest import arith_rows
+
+    src = write_jsonl(tmp_path / "in.jsonl", arith_rows(3))
+    args = ["hint", str(tiny_model_dir), "--data", str(src), "--out", str(tmp_path / "h" / "out.jsonl"), "--keep", "all",
+            "--cot-fallback", "--max-new-tokens", "4"]  # fmt: skip
+    code, out, err = run_cli(capsys, *args, "--limit", "2")
+    assert code == 0, err
+    assert "hint: 2 of 2 kept" in out and "(0 were done before this run)" in out and "mean φ reference" in out
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "hint: 3 of 3 kept" in out and "(2 were done before this run)" in out
+    assert len((tmp_path / "h" / "out.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "h" / "out.dropped.jsonl").read_text() == ""
 
 
 def test_real_entry_point_prints_no_traceback(tmp_path):

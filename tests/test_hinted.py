@@ -11,7 +11,7 @@ import torch
 
 from psft_lite.data import load_examples
 from psft_lite.generate import load_model
-from psft_lite.hinted import HintConfig, decode, mix_step, nucleus, prompt_ids, repeating, run, sample
+from psft_lite.hinted import HintConfig, _StopAtCoT, cut_at_cot, decode, mix_step, nucleus, prompt_ids, repeating, run, sample
 from psft_lite.recipe import DataSection
 
 from conftest import arith_rows, write_jsonl
@@ -139,7 +139,7 @@ def test_run_writes_training_data_resumes_and_repairs_a_torn_line(tmp_path, tiny
     lines = out.read_text().splitlines()
     out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing line 2
     again = run(loaded, data.train, data, out, cfg, keep="all")
-    assert again["skipped_done"] == 1 and again["kept"] == 2
+    assert again["skipped_done"] == 1 and again["kept"] == 3 and again["decoded"] == 3  # the summary covers all 3
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 3 and len({r["hint_id"] for r in rows}) == 3
     assert {"prompt", "completion", "hint_phi", "hint_reference_phi", "hint_lambda_mean", "hint_finish"} <= set(rows[0])
@@ -153,5 +153,27 @@ def test_run_writes_training_data_resumes_and_repairs_a_torn_line(tmp_path, tiny
     # keep=correct sends wrong answers to the dropped file
     out3 = tmp_path / "strict.jsonl"
     s = run(loaded, data.train, data, out3, cfg, keep="correct")
-    assert s["kept"] + s["wrong_answer"] == 3
-    assert len((tmp_path / "strict.dropped.jsonl").read_text().splitlines()) == s["wrong_answer"]
+    dropped = [json.loads(x) for x in (tmp_path / "strict.dropped.jsonl").read_text().splitlines()]
+    assert s["kept"] + s["unfinished"] + s["wrong_answer"] == 3 and len(dropped) == s["unfinished"] + s["wrong_answer"]
+    for r in dropped:  # 6 new tokens cannot finish: unfinished first, wrong answer only for finished ones
+        assert r["hint_dropped"] == ("unfinished" if r["hint_finish"] != "eos" else "wrong_answer")
+    assert all(r["hint_finish"] == "eos" and r["hint_correct"] for r in map(json.loads, out3.read_text().splitlines()))
+
+
+@pytest.mark.parametrize("heading", ["# CoT", "#### CoT", "## cot:", "### CoT  "])
+def test_the_cot_heading_at_any_level_stops_the_analysis_and_is_written_as_hash_cot(tokenizer, heading):
+    text = f"# Analyze\nStep 1 adds 2 and 3.\n{heading}\nFirst, 2 + 3 = 5"
+    assert cut_at_cot(text) == "# Analyze\nStep 1 adds 2 and 3.\n# CoT\n"
+    # the greedy analysis stops once the heading's line has ended, not while it may still be "# CoTs"
+    start = 2
+    stop = _StopAtCoT(tokenizer, start)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = len(tokenizer(f"# Analyze\nStep 1 adds 2 and 3.\n{heading}", add_special_tokens=False)["input_ids"])
+    flags = [bool(stop(torch.tensor([[0, 0] + ids[:n]]), None)[0]) for n in range(1, len(ids) + 1)]
+    assert not any(flags[: cut - 1]) and flags[-1]
+
+
+def test_no_cot_heading_drops_or_falls_back():
+    assert cut_at_cot("# Analyze\nthe answer is #### 5\n") is None  # `#### 5` is an answer, not a heading
+    assert cut_at_cot("# Analyze\nsome text", fallback=True) == "# Analyze\nsome text\n\n# CoT\n"
+    assert cut_at_cot("# Analyze\n# CoT\nmine\n# CoT\nagain") == "# Analyze\n# CoT\nmine\n# CoT\n"  # the last one
