@@ -101,8 +101,8 @@ def cut_at_cot(text: str, fallback: bool = False) -> str | None:
 
 
 @torch.no_grad()
-def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: str, cfg: HintConfig) -> str | None:
-    """Greedy `# Analyze … # CoT` text, stopped and cut at the `CoT` heading; None when the model never writes one."""
+def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: str, cfg: HintConfig) -> tuple[str, str | None]:
+    """(the greedy analysis as written, the hint prefix cut at its `CoT` heading or None when it has none)."""
     from transformers import StoppingCriteriaList
 
     tok = loaded.tokenizer
@@ -114,7 +114,8 @@ def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: 
                                     max_new_tokens=cfg.hint_max_tokens, eos_token_id=_eos_ids(loaded),
                                     pad_token_id=tok.pad_token_id,
                                     stopping_criteria=StoppingCriteriaList([_StopAtCoT(tok, start)]))  # fmt: skip
-    return cut_at_cot(ANALYZE + tok.decode(out[0, start:], skip_special_tokens=True), cfg.cot_fallback)
+    analysis = ANALYZE + tok.decode(out[0, start:], skip_special_tokens=True)
+    return analysis, cut_at_cot(analysis, cfg.cot_fallback)
 
 
 def mix_step(lp: torch.Tensor, lq: torch.Tensor, beta: float, first: bool, handed_off: bool) -> tuple[torch.Tensor, float]:
@@ -303,10 +304,11 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
             ref_ids = loaded.tokenizer(reference, add_special_tokens=False)["input_ids"] + [loaded.tokenizer.eos_token_id]
             record: dict[str, Any] = {"hint_id": hid, "hint_where": row.where, "hint_reference_answer": gold,
                                       "hint_reference_phi": mean_phi(loaded, plain, ref_ids)}  # fmt: skip
-            prefix = hint_prefix(loaded, prompt_msgs, reference, cfg)
+            analysis, prefix = hint_prefix(loaded, prompt_msgs, reference, cfg)
             reason = None
             if prefix is None:
                 reason = "no_cot"
+                record["hint_analysis"] = analysis  # to see what the model wrote instead
             else:
                 hinted = prompt_ids(loaded, analysis_messages(prompt_msgs, reference), prefix)
                 d = decode(loaded, hinted, plain, cfg, seed=cfg.seed * 1_000_003 + int(hid[:8], 16))
