@@ -351,7 +351,7 @@ def hint(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.3,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 8192,
-    keep: Annotated[str, typer.Option("--keep", help="correct: keep rewrites whose answer matches the reference; all: keep every rewrite.")] = "correct",
+    keep: Annotated[str, typer.Option("--keep", help="correct: keep rewrites that finished (end-of-turn) with the reference's answer; all: keep every rewrite.")] = "correct",
     min_phi: Annotated[Optional[float], typer.Option("--min-phi", help="Also drop rewrites whose mean φ is below this.", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
