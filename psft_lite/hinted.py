@@ -247,24 +247,27 @@ def stable_id(data: dict[str, Any]) -> str:
 
 
 def read_done(path: Path) -> set[str]:
-    """ids already written to a JSON-lines output; a torn last line (killed mid-write) is cut off, not fatal."""
+    """ids already written to a JSON-lines output. Every line is written with its newline, so only a last line
+    without one can be torn (killed mid-write): it is cut off, not fatal. Any other line we did not write is an error —
+    never truncate a file that is not ours."""
     if not path.exists():
         return set()
     raw = path.read_bytes()
-    lines = raw.split(b"\n")
+    lines = raw.split(b"\n")  # the text after the last newline is lines[-1] ("" when the file ends with one)
     done, good = set(), 0
     for i, line in enumerate(lines):
-        if not line.strip():
-            good += len(line) + 1
-            continue
+        torn = i == len(lines) - 1
         try:
-            done.add(json.loads(line)["hint_id"])
-            good += len(line) + 1
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            if i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1 :]):
+            if line.strip():
+                done.add(json.loads(line)["hint_id"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            if torn:
                 path.write_bytes(raw[:good])  # repair: drop the torn tail
                 break
             raise DataError(f"{path}:{i + 1}: not a line written by psft-lite hint; use another --out.") from None
+        if torn and line.strip():  # whole record, newline lost: end the line so the next record starts its own
+            path.write_bytes(raw + b"\n")
+        good += len(line) + 1
     return done
 
 

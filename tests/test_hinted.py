@@ -177,3 +177,21 @@ def test_no_cot_heading_drops_or_falls_back():
     assert cut_at_cot("# Analyze\nthe answer is #### 5\n") is None  # `#### 5` is an answer, not a heading
     assert cut_at_cot("# Analyze\nsome text", fallback=True) == "# Analyze\nsome text\n\n# CoT\n"
     assert cut_at_cot("# Analyze\n# CoT\nmine\n# CoT\nagain") == "# Analyze\n# CoT\nmine\n# CoT\n"  # the last one
+
+
+def test_resume_never_truncates_a_file_it_did_not_write_and_ends_a_line_that_lost_its_newline(tmp_path):
+    from psft_lite.errors import DataError
+    from psft_lite.hinted import read_done
+
+    foreign = tmp_path / "mine.jsonl"
+    foreign.write_text('{"prompt": "x", "completion": "y"}\n')
+    with pytest.raises(DataError, match="mine.jsonl:1: not a line written by psft-lite hint"):
+        read_done(foreign)
+    assert foreign.read_text() == '{"prompt": "x", "completion": "y"}\n'  # untouched
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"hint_id": "a"}\n{"hint_id": "b", "comp')
+    assert read_done(torn) == {"a"} and torn.read_text() == '{"hint_id": "a"}\n'
+    unended = tmp_path / "unended.jsonl"
+    unended.write_text('{"hint_id": "a"}\n{"hint_id": "b"}')
+    assert read_done(unended) == {"a", "b"} and unended.read_text() == '{"hint_id": "a"}\n{"hint_id": "b"}\n'
+    assert read_done(unended) == {"a", "b"} and unended.read_text().count("\n") == 2  # idempotent
