@@ -152,6 +152,12 @@ ModelArg = Annotated[
                         "smollm2-135m-instruct.", show_default=False)  # fmt: skip
 ]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32 (default: as trained / auto).", show_default=False)]
+DataConfigOpt = Annotated[Optional[str], typer.Option("--data-config", help="Hub data set configuration, e.g. main for openai/gsm8k.", show_default=False)]
+
+
+def _source(path: str, config: str | None, split: str) -> dict[str, Any]:
+    """A `--data` value as a recipe's data source (the split and configuration matter for hub ids and folders)."""
+    return {"path": path, "config": config, "split": split}
 
 
 def _dtype(d: str | None) -> str | None:
@@ -251,6 +257,8 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems of each set.", show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write summary.json and predictions.jsonl here.", show_default=False)] = None,
+    data_config: DataConfigOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of hub data sets and data set folders given with --data.")] = "test",
     dtype: DtypeOpt = None,
 ) -> None:
     """Math-answer accuracy (#### N and \\boxed{} answers), generation entropy and reference NLL per data set.
@@ -272,7 +280,7 @@ def eval_(
     if data:
         for item in data:
             name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
-            section = DataSection(train=path, max_length=base_data.max_length if base_data else 4096)
+            section = DataSection(train=_source(path, data_config, split), max_length=base_data.max_length if base_data else 4096)
             sets[name] = (section.train, section)
     elif loaded.recipe is not None and (loaded.recipe.eval.sets or loaded.recipe.data.eval):
         named = loaded.recipe.eval.sets or {"eval": loaded.recipe.data.eval}
@@ -306,6 +314,8 @@ def ddt(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N rows.", show_default=False)] = None,
     max_length: Annotated[int, typer.Option("--max-length", min=2, help="Truncate longer examples.")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
+    data_config: DataConfigOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of a hub data set or data set folder.")] = "train",
     dtype: DtypeOpt = None,
 ) -> None:
     """How in-distribution a data set is for a model: φ = log p + H per response token (METHODS.md §3).
@@ -320,7 +330,7 @@ def ddt(
     from psft_lite.recipe import DataSection
 
     loaded = load_model(model, _dtype(dtype))
-    section = DataSection(train=data, max_length=max_length, truncation="truncate")
+    section = DataSection(train=_source(data, data_config, split), max_length=max_length, truncation="truncate")
     examples, _ = load_examples(section.train, section, loaded.tokenizer, limit=limit)
     phis = token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype)
     stats = summarize(phis)
@@ -355,6 +365,8 @@ def hint(
     min_phi: Annotated[Optional[float], typer.Option("--min-phi", help="Also drop rewrites whose mean φ is below this.", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    data_config: DataConfigOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split of a hub data set or data set folder.")] = "train",
     cot_fallback: Annotated[bool, typer.Option("--cot-fallback", help="When the analysis has no '# CoT' heading, append one instead of dropping the example (small models rarely write it).")] = False,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -373,7 +385,7 @@ def hint(
         raise RecipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     if keep not in ("correct", "all"):
         raise RecipeError(f"--keep {keep!r}: choose correct or all.")
-    section = DataSection(train=data, format=fmt)
+    section = DataSection(train=_source(data, data_config, split), format=fmt)
     loaded = load_model(model, _dtype(dtype))
     cfg = HintConfig(beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                      answer_marker=answer_marker, seed=seed, cot_fallback=cot_fallback)  # fmt: skip

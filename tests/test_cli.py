@@ -166,3 +166,30 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "psft_lite", "validate", str(bad)], capture_output=True, text=True)
     assert p.returncode == 2
     assert "train.lr: input should be a valid number (got 'fast')" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hub_layout_data_set_config_and_split_on_the_command_line(tmp_path, tiny_model_dir, capsys):
+    """`--data-config` / `--split` reach datasets.load_dataset (the hub code path) for ddt, eval and hint."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "gsm8k"
+    (root / "main").mkdir(parents=True)
+    for split, add, n in (("train", 1, 5), ("test", 2, 3)):
+        rows = [{"question": f"What is {i} + {add}?", "answer": f"{i} + {add} = {i + add}\n#### {i + add}"} for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows), root / "main" / f"{split}-00000-of-00001.parquet")
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+                                    "  - split: test\n    path: main/test-*\n---\n")  # fmt: skip
+    data = ["--data", str(root), "--data-config", "main"]
+    code, out, err = run_cli(capsys, "ddt", str(tiny_model_dir), *data, "--split", "test", "--json")
+    assert code == 0, err
+    assert json.loads(out)["examples"] == 3
+    code, out, err = run_cli(capsys, "eval", str(tiny_model_dir), *data, "--max-new-tokens", "2")  # eval reads test
+    assert code == 0, err
+    assert "n=3" in out
+    code, out, err = run_cli(capsys, "hint", str(tiny_model_dir), *data, "--out", str(tmp_path / "h.jsonl"), "--limit", "1",
+                             "--keep", "all", "--cot-fallback", "--max-new-tokens", "2")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "h.jsonl").read_text())["question"] == "What is 0 + 1?"  # the train split
+    code, out, err = run_cli(capsys, "ddt", str(tiny_model_dir), *data, "--split", "dev")
+    assert code == 2 and 'Unknown split "dev"' in err and "Traceback" not in err

@@ -174,7 +174,7 @@ def _read_dataset_folder(path: Path, source: Source, limit: int | None) -> list[
         else:
             ds = datasets.load_dataset(str(path), name=source.config, split=source.split)
     except KeyError:
-        raise DataError(f"{path}: has no split {source.split!r}; set data.train.split (or data.eval.split).") from None
+        raise DataError(f"{path}: has no split {source.split!r}; set data.train.split (or data.eval.split; --split on the command line).") from None
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"{path}: cannot read this folder as a data set ({e}).") from None
     return _rows_from_dataset(ds, label, limit)
