@@ -341,8 +341,10 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
 
 def summarize(out: Path, dropped_path: Path, ids: set[str]) -> dict[str, Any]:
     """Counts and mean φ over the records of `ids` in the kept and dropped files (so a resumed run reports all)."""
-    kept = [r for r in _records(out) if r["hint_id"] in ids]
-    dropped = [r for r in _records(dropped_path) if r["hint_id"] in ids]
+    from psft_lite.metrics import read_metrics
+
+    kept = [r for r in read_metrics(out) if r["hint_id"] in ids]  # both files exist: `run` opened them for appending
+    dropped = [r for r in read_metrics(dropped_path) if r["hint_id"] in ids]
     decoded = [r for r in kept + dropped if "hint_phi" in r]
     mean = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
     reasons = {k: sum(r["hint_dropped"] == k for r in dropped) for k in ("no_cot", "unfinished", "wrong_answer", "low_phi")}
@@ -350,9 +352,3 @@ def summarize(out: Path, dropped_path: Path, ids: set[str]) -> dict[str, Any]:
             "mean_phi_reference": mean(decoded, "hint_reference_phi"), "mean_phi_hinted": mean(decoded, "hint_phi"),
             "mean_phi_reference_kept": mean(kept, "hint_reference_phi"), "mean_phi_kept": mean(kept, "hint_phi"),
             "out": str(out), "dropped_file": str(dropped_path)}  # fmt: skip
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
