@@ -329,8 +329,10 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
                 elif min_phi is not None and phi < min_phi:
                     reason = "low_phi"
                 record = {**with_response(row.data, fmt, fields, d.text), **record}
+            if reason is not None:
+                record["hint_dropped"] = reason
             f = kept_f if reason is None else drop_f
-            f.write(json.dumps(record if reason is None else {**record, "hint_dropped": reason}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             n_new += 1
             dt = time.perf_counter() - t0
