@@ -294,9 +294,9 @@ class Recipe(Section):
             if o.kind != kind:
                 changed = [k for k in keys if getattr(o, k) != getattr(defaults, k)]
                 if changed:
-                    verb = "applies" if len(changed) == 1 else "apply"
-                    out.append(f"objective.{', objective.'.join(changed)} only {verb} to kind = '{kind}' and "
-                               f"{'is' if len(changed) == 1 else 'are'} ignored.")  # fmt: skip
+                    applies, is_ = ("applies", "is") if len(changed) == 1 else ("apply", "are")
+                    out.append(f"objective.{', objective.'.join(changed)} only {applies} to kind = '{kind}' and "
+                               f"{is_} ignored.")  # fmt: skip
         return out
 
     def to_toml(self) -> str:
