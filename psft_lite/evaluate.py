@@ -57,7 +57,7 @@ def extract_answer(text: str) -> str | None:
         return normalize(tail.splitlines()[0]) if tail else None
     boxed = _boxed(text)
     if boxed is not None:
-        inner = boxed.replace("\\!", "").replace("\\,", "").replace("$", "")
+        inner = boxed.replace("\\!", "").replace("\\,", "").replace("{,}", ",").replace("$", "")
         inner = re.sub(r"\\(?:d|t)?frac\{([^{}]+)\}\{([^{}]+)\}", r"\1/\2", inner)
         inner = re.sub(r"\\text\{[^{}]*\}", "", inner)
         return normalize(inner)

@@ -52,7 +52,9 @@ def test_train_end_to_end_writes_exactly_the_run_layout(tmp_path, tiny_model_dir
 def test_version_and_help(capsys):
     code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.startswith("psft-lite ")
-    for cmd in ("train", "validate", "merge", "generate", "chat", "eval", "ddt", "plot"):
+    commands = [c.name or c.callback.__name__ for c in cli.app.registered_commands]
+    assert {"train", "validate", "merge", "generate", "chat", "eval", "ddt", "plot", "hint", "study"} <= set(commands)
+    for cmd in commands:  # every command, so a new one needs its example too
         code, out, _ = run_cli(capsys, cmd, "--help")
         assert code == 0 and "Example:" in out
 
@@ -193,3 +195,4 @@ def test_hub_layout_data_set_config_and_split_on_the_command_line(tmp_path, tiny
     assert json.loads((tmp_path / "h.jsonl").read_text())["question"] == "What is 0 + 1?"  # the train split
     code, out, err = run_cli(capsys, "ddt", str(tiny_model_dir), *data, "--split", "dev")
     assert code == 2 and 'Unknown split "dev"' in err and "Traceback" not in err
+
