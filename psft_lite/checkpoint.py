@@ -1,4 +1,9 @@
-"""Everything a run writes that must never be half-written: the adapter folder and checkpoints.
+"""A run directory's files: creating it, the adapter folder, checkpoints, and finding what to resume from.
+
+    RUN_DIR/recipe.toml        the resolved recipe (its presence marks a psft-lite run directory)
+    RUN_DIR/metrics.jsonl      written by metrics.MetricsWriter
+    RUN_DIR/adapter/           the final PEFT adapter (+ tokenizer, chat template, psft_lite.json)
+    RUN_DIR/checkpoints/step-N/
 
 A folder is written as `<name>.tmp-XXXX/`, its files fsynced, then renamed into place in one `os.replace`; a crash
 mid-write leaves the previous version intact and a `.tmp-` folder that is never mistaken for the real one.
@@ -23,6 +28,7 @@ import torch
 from psft_lite import __version__
 from psft_lite.errors import RecipeError, RunError
 
+RUN_MARKER = "recipe.toml"  # a folder holding this file is a psft-lite run directory
 ADAPTER_META = "psft_lite.json"  # beside adapter_config.json: how the base was loaded, for merge/eval/generate
 
 
@@ -65,6 +71,58 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into a non-empty folder, and never delete a folder that is not a psft-lite run."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise RecipeError(f"output.dir {path}: {existing} is not writable; choose another output.dir.")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RecipeError(f"output.dir {path} exists and is a file; choose another output.dir.")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        resume = " Pass --resume to continue it from its last checkpoint," if list_checkpoints(path) else ""
+        raise RecipeError(
+            f"output.dir {path} already holds a run.{resume} Pass --overwrite to replace it, or choose another "
+            "output.dir (e.g. --set output.dir=runs/new-name)."
+        )
+    if not (path / RUN_MARKER).exists():
+        raise RecipeError(
+            f"output.dir {path} is not empty and is not a psft-lite run directory; refusing to overwrite it. "
+            "Choose another output.dir."
+        )
+
+
+def create_run_dir(path: Path, recipe_toml: str, checkpoint_bytes: int, keep_last: int) -> None:
+    """Create (or, with --overwrite already allowed by `check_output_dir`, replace) the run directory, write the
+    resolved recipe, and check that the checkpoints the run will keep fit on its disk; on failure nothing is left."""
+    if path.exists():
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True)
+        (path / RUN_MARKER).write_text(recipe_toml, encoding="utf-8")
+    except OSError as e:
+        shutil.rmtree(path, ignore_errors=True)
+        raise RecipeError(f"output.dir {path}: cannot write there ({e.strerror}); choose another output.dir.") from None
+    need = checkpoint_bytes * (max(keep_last, 1) + 2)  # kept + the one being written + the adapter
+    free = shutil.disk_usage(path).free  # measured on the run dir's own file system, so only once it exists
+    if free < need:
+        shutil.rmtree(path, ignore_errors=True)
+        raise RecipeError(
+            f"output.dir {path}: {free / 2**20:.0f} MB free, but this run's checkpoints need about "
+            f"{need / 2**20:.0f} MB. Free some space, lower train.keep_last, or choose another output.dir."
+        )
+
+
+def checkpoint_size(n_trainable: int) -> int:
+    """Bytes of one checkpoint: adapter + two AdamW moments in float32, plus small files."""
+    return n_trainable * 4 * 3 + 2**20
 
 
 def save_adapter(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> Path:
@@ -133,18 +191,32 @@ def _tuples(x: Any) -> Any:
 
 
 def save_checkpoint(
-    run_dir: Path, model: Any, optimizer: Any, policy_state: dict[str, Any], state: TrainState, recipe_toml: str
+    run_dir: Path, model: Any, optimizer: Any, policy_state: dict[str, Any], state: TrainState, recipe_toml: str,
+    keep_last: int,
 ) -> Path:
-    """Write checkpoints/step-N/ atomically; returns its path."""
+    """Write checkpoints/step-N/ atomically, then prune to the newest `keep_last`; returns its path. A failed write
+    (disk full, quota, a vanished mount) leaves nothing half-written and says which checkpoint is intact."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{state.step}"
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "README.md").unlink(missing_ok=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(policy_state, tmp / "policy.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
-        (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "psft_lite_version": __version__}, indent=2) + "\n")
+    try:
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "README.md").unlink(missing_ok=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(policy_state, tmp / "policy.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
+            (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "psft_lite_version": __version__}, indent=2) + "\n")
+    except OSError as e:
+        kept = list_checkpoints(run_dir)
+        last = (
+            f"the last good checkpoint, {kept[-1][1]}, is intact: free space and continue with --resume"
+            if kept
+            else "no earlier checkpoint exists"
+        )
+        raise RunError(
+            f"could not write checkpoint step-{state.step} into {Path(run_dir) / CHECKPOINTS} ({e.strerror or e}); {last}."
+        ) from None
+    prune_checkpoints(run_dir, keep_last)
     return final
 
 
@@ -209,3 +281,30 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path:
         have = ", ".join(c.name for _, c in list_checkpoints(run_dir)) or "none"
         raise RecipeError(f"--resume {spec}: not a checkpoint folder (no {STATE_FILE}). Checkpoints of this run: {have}.")
     return p
+
+
+def open_resume(run_dir: Path, spec: str, recipe: Any, total_steps: int) -> tuple[Path, list[str]]:
+    """The checkpoint `--resume spec` names, after checking that resuming it with `recipe` continues the same run;
+    returns it with warnings. `RecipeError` when the recipe changes the math or asks for no further steps."""
+    from psft_lite.recipe import load_recipe, math_differences
+
+    path = find_checkpoint(run_dir, spec)
+    saved = load_recipe(path / "recipe.toml")
+    diffs = math_differences(saved, recipe)
+    if diffs:
+        key, old, new = diffs[0]
+        more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
+        raise RecipeError(
+            f"--resume: the checkpoint {path} was trained with {key} = {old!r}, but the recipe now says {new!r}{more}. "
+            "Resuming would not continue the same run; restore the key, or start a new run in another output.dir."
+        )
+    step = json.loads((path / STATE_FILE).read_text())["step"]
+    if step >= total_steps:
+        raise RecipeError(
+            f"--resume: {path} is at step {step}, and the recipe asks for {total_steps} steps in all; "
+            "raise train.max_steps (or train.epochs) to train further."
+        )
+    warnings = []
+    if saved.train.schedule != "constant" and saved.train.max_steps != recipe.train.max_steps:
+        warnings.append("the run length changed, so the lr schedule differs from the original run's.")
+    return path, warnings

@@ -70,8 +70,7 @@ def train(
     from psft_lite.recipe import load_recipe
     from psft_lite.train import run
 
-    r = load_recipe(recipe, set_ or [])
-    summary = run(r, console=err, overwrite=overwrite, resume=resume)
+    summary = run(load_recipe(recipe, set_ or []), console=err, overwrite=overwrite, resume=resume)
     if not summary["main"]:
         return  # other ranks of a distributed run stay quiet
     last = summary["last"] or {}
@@ -98,35 +97,36 @@ def validate(
     [dim]Example: psft-lite validate recipes/quickstart.toml[/dim]
     [dim]Example: psft-lite validate recipes/math.toml --deep[/dim]
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from psft_lite.modeling import offline
+
+    offline()
     from psft_lite.data.sources import looks_local, resolve_local
     from psft_lite.errors import DataError
     from psft_lite.recipe import load_recipe
 
-    r = load_recipe(recipe, set_ or [])
-    base_dir = r.path.parent if r.path else None
-    sources = [("data.train", r.data.train), ("data.eval", r.data.eval)] + [(f"eval.sets.{k}", v) for k, v in r.eval.sets.items()]
+    parsed = load_recipe(recipe, set_ or [])
+    base_dir = parsed.path.parent if parsed.path else None
+    sources = [("data.train", parsed.data.train), ("data.eval", parsed.data.eval)] + [(f"eval.sets.{k}", v) for k, v in parsed.eval.sets.items()]
     for name, src in sources:
         if src is not None and resolve_local(src.path, base_dir) is None and looks_local(src.path):
             raise DataError(f"{recipe}: {name}: file {src.path!r} not found (relative paths are read from the working directory).")
-    for w in r.warnings():
+    for w in parsed.warnings():
         err.print(f"[yellow]warning:[/yellow] {w}")
-    o, t = r.objective, r.train
+    o, t = parsed.objective, parsed.train
     out.print(f"[green]ok[/green] {recipe}")
-    out.print(f"  model     {r.model.name}" + (" (4-bit NF4)" if r.model.load_in_4bit else "") + f", dtype {r.model.dtype}")
-    out.print(f"  lora      r={r.lora.r} alpha={r.lora.alpha:g} targets={r.lora.target_modules}")
-    out.print(f"  data      {r.data.train.path}" + (f" [{r.data.train.config}]" if r.data.train.config else "")
-              + f" split={r.data.train.split} format={r.data.format} max_length={r.data.max_length}")  # fmt: skip
+    out.print(f"  model     {parsed.model.name}" + (" (4-bit NF4)" if parsed.model.load_in_4bit else "") + f", dtype {parsed.model.dtype}")
+    out.print(f"  lora      r={parsed.lora.r} alpha={parsed.lora.alpha:g} targets={parsed.lora.target_modules}")
+    out.print(f"  data      {parsed.data.train.path}" + (f" [{parsed.data.train.config}]" if parsed.data.train.config else "")
+              + f" split={parsed.data.train.split} format={parsed.data.format} max_length={parsed.data.max_length}")  # fmt: skip
     out.print(f"  objective {o.kind}" + (f" old_policy={o.old_policy} refresh_every={o.refresh_every} clip_high={o.clip_high}" if o.kind == "psft" else ""))
     steps = f"max_steps={t.max_steps}" if t.max_steps else f"epochs={t.epochs:g}"
     out.print(f"  train     lr={t.lr:g} {steps} batch={t.batch_size} micro={t.micro_batch_size} seed={t.seed}")
-    out.print(f"  output    {r.run_dir}")
+    out.print(f"  output    {parsed.run_dir}")
     if no_preflight:
         return
     from psft_lite.preflight import GB, run_preflight
 
-    rep = run_preflight(r, out, deep=deep)
+    rep = run_preflight(parsed, out, deep=deep)
     st = rep.stats
     if "examples" in st:
         out.print(f"  examples  {st['examples']} of {st['rows']} rows; {st['trained_tokens']:,} trained of "
@@ -155,9 +155,11 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or 
 DataConfigOpt = Annotated[Optional[str], typer.Option("--data-config", help="Hub data set configuration, e.g. main for openai/gsm8k.", show_default=False)]
 
 
-def _source(path: str, config: str | None, split: str) -> dict[str, Any]:
-    """A `--data` value as a recipe's data source (the split and configuration matter for hub ids and folders)."""
-    return {"path": path, "config": config, "split": split}
+def _source(path: str, config: str | None, split: str) -> Any:
+    """A `--data` value as a data source (the split and configuration matter for hub ids and folders)."""
+    from psft_lite.recipe import Source
+
+    return Source(path=path, config=config, split=split)
 
 
 def _dtype(d: str | None) -> str | None:
@@ -270,7 +272,7 @@ def eval_(
     from psft_lite.errors import RecipeError
     from psft_lite.evaluate import eval_items, evaluate_set, write_outputs
     from psft_lite.generate import load_model
-    from psft_lite.recipe import DataSection
+    from psft_lite.recipe import RowFormat
 
     if samples > 1 and temperature == 0:
         raise RecipeError("--samples > 1 needs --temperature > 0 (greedy answers are identical).")
@@ -280,8 +282,7 @@ def eval_(
     if data:
         for item in data:
             name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
-            section = DataSection(train=_source(path, data_config, split), max_length=base_data.max_length if base_data else 4096)
-            sets[name] = (section.train, section)
+            sets[name] = (_source(path, data_config, split), RowFormat(max_length=base_data.max_length if base_data else 4096))
     elif loaded.recipe is not None and (loaded.recipe.eval.sets or loaded.recipe.data.eval):
         named = loaded.recipe.eval.sets or {"eval": loaded.recipe.data.eval}
         sets = {k: (v, loaded.recipe.data) for k, v in named.items()}
@@ -327,11 +328,11 @@ def ddt(
     from psft_lite.data import load_examples
     from psft_lite.ddt import BINS, summarize, token_phi
     from psft_lite.generate import load_model
-    from psft_lite.recipe import DataSection
+    from psft_lite.recipe import RowFormat
 
     loaded = load_model(model, _dtype(dtype))
-    section = DataSection(train=_source(data, data_config, split), max_length=max_length, truncation="truncate")
-    examples, _ = load_examples(section.train, section, loaded.tokenizer, limit=limit)
+    rows = RowFormat(max_length=max_length, truncation="truncate")
+    examples, _ = load_examples(_source(data, data_config, split), rows, loaded.tokenizer, limit=limit)
     phis = token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype)
     stats = summarize(phis)
     stats.update(model=str(model), data=data)
@@ -379,17 +380,17 @@ def hint(
     from psft_lite.errors import RecipeError
     from psft_lite.generate import load_model
     from psft_lite.hinted import HintConfig, run
-    from psft_lite.recipe import FORMATS, DataSection
+    from psft_lite.recipe import FORMATS, RowFormat
 
     if fmt not in FORMATS:
         raise RecipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     if keep not in ("correct", "all"):
         raise RecipeError(f"--keep {keep!r}: choose correct or all.")
-    section = DataSection(train=_source(data, data_config, split), format=fmt)
     loaded = load_model(model, _dtype(dtype))
     cfg = HintConfig(beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                      answer_marker=answer_marker, seed=seed, cot_fallback=cot_fallback)  # fmt: skip
-    s = run(loaded, section.train, section, out_file, cfg, keep, min_phi, limit, console=err)
+    s = run(loaded, _source(data, data_config, split), RowFormat(format=fmt), out_file, cfg, keep, min_phi, limit,
+            console=err)
     acc = s["correct"] / s["decoded"] if s["decoded"] else float("nan")
     out.print(f"hint: {s['kept']} of {s['examples']} kept; dropped {s['no_cot']} without # CoT, {s['unfinished']} "
               f"unfinished (length/repetition), {s['wrong_answer']} wrong answer, {s['low_phi']} below --min-phi "
@@ -425,18 +426,18 @@ def study(
     from psft_lite.recipe import load_recipe
     from psft_lite.study import latest_results, plot_study, report_tables, run_study
 
-    r = load_recipe(recipe, set_ or [])
+    parsed = load_recipe(recipe, set_ or [])
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise RecipeError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
-    folder = out_dir or r.run_dir
-    results_path = run_study(r, [m.strip() for m in methods.split(",") if m.strip()], seed_list, folder, limit,
+    folder = out_dir or parsed.run_dir
+    results_path = run_study(parsed, [m.strip() for m in methods.split(",") if m.strip()], seed_list, folder, limit,
                              max_new_tokens, err)  # fmt: skip
     results = latest_results(read_metrics(results_path))
     dest = report or folder
     dest.mkdir(parents=True, exist_ok=True)
-    sets = list(r.eval.sets)
+    sets = list(parsed.eval.sets)
     (dest / "tables.md").write_text(report_tables(results, sets), encoding="utf-8")
     pngs = plot_study(results, dest, folder, sets)
     out.print(f"results: {results_path}\ntables: {dest / 'tables.md'}\nfigures: {', '.join(map(str, pngs))}")
@@ -473,12 +474,9 @@ def merge(
 
     [dim]Example: psft-lite merge runs/quickstart --out models/quickstart-merged[/dim]
     """
-    from psft_lite.errors import RecipeError
     from psft_lite.merge import merge as do_merge
 
-    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
-        raise RecipeError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32.")
-    report = do_merge(source, out=out, base=base, dtype=dtype, verify=not no_verify, from_original=from_original, console=err)
+    report = do_merge(source, out=out, base=base, dtype=_dtype(dtype), verify=not no_verify, from_original=from_original, console=err)
     out_console.print(f"merged: {report['out']}")
 
 

@@ -78,20 +78,11 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-_CURRENT = Dist()
-
-
-def current() -> Dist:
-    return _CURRENT
-
-
 def init_from_env() -> Dist:
     """Join the process group the launcher describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT)."""
-    global _CURRENT
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        _CURRENT = Dist()
-        return _CURRENT
+        return Dist()
     import torch.distributed as dist
 
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -101,19 +92,13 @@ def init_from_env() -> Dist:
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(seconds=int(os.environ.get("PSFT_LITE_DIST_TIMEOUT", "1800")))
         dist.init_process_group(backend=backend, timeout=timeout)
-    _CURRENT = Dist(rank, world, local)
-    return _CURRENT
+    return Dist(rank, world, local)
 
 
-def shutdown() -> None:
-    global _CURRENT
-    if _CURRENT.enabled:
+def shutdown(d: Dist) -> None:
+    """Leave the process group `init_from_env` joined (a single-process run joined none)."""
+    if d.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    _CURRENT = Dist()
-
-
-def describe(d: Dist) -> dict[str, Any]:
-    return {"rank": d.rank, "world_size": d.world}

@@ -18,7 +18,7 @@ from psft_lite.data import load_conversations
 from psft_lite.data.tokenize import Example, encode_all
 from psft_lite.generate import Loaded, generate
 from psft_lite.modeling import score_examples
-from psft_lite.recipe import DataSection, Source
+from psft_lite.recipe import RowFormat, Source
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Answer extraction
@@ -115,7 +115,7 @@ class EvalItem:
         return ans, answers_match(ans, self.gold)
 
 
-def eval_items(source: Source, data: DataSection, limit: int | None = None, base_dir: Path | None = None) -> list[EvalItem]:
+def eval_items(source: Source, data: RowFormat, limit: int | None = None, base_dir: Path | None = None) -> list[EvalItem]:
     """Problems with gold answers: from an `answer` column when present, else extracted from the reference."""
     items = []
     for msgs, row in load_conversations(source, data, limit=limit, base_dir=base_dir):

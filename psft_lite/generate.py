@@ -14,9 +14,8 @@ from typing import Any, Callable
 import torch
 
 from psft_lite import modeling
+from psft_lite.data.formats import Message
 from psft_lite.recipe import ModelSection, Recipe
-
-Message = dict[str, str]
 
 
 @dataclass
@@ -121,7 +120,7 @@ def generate(
     from transformers import LogitsProcessorList
 
     tok, model = loaded.tokenizer, loaded.model
-    eos_ids = _eos_ids(loaded)
+    ends = eos_ids(loaded)
     out: list[Generation] = []
     old_side = tok.padding_side
     tok.padding_side = "left"
@@ -133,7 +132,7 @@ def generate(
             recorder = EntropyRecorder()
             torch.manual_seed(seed + start)
             sampling = temperature > 0
-            kwargs: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_new_tokens, "eos_token_id": eos_ids,
+            kwargs: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_new_tokens, "eos_token_id": ends,
                                       "pad_token_id": tok.pad_token_id, "logits_processor": LogitsProcessorList([recorder])}  # fmt: skip
             if sampling:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
@@ -147,7 +146,7 @@ def generate(
                 ids = new[row].tolist()
                 n, finished = len(ids), False
                 for i, t in enumerate(ids):
-                    if t in eos_ids:
+                    if t in ends:
                         n, finished = i + 1, True
                         break
                 text = tok.decode(ids[: n - 1 if finished else n], skip_special_tokens=True)
@@ -159,7 +158,8 @@ def generate(
     return out
 
 
-def _eos_ids(loaded: Loaded) -> list[int]:
+def eos_ids(loaded: Loaded) -> list[int]:
+    """Every token id that ends a turn: the tokenizer's eos and the generation config's."""
     ids = {loaded.tokenizer.eos_token_id}
     gen = getattr(loaded.model, "generation_config", None)
     if gen is not None and gen.eos_token_id is not None:
@@ -173,7 +173,7 @@ def chat_reply(loaded: Loaded, messages: list[Message], max_new_tokens: int = 51
     """One assistant turn for an interactive chat, streamed token by token to `stream` (a transformers streamer)."""
     tok = loaded.tokenizer
     enc = tok(render_prompt(tok, messages), add_special_tokens=False, return_tensors="pt").to(loaded.device)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": _eos_ids(loaded),
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_ids(loaded),
                               "pad_token_id": tok.pad_token_id, "streamer": stream}  # fmt: skip
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)

@@ -31,7 +31,8 @@ import torch
 from psft_lite import modeling
 from psft_lite.data.tokenize import Example
 from psft_lite.errors import DataError
-from psft_lite.generate import Loaded, _eos_ids, render_prompt
+from psft_lite.generate import Loaded, eos_ids, render_prompt
+from psft_lite.metrics import read_metrics, read_records
 
 ANALYSIS_SYSTEM = (
     "You are given a problem and a reference solution. First write the heading '# Analyze' and explain the reference "
@@ -77,7 +78,7 @@ def analysis_messages(question_msgs: list[dict[str, str]], reference: str) -> li
             {"role": "user", "content": f"Problem:\n{question}\n\nReference solution:\n{reference}"}]  # fmt: skip
 
 
-class _StopAtCoT:
+class StopAtCoT:
     """Stopping criterion: the generated text has a complete `CoT` heading line."""
 
     def __init__(self, tokenizer: Any, start: int):
@@ -111,9 +112,9 @@ def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: 
     start = enc["input_ids"].shape[1]
     with modeling.autocast(loaded.device, loaded.dtype):
         out = loaded.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                    max_new_tokens=cfg.hint_max_tokens, eos_token_id=_eos_ids(loaded),
+                                    max_new_tokens=cfg.hint_max_tokens, eos_token_id=eos_ids(loaded),
                                     pad_token_id=tok.pad_token_id,
-                                    stopping_criteria=StoppingCriteriaList([_StopAtCoT(tok, start)]))  # fmt: skip
+                                    stopping_criteria=StoppingCriteriaList([StopAtCoT(tok, start)]))  # fmt: skip
     analysis = ANALYZE + tok.decode(out[0, start:], skip_special_tokens=True)
     return analysis, cut_at_cot(analysis, cfg.cot_fallback)
 
@@ -198,7 +199,7 @@ def decode(loaded: Loaded, hinted: list[int], plain: list[int], cfg: HintConfig,
            incremental: bool = True, progress: Callable[[], None] | None = None) -> Decoded:  # fmt: skip
     """Hinted Decoding of one example from the two prompts' token ids."""
     tok = loaded.tokenizer
-    eos = set(_eos_ids(loaded))
+    eos = set(eos_ids(loaded))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     streams = _Streams(loaded, [hinted, plain], incremental)
     tokens: list[int] = []
@@ -247,28 +248,9 @@ def stable_id(data: dict[str, Any]) -> str:
 
 
 def read_done(path: Path) -> set[str]:
-    """ids already written to a JSON-lines output. Every line is written with its newline, so only a last line
-    without one can be torn (killed mid-write): it is cut off, not fatal. Any other line we did not write is an error —
-    never truncate a file that is not ours."""
-    if not path.exists():
-        return set()
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")  # the text after the last newline is lines[-1] ("" when the file ends with one)
-    done, good = set(), 0
-    for i, line in enumerate(lines):
-        torn = i == len(lines) - 1
-        try:
-            if line.strip():
-                done.add(json.loads(line)["hint_id"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            if torn:
-                path.write_bytes(raw[:good])  # repair: drop the torn tail
-                break
-            raise DataError(f"{path}:{i + 1}: not a line written by psft-lite hint; use another --out.") from None
-        if torn and line.strip():  # whole record, newline lost: end the line so the next record starts its own
-            path.write_bytes(raw + b"\n")
-        good += len(line) + 1
-    return done
+    """ids already written to an output (kept or dropped); a torn last line is repaired, a file we did not write is
+    an error, never truncated (metrics.read_records)."""
+    return {rec["hint_id"] for rec in read_records(path, "hint_id", "psft-lite hint")}
 
 
 def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep: str = "correct",
@@ -343,14 +325,12 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
 
 def summarize(out: Path, dropped_path: Path, ids: set[str]) -> dict[str, Any]:
     """Counts and mean φ over the records of `ids` in the kept and dropped files (so a resumed run reports all)."""
-    from psft_lite.metrics import read_metrics
-
-    kept = [r for r in read_metrics(out) if r["hint_id"] in ids]  # both files exist: `run` opened them for appending
-    dropped = [r for r in read_metrics(dropped_path) if r["hint_id"] in ids]
-    decoded = [r for r in kept + dropped if "hint_phi" in r]
-    mean = lambda rs, key: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
-    reasons = {k: sum(r["hint_dropped"] == k for r in dropped) for k in ("no_cot", "unfinished", "wrong_answer", "low_phi")}
-    return {"kept": len(kept), **reasons, "decoded": len(decoded), "correct": sum(bool(r["hint_correct"]) for r in decoded),
+    kept = [rec for rec in read_metrics(out) if rec["hint_id"] in ids]  # both files exist: `run` opened them for appending
+    dropped = [rec for rec in read_metrics(dropped_path) if rec["hint_id"] in ids]
+    decoded = [rec for rec in kept + dropped if "hint_phi" in rec]
+    mean = lambda rs, key: float(np.mean([rec[key] for rec in rs])) if rs else None  # noqa: E731
+    reasons = {k: sum(rec["hint_dropped"] == k for rec in dropped) for k in ("no_cot", "unfinished", "wrong_answer", "low_phi")}
+    return {"kept": len(kept), **reasons, "decoded": len(decoded), "correct": sum(bool(rec["hint_correct"]) for rec in decoded),
             "mean_phi_reference": mean(decoded, "hint_reference_phi"), "mean_phi_hinted": mean(decoded, "hint_phi"),
             "mean_phi_reference_kept": mean(kept, "hint_reference_phi"), "mean_phi_kept": mean(kept, "hint_phi"),
             "out": str(out), "dropped_file": str(dropped_path)}  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -92,16 +93,73 @@ class MetricsWriter:
         if self._f is not None:
             self._f.close()
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading JSON-lines files psft-lite wrote (metrics.jsonl, study results, hint outputs). Every record is written whole
+# with its newline and flushed, so only a last line without a newline can be torn (the writer was killed mid-line).
+
+
+def _lines(path: Path) -> list[tuple[bytes, dict[str, Any] | None, bool]]:
+    """(raw line, its record or None if it is not a JSON object, whether it is an unterminated last line)."""
+    raw = Path(path).read_bytes()
+    parts = raw.split(b"\n")  # the text after the last newline is parts[-1] ("" when the file ends with one)
+    out = []
+    for i, line in enumerate(parts):
+        last = i == len(parts) - 1
+        if last and not line:
+            break
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        out.append((line, rec if isinstance(rec, dict) else None, last))
+    return out
+
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl (a torn last line from a killed run is skipped)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    """All records of a JSON-lines file, skipping unreadable lines (a torn last line from a killed run)."""
+    return [rec for line, rec, _ in _lines(path) if rec is not None and line.strip()]
+
+
+def read_records(path: Path, key: str, what: str) -> list[dict[str, Any]]:
+    """Records of an output psft-lite appends to and resumes (every record has `key`), repairing the file: a torn last
+    line is cut off, a whole last record that lost its newline gets one. Any other line that is not such a record
+    means the file is not ours: `DataError` naming file:line (`what` is the command that writes it), file untouched."""
+    from psft_lite.errors import DataError
+
+    if not Path(path).exists():
+        return []
+    records, good, lines = [], b"", _lines(path)
+    for n, (line, rec, unterminated) in enumerate(lines, 1):
+        ours = rec is not None and key in rec
+        if not line.strip():
+            good += line + b"\n"
             continue
-    return out
+        if not ours and unterminated:
+            break  # torn: dropped below
+        if not ours:
+            raise DataError(f"{path}:{n}: not a line written by {what}; use another --out.")
+        records.append(rec)
+        good += line + b"\n"
+    if lines and good != Path(path).read_bytes():
+        Path(path).write_bytes(good)
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (a resumed run rewrites the later ones) and drop a torn line, atomically."""
+    if not Path(path).exists():
+        return
+    keep = [line for line, rec, _ in _lines(path) if rec is not None and float(rec.get("step", 0)) <= step]
+    tmp = Path(path).with_suffix(".jsonl.tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class ProgressDisplay:
@@ -161,3 +219,9 @@ class ProgressDisplay:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

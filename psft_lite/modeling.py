@@ -1,7 +1,7 @@
 """Load the tokenizer and base model (hub id, local folder, GGUF, or the embedded default), quantize, attach LoRA.
 
 Also the one place that turns a batch into per-token log-probs: `response_logprobs` runs the decoder, then the LM
-head only over trained positions, in chunks (objectives.target_logprobs).
+head only over trained positions, in chunks (logprobs.target_logprobs).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from psft_lite.errors import ModelError
-from psft_lite.objectives import target_logprobs
+from psft_lite.logprobs import target_logprobs
 from psft_lite.recipe import EMBEDDED_MODEL, LoraSection, ModelSection
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels package missing" at import: harmless on CPU
@@ -33,6 +33,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def home() -> Path:
     """psft-lite's cache folder: $PSFT_LITE_HOME, default ~/.cache/psft-lite."""
     return Path(os.environ.get("PSFT_LITE_HOME") or Path.home() / ".cache" / "psft-lite")
+
+
+def offline() -> None:
+    """Never reach the Hugging Face Hub in this process (validate reads hub models and data from the local cache only).
+    Set before huggingface_hub is imported; an explicit setting in the environment wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def quiet_transformers() -> None:
@@ -378,10 +385,7 @@ def response_logprobs(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.
 
     Position t of the outputs scores token t of `input_ids` (predicted from position t−1); zero elsewhere.
     """
-    lm = causal_lm(model)
-    decoder = lm.get_decoder()
-    out = decoder(**batch.model_inputs(), use_cache=False)
-    hidden = out.last_hidden_state  # [B, L, H]
+    hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state  # [B, L, H]
     head = lm_head(model)
     # shift: hidden at t-1 predicts token t
     mask = batch.target_mask[:, 1:]
@@ -390,6 +394,12 @@ def response_logprobs(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.
     )
     pad = logp.new_zeros(logp.shape[0], 1)
     return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1)
+
+
+def response_hidden(model: Any, batch: Any) -> torch.Tensor:
+    """Final hidden states [N, H] at the positions that predict the batch's N trained tokens (row-major order)."""
+    hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+    return hidden[:, :-1][batch.target_mask[:, 1:]]
 
 
 @torch.no_grad()

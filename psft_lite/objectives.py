@@ -10,114 +10,11 @@ ending in `_max` are maxima), which `metrics.StepStats` combines across micro-ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Per-token log-probs and entropy from hidden states, chunked (DESIGN.md: never a [B × L × V] float32 tensor)
-
-
-class _TargetLogProbs(torch.autograd.Function):
-    """log p(target) and entropy for N positions, computing the LM head in chunks of rows.
-
-    Forward keeps only the hidden states; backward recomputes each chunk's logits. Peak extra memory is one
-    [chunk × V] float32 block instead of [N × V] saved for autograd. Entropy is returned as a statistic (no gradient).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, scale):  # type: ignore[override]
-        n = hidden.shape[0]
-        logp = hidden.new_empty(n, dtype=torch.float32)
-        ent = hidden.new_empty(n, dtype=torch.float32)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, n, chunk):
-                z, _ = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap, scale)
-                lse = torch.logsumexp(z, dim=-1)
-                logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
-                p = torch.exp(z - lse[:, None])
-                ent[s : s + chunk] = lse - (p * z).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
-        ctx.has_bias, ctx.chunk, ctx.softcap, ctx.scale = bias is not None, chunk, softcap, scale
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, _g_ent):  # type: ignore[override]
-        hidden, weight, bias, targets = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[s : s + ctx.chunk]
-                z, dz_draw = _chunk_logits(h, weight, bias, ctx.softcap, ctx.scale)
-                g = g_logp[s : s + ctx.chunk].float()
-                # d log p_t / dz = onehot(t) − softmax(z)
-                gz = -torch.softmax(z, dim=-1) * g[:, None]
-                gz.scatter_add_(1, targets[s : s + ctx.chunk, None], g[:, None])
-                if dz_draw is not None:
-                    gz = gz * dz_draw
-                if need_h:
-                    grad_h[s : s + ctx.chunk] = (gz.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += gz.t() @ h.float()
-                if need_b:
-                    grad_b += gz.sum(0)
-        return (
-            grad_h,
-            grad_w.to(weight.dtype) if need_w else None,
-            grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None,
-        )  # fmt: skip
-
-
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, scale: float) -> tuple[Tensor, Tensor | None]:
-    """float32 logits of a chunk, and d(logits)/d(raw logits) when a non-linear soft-cap is applied."""
-    z = (h.to(weight.dtype) @ weight.t()).float()
-    if bias is not None:
-        z = z + bias.float()
-    if scale != 1.0:
-        z = z * scale
-    if softcap:
-        t = torch.tanh(z / softcap)
-        return softcap * t, (1 - t * t) * scale
-    return z, (torch.full_like(z[:1, :1], scale) if scale != 1.0 else None)
-
-
-def target_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    bias: Tensor | None = None,
-    chunk: int = 1024,
-    softcap: float | None = None,
-    scale: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Per-token log p(target) and entropy for the masked positions of a padded batch.
-
-    hidden:  [B, L, H] final hidden states; position t predicts targets[:, t]
-    weight:  [V, H] LM head (bias [V] optional; `softcap`/`scale` for models that transform logits)
-    targets: [B, L] long; mask: [B, L] bool — only masked positions go through the head
-    returns: (logp [B, L] float32 with grad, entropy [B, L] float32 detached), zero where mask is False
-    """
-    flat = mask.nonzero(as_tuple=True)
-    logp_sel, ent_sel = _TargetLogProbs.apply(hidden[flat], weight, bias, targets[flat], chunk, softcap, scale)
-    logp = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(flat, logp_sel)
-    ent = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(flat, ent_sel)
-    return logp, ent
-
-
-def logprobs_from_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Reference (unchunked) path: per-token log p(target) and entropy from full logits [..., V]."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    logsm = torch.log_softmax(logits, dim=-1)
-    logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
-    ent = -(logsm.exp() * logsm).sum(-1)
-    return logp, ent.detach()
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Normalisation (METHODS.md §6)
@@ -159,28 +56,29 @@ def _mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Losses
+# Losses. Hyper-parameters are keyword-only and have no defaults here: the recipe schema holds the defaults.
 
 
-def sft_loss(logp: Tensor, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def sft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """METHODS.md §1: ℓ_t = −log p_t."""
     return -(weights * logp).sum(), {}
 
 
-def dft_loss(logp: Tensor, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def dft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """METHODS.md §4 with λ = 0: ℓ_t = −sg[p_t] · log p_t (Dynamic Fine-Tuning)."""
     return -(weights * logp.detach().exp() * logp).sum(), {}
 
 
 def idft_loss(
     logp: Tensor,
+    *,
     entropy: Tensor,
     mask: Tensor,
     weights: Tensor,
-    beta: float = 1.0,
-    gamma_min: float = 0.1,
-    gamma_max: float = 2.0,
-    lam: float = 1.0,
+    beta: float,
+    gamma_min: float,
+    gamma_max: float,
+    lam: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """METHODS.md §4: φ = log p + H; γ = 1 + λ(clamp(exp(−φ/β), γ_min, γ_max) − 1); ℓ_t = −sg[p^γ] · log p."""
     lp = logp.detach()
@@ -201,11 +99,12 @@ def idft_loss(
 
 def psft_loss(
     logp: Tensor,
+    *,
     old_logp: Tensor,
     mask: Tensor,
     weights: Tensor,
-    clip_high: float = 0.28,
-    clip_low: float = 0.2,
+    clip_high: float,
+    clip_low: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """METHODS.md §2: ℓ_t = −min(r_t·A, clip(r_t, 1−ε_low, 1+ε_high)·A) with A = 1, i.e. −min(r_t, 1+ε_high).
 
@@ -216,11 +115,80 @@ def psft_loss(
     ratio = torch.exp(log_ratio)
     surrogate = torch.minimum(ratio, ratio.clamp(1 - clip_low, 1 + clip_high))  # advantage A = 1
     loss = -(weights * surrogate).sum()
-    r = ratio.detach()
+    ratio = ratio.detach()
     stats = {
-        "clip_frac": _mean((r > 1 + clip_high).to(r.dtype), mask),
-        "ratio_mean": _mean(r, mask),
-        "ratio_max": torch.where(mask.bool(), r, torch.zeros_like(r)).max(),
+        "clip_frac": _mean((ratio > 1 + clip_high).to(ratio.dtype), mask),
+        "ratio_mean": _mean(ratio, mask),
+        "ratio_max": torch.where(mask.bool(), ratio, torch.zeros_like(ratio)).max(),
         "approx_kl": _mean(old_logp.detach() - logp.detach(), mask),
     }
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table: everything the rest of psft-lite knows about an objective. The recipe's `objective.kind` choices, the
+# loop's dispatch and cross-rank statistics, the ignored-keys warning, the plot panels and the study's methods all read
+# it, so adding an objective is a loss function and one row here.
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    label: str  # what it optimises, one line
+    inputs: tuple[str, ...] = ()  # per-step inputs besides logp/mask/weights: "entropy", "old_logp", "lam"
+    params: tuple[str, ...] = ()  # objective.* recipe keys passed to the loss by keyword
+    keys: tuple[str, ...] = ()  # every objective.* key it reads (params, schedule, old policy); others are ignored
+    stats: tuple[str, ...] = ()  # token-mean statistics its loss returns (metrics.jsonl keys)
+    max_stats: tuple[str, ...] = ()  # statistics combined by max (across micro-batches and ranks)
+    panels: tuple[tuple[str, str], ...] = ()  # (metrics key, title) drawn by `psft-lite plot`
+    variants: tuple[tuple[str, dict[str, Any]], ...] = ()  # study methods: (name, objective.* overrides)
+
+    @property
+    def uses_old_policy(self) -> bool:
+        return "old_logp" in self.inputs
+
+
+_PSFT_PARAMS = ("clip_high", "clip_low")
+_IDFT_PARAMS = ("beta", "gamma_min", "gamma_max")
+
+OBJECTIVES: dict[str, Objective] = {
+    "sft": Objective(sft_loss, "−log p"),
+    "dft": Objective(dft_loss, "−sg[p]·log p"),
+    "psft": Objective(
+        psft_loss,
+        "−min(r, 1+ε_high), r = p / p_old",
+        inputs=("old_logp",),
+        params=_PSFT_PARAMS,
+        keys=("old_policy", "refresh_every", *_PSFT_PARAMS, "sft_warmup_steps"),
+        stats=("clip_frac", "ratio_mean", "approx_kl"),
+        max_stats=("ratio_max",),
+        panels=(("clip_frac", "psft clip fraction"), ("approx_kl", "approx. KL to old policy")),
+        variants=(("psft-snapshot", {"old_policy": "snapshot"}), ("psft-base", {"old_policy": "base"})),
+    ),
+    "idft": Objective(
+        idft_loss,
+        "−sg[p^γ]·log p, γ from φ = log p + H",
+        inputs=("entropy", "lam"),
+        params=_IDFT_PARAMS,
+        keys=(*_IDFT_PARAMS, "lambda_warmup", "lambda_transition"),
+        stats=("phi_mean", "phi_std", "gamma_mean", "weight_mean"),
+        panels=(("phi_mean", "idft mean φ"),),
+    ),
+}
+
+
+def methods() -> dict[str, dict[str, Any]]:
+    """Every named method (an objective, or one of its variants) → its objective.* settings, in table order."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, spec in OBJECTIVES.items():
+        for name, overrides in spec.variants or ((kind, {}),):
+            out[name] = {"kind": kind, **overrides}
+    return out
+
+
+def method_name(objective: Any) -> str:
+    """The method an `ObjectiveSection` runs, e.g. `psft-base`."""
+    for name, settings in methods().items():
+        if all(getattr(objective, k) == v for k, v in settings.items()):
+            return name
+    return objective.kind

@@ -10,17 +10,16 @@ from typing import Any
 
 from psft_lite.errors import DataError, RunError
 from psft_lite.metrics import read_metrics
+from psft_lite.objectives import OBJECTIVES, method_name
 
-#: (metrics key, panel title); a panel is drawn when any run has the key.
+#: (metrics key, panel title); a panel is drawn when any run has the key. Objective statistics come from the table.
 PANELS = [
     ("loss", "objective loss"),
     ("nll", "NLL of the targets"),
     ("entropy", "entropy on trained tokens"),
-    ("clip_frac", "psft clip fraction"),
-    ("approx_kl", "approx. KL to old policy"),
+    *[panel for spec in OBJECTIVES.values() for panel in spec.panels],
     ("eval_accuracy", "eval accuracy"),
     ("eval_loss", "eval NLL"),
-    ("phi_mean", "idft mean φ"),
 ]
 
 
@@ -29,9 +28,8 @@ def run_label(run_dir: Path) -> str:
     from psft_lite.recipe import load_recipe
 
     try:
-        r = load_recipe(run_dir / "recipe.toml")
-        kind = r.objective.kind + (f"-{r.objective.old_policy}" if r.objective.kind == "psft" else "")
-        return f"{run_dir.name} ({kind})"
+        recipe = load_recipe(run_dir / "recipe.toml")
+        return f"{run_dir.name} ({method_name(recipe.objective)})"
     except Exception:  # a label is cosmetic; an unreadable recipe must not stop the plot
         return run_dir.name
 

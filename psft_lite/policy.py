@@ -25,6 +25,11 @@ Score = Callable[[Batch], torch.Tensor]  # batch → logp [B, L] under the curre
 class OldPolicy:
     """Returns, per micro-batch of an optimizer step, old log-probs [B, L] or None (= the current policy itself)."""
 
+    is_base = False  # the old policy is the base model: psft's approx_kl is then minus the drift from the base
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
     def old_logprobs(self, step: int, batches: list[Batch]) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
@@ -43,6 +48,9 @@ class SnapshotPolicy(OldPolicy):
         self.total_steps = total_steps
         self.cache: dict[int, list[torch.Tensor]] = {}
         self.refreshes = 0
+
+    def describe(self) -> str:
+        return f"snapshot, K={self.k}"
 
     def group_start(self, step: int) -> int:
         return step - step % self.k
@@ -72,6 +80,11 @@ class SnapshotPolicy(OldPolicy):
 
 
 class BasePolicy(OldPolicy):
+    is_base = True
+
+    def describe(self) -> str:
+        return "base"
+
     def __init__(self, score: Score, model: Any):
         self.score = score
         self.model = model
@@ -122,3 +135,16 @@ def make_scorer(model: Any, amp: Callable[[], Any]) -> Score:
         return logp
 
     return score
+
+
+def build_policy(objective: Any, model: Any, amp: Callable[[], Any], step_batches: Callable[[int], list[Batch]],
+                 total_steps: int) -> OldPolicy | None:
+    """The old policy the objective compares with (`objective.old_policy`), or None when it uses none."""
+    from psft_lite.objectives import OBJECTIVES
+
+    if not OBJECTIVES[objective.kind].uses_old_policy:
+        return None
+    score = make_scorer(model, amp)
+    if objective.old_policy == "base":
+        return BasePolicy(score, model)
+    return SnapshotPolicy(score, objective.refresh_every, step_batches, total_steps)

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from psft_lite import modeling
 from psft_lite.data import load_examples
-from psft_lite.data.tokenize import Example
+from psft_lite.data.tokenize import Example, pad_eos_note
 from psft_lite.errors import DataError, ModelError
 from psft_lite.recipe import Recipe
 
@@ -145,8 +145,7 @@ def render_example(tokenizer: Any, ex: Example, max_chars: int = 600) -> Text:
 
 def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: int = 2) -> PreflightReport:
     """Everything validate can check without training. Raises DataError/ModelError for fatal problems."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # validate never downloads: hub ids come from the local cache
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    modeling.offline()  # validate never downloads: hub ids come from the local cache
     rep = PreflightReport()
     m = recipe.model
     device = modeling.resolve_device(m.device)
@@ -160,9 +159,9 @@ def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: in
                              "not download. Training will download it.")  # fmt: skip
             return rep
         raise
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        rep.notes.append(f"pad token = eos token ({tokenizer.eos_token}): fine here, masks come from positions, so "
-                         "the end-of-turn token is trained.")  # fmt: skip
+    note = pad_eos_note(tokenizer)
+    if note:
+        rep.notes.append(note)
     probe = [{"role": "user", "content": "Hi"}]
     if tokenizer.apply_chat_template(probe, tokenize=False) == tokenizer.apply_chat_template(
         probe, tokenize=False, add_generation_prompt=True

@@ -1,8 +1,9 @@
-"""A recipe: one TOML file → one typed, validated `Recipe`.
+"""The recipe schema: one TOML file → one typed, validated `Recipe` (pydantic, one model per section).
 
 Every field is described once (its `Field(description=...)`); `validate`, the README's recipe reference
-(`python -m psft_lite.recipe`) and error messages all read that one copy. Unknown keys are errors with a
-"did you mean" hint, and every problem in a file is reported at once, before anything heavy loads.
+(`python -m psft_lite.recipe`) and error messages all read that one copy. Defaults live here and nowhere else.
+`load_recipe` reads the file and applies `--set` overrides; unknown keys are errors, and every problem in a file is
+reported at once with its line (recipe_errors.py), before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from psft_lite.errors import RecipeError
+from psft_lite.objectives import OBJECTIVES
+from psft_lite.recipe_errors import did_you_mean, format_validation_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,9 +96,10 @@ def _as_source(value: Any) -> Any:
     return {"path": value} if isinstance(value, str) else value
 
 
-class DataSection(Section):
-    train: Source = Field(description="Training data: a path or hub id, or a table `{path, config, split}`.")
-    eval: Source | None = Field(None, description="Optional held-out data, same forms as `train`.")
+class RowFormat(Section):
+    """How rows of a data source become chat messages and token ids. `DataSection` is one; eval, ddt and hint build
+    one from their command-line options."""
+
     format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
         "auto",
         description="`prompt_completion`, `messages`, `alpaca`, `sharegpt`, or `auto` (detected from the first row).",
@@ -111,6 +115,11 @@ class DataSection(Section):
         description="Examples longer than `max_length`: `drop` them (counted), `truncate` the response (its end-of-turn "
         "token is lost), or stop with an `error` naming the row.",
     )
+
+
+class DataSection(RowFormat):
+    train: Source = Field(description="Training data: a path or hub id, or a table `{path, config, split}`.")
+    eval: Source | None = Field(None, description="Optional held-out data, same forms as `train`.")
     shuffle: bool = Field(True, description="Reshuffle the examples every epoch (seeded by `train.seed`).")
     packing: bool = Field(
         False,
@@ -123,7 +132,9 @@ class DataSection(Section):
 
 
 class ObjectiveSection(Section):
-    kind: Literal["sft", "dft", "psft", "idft"] = Field("psft", description="Training objective (METHODS.md §1–§4).")
+    kind: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        "psft", description="Training objective (METHODS.md §1–§4; the table in objectives.py)."
+    )
     normalize: Literal["token", "sequence"] = Field(
         "token",
         description="`token`: every trained token of an optimizer step counts equally; `sequence`: every sequence does.",
@@ -257,7 +268,7 @@ class Recipe(Section):
             allowed = set().union(*FORMAT_FIELDS.values()) if fmt == "auto" else set(FORMAT_FIELDS[fmt])
             for key in d.fields:
                 if key not in allowed:
-                    raise ValueError(f"data.fields: unknown field {key!r} for format {fmt!r}{_did_you_mean(key, allowed)}")
+                    raise ValueError(f"data.fields: unknown field {key!r} for format {fmt!r}{did_you_mean(key, allowed)}")
         return self
 
     @property
@@ -276,27 +287,26 @@ class Recipe(Section):
         """Settings that are legal but probably not what the user meant."""
         out: list[str] = []
         o = self.objective
-        if o.kind == "psft" and o.old_policy == "snapshot" and o.refresh_every == 1:
+        old_policy = OBJECTIVES[o.kind].uses_old_policy
+        if old_policy and o.old_policy == "snapshot" and o.refresh_every == 1:
             out.append(
                 "objective.refresh_every = 1 with old_policy = 'snapshot' makes PSFT exactly SFT: the old policy is "
                 "refreshed before every optimizer step, so every ratio is 1 and nothing is ever clipped. "
                 "Use refresh_every >= 2 (the paper uses 8), or kind = 'sft' if plain SFT is what you want."
             )
-        if o.kind == "psft" and self.lora.dropout > 0:
+        if old_policy and self.lora.dropout > 0:
             out.append(
                 f"lora.dropout = {self.lora.dropout} with psft: the old and current policy see different dropout masks, "
                 "so ratios differ from 1 even right after a refresh. Set lora.dropout = 0."
             )
-        defaults = ObjectiveSection()
-        psft_keys = ("old_policy", "refresh_every", "clip_high", "clip_low", "sft_warmup_steps")
-        idft_keys = ("beta", "gamma_min", "gamma_max", "lambda_warmup", "lambda_transition")
-        for kind, keys in (("psft", psft_keys), ("idft", idft_keys)):
-            if o.kind != kind:
-                changed = [k for k in keys if getattr(o, k) != getattr(defaults, k)]
-                if changed:
-                    applies, is_ = ("applies", "is") if len(changed) == 1 else ("apply", "are")
-                    out.append(f"objective.{', objective.'.join(changed)} only {applies} to kind = '{kind}' and "
-                               f"{is_} ignored.")  # fmt: skip
+        defaults, reads = ObjectiveSection(), OBJECTIVES[o.kind].keys
+        for kind, spec in OBJECTIVES.items():
+            changed = [k for k in spec.keys if k not in reads and getattr(o, k) != getattr(defaults, k)]
+            if kind != o.kind and changed:
+                applies, is_ = ("applies", "is") if len(changed) == 1 else ("apply", "are")
+                out.append(
+                    f"objective.{', objective.'.join(changed)} only {applies} to kind = '{kind}' and {is_} ignored."
+                )
         return out
 
     def to_toml(self) -> str:
@@ -338,7 +348,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", text: str | No
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(_format_validation_error(e, source, text)) from None
+        raise RecipeError(format_validation_error(e, Recipe, source, text)) from None
 
 
 UNSET = object()  #: `--set key=` with nothing after `=`: remove the key
@@ -407,119 +417,6 @@ def math_differences(saved: Recipe, current: Recipe) -> list[tuple[str, Any, Any
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
 
 
-def _did_you_mean(word: str, options: Any) -> str:
-    near = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {near[0]!r}?)" if near else ""
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that holds the field at `loc` (for did-you-mean on unknown keys)."""
-    model: Any = Recipe
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def _node(annotation: Any) -> Any:
-    """What a field holds, for walking an error location: a model class, ("dict", value node), or None."""
-    origin = getattr(annotation, "__origin__", None)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if origin is dict:
-        return ("dict", _node(annotation.__args__[1]))
-    for arg in getattr(annotation, "__args__", ()):  # unions: the model member, if any
-        node = _node(arg)
-        if node is not None:
-            return node
-    return None
-
-
-def _clean_loc(loc: tuple[Any, ...], kind: str) -> tuple[str, ...]:
-    """The user's key path of a pydantic error location, without pydantic's union-member tags."""
-    out: list[str] = []
-    node: Any = Recipe
-    for i, part in enumerate(loc):
-        last = i == len(loc) - 1
-        if isinstance(node, type) and issubclass(node, BaseModel):
-            if isinstance(part, str) and part in node.model_fields:
-                out.append(part)
-                node = _node(node.model_fields[part].annotation)
-            elif last and kind == "extra_forbidden":
-                out.append(str(part))
-        elif isinstance(node, tuple):  # a dict field: this part is the user's key
-            out.append(str(part))
-            node = node[1]
-        else:
-            break  # inside a plain value (list items, union tags): the path so far names the key
-    return tuple(out)
-
-
-def _line_of(text: str | None, loc: tuple[str, ...]) -> int | None:
-    """Best-effort line number of `section.key` in the TOML text."""
-    if not text or not loc:
-        return None
-    lines = text.splitlines()
-    section, key = (loc[0], loc[1]) if len(loc) > 1 else (None, loc[0])
-    current = None
-    for i, line in enumerate(lines, 1):
-        s = line.strip()
-        m = re.match(r"^\[([^\]]+)\]", s)
-        if m:
-            current = m.group(1).strip()
-            continue
-        m = re.match(r"^([A-Za-z0-9_.\-\"]+)\s*=", s)
-        if not m:
-            continue
-        name = m.group(1).strip('"')
-        if section is None and current is None and name == key:
-            return i
-        if current == section and name == key:
-            return i
-        if current is None and name in (f"{section}.{key}",):
-            return i
-    return None
-
-
-def _format_validation_error(e: ValidationError, source: str, text: str | None) -> str:
-    problems: dict[tuple[str, ...], list[str]] = {}
-    got: dict[tuple[str, ...], str] = {}
-    for err in e.errors():
-        kind = err["type"]
-        loc = _clean_loc(err["loc"], kind)
-        if kind == "extra_forbidden":
-            parent = _model_at(loc[:-1])
-            hint = _did_you_mean(loc[-1], parent.model_fields) if parent and loc else ""
-            msg = f"unknown key{hint}"
-        elif kind == "missing":
-            msg = "required but missing"
-        elif kind == "value_error":
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-        else:
-            msg = err["msg"][0].lower() + err["msg"][1:]
-            if "input" in err and not isinstance(err["input"], dict):
-                got[loc] = f" (got {err['input']!r})"
-        problems.setdefault(loc, [])
-        if msg not in problems[loc]:
-            problems[loc].append(msg)
-    lines = []
-    for loc, msgs in problems.items():
-        where = ".".join(loc)
-        line = _line_of(text, loc)
-        prefix = f"{source}:{line}" if line else source
-        what = " or ".join(msgs) + got.get(loc, "")
-        lines.append(f"  {prefix}: {where}: {what}" if where else f"  {prefix}: {what}")
-    n = len(lines)
-    head = f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:"
-    return head + "\n" + "\n".join(lines) + "\nFix these keys (see `psft-lite validate --help` and the README's recipe reference)."
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The recipe reference (README), generated from the field descriptions so docs and code cannot disagree.
 
@@ -529,7 +426,10 @@ def reference_markdown() -> str:
     out = []
     for name, model in sections:
         out.append(f"#### `[{name}]`\n\n| key | default | meaning |\n|---|---|---|")
-        for key, f in model.model_fields.items():  # type: ignore[union-attr]
+        own = [k for k in model.model_fields if k in vars(model).get("__annotations__", {})]  # type: ignore[union-attr]
+        keys = own + [k for k in model.model_fields if k not in own]  # a section's own keys before shared ones
+        for key in keys:
+            f = model.model_fields[key]  # type: ignore[union-attr]
             default = "required" if f.is_required() else _fmt_default(f.get_default(call_default_factory=True))
             out.append(f"| `{name}.{key}` | {default} | {f.description or ''} |")
         out.append("")

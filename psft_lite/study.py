@@ -21,17 +21,14 @@ from rich.console import Console
 from psft_lite import modeling
 from psft_lite.checkpoint import list_checkpoints
 from psft_lite.errors import RecipeError
+from psft_lite.logprobs import kl_divergence
 from psft_lite.metrics import read_metrics
+from psft_lite.objectives import methods
 from psft_lite.recipe import Recipe, recipe_from_dict
 
-#: Each method is a set of recipe overrides; everything else (lr, batch, steps, seed) is shared.
-METHODS: dict[str, dict[str, Any]] = {
-    "sft": {"kind": "sft"},
-    "dft": {"kind": "dft"},
-    "psft-snapshot": {"kind": "psft", "old_policy": "snapshot"},
-    "psft-base": {"kind": "psft", "old_policy": "base"},
-    "idft": {"kind": "idft"},
-}
+#: Each method is a set of objective.* settings (objectives.py's table); everything else (lr, batch, steps, seed) is
+#: shared.
+METHODS: dict[str, dict[str, Any]] = methods()
 PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to the base model
 
 
@@ -54,18 +51,18 @@ def kl_to_base(loaded: Any, items: list[Any]) -> float:
         return 0.0
     convs = [(it.prompt + [{"role": "assistant", "content": it.reference}], it.where) for it in items]
     examples, _ = encode_all(loaded.tokenizer, convs, 512, "truncate")
+    head = modeling.lm_head(loaded.model)
     total, count = 0.0, 0
     for start in range(0, len(examples), 8):
         chunk = examples[start : start + 8]
         b = collate(chunk, list(range(start, start + len(chunk))), loaded.tokenizer.pad_token_id).to(loaded.device)
-        pos = b.target_mask[:, 1:]
         with modeling.autocast(loaded.device, loaded.dtype):
-            model_logits = loaded.model(**b.model_inputs()).logits[:, :-1][pos]
+            tuned = modeling.response_hidden(loaded.model, b)
             with loaded.model.disable_adapter():
-                base_logits = loaded.model(**b.model_inputs()).logits[:, :-1][pos]
-        lb, lm = torch.log_softmax(base_logits.float(), -1), torch.log_softmax(model_logits.float(), -1)
-        total += float((lb.exp() * (lb - lm)).sum())
-        count += int(pos.sum())
+                base = modeling.response_hidden(loaded.model, b)
+        kl = kl_divergence(base, tuned, head.weight, head.bias, softcap=head.softcap, scale=head.scale)
+        total += float(kl.sum())
+        count += kl.numel()
     return total / max(count, 1)
 
 
@@ -100,7 +97,7 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
         raise RecipeError("a study trains whole epochs: set train.epochs to an integer and leave train.max_steps unset.")
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {(r["method"], r["seed"], r["epoch"]) for r in _read(results_path)}
+    done = {(rec["method"], rec["seed"], rec["epoch"]) for rec in _read(results_path)}
     tokenizer = modeling.load_tokenizer(recipe.model)
     base_dir = recipe.path.parent if recipe.path else None
     examples, _ = load_examples(recipe.data.train, recipe.data, tokenizer, limit=recipe.data.limit, base_dir=base_dir)
@@ -122,11 +119,11 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
                                **evaluate_model(recipe.model.name, sets, limit, max_new_tokens)})  # fmt: skip
     for method, seed in runs:
         run_dir = out / f"{method}-s{seed}"
-        r = method_recipe(recipe, method, seed, run_dir, steps_per_epoch)
+        run_recipe = method_recipe(recipe, method, seed, run_dir, steps_per_epoch)
         if not _trained(run_dir):
             resume = "latest" if list_checkpoints(run_dir) else None
             console.print(f"[bold]{method}[/bold] seed {seed}: " + ("resuming" if resume else "training"))
-            train.run(r, console=console, overwrite=resume is None, resume=resume)
+            train.run(run_recipe, console=console, overwrite=resume is None, resume=resume)
         for step, ckpt in list_checkpoints(run_dir):
             epoch = step // steps_per_epoch
             if step % steps_per_epoch or (method, seed, epoch) in done:
@@ -150,17 +147,17 @@ def _time_one_step(recipe: Recipe, console: Console) -> float:
 
     raw = recipe.model_dump(mode="json", exclude_none=True)
     raw["output"]["dir"] = str(Path("/tmp") / f"psft-lite-study-probe-{id(recipe)}")
-    r = train.build(recipe_from_dict(raw), Console(quiet=True), overwrite=True)
-    train.train_step(r, 0)  # warm-up
+    run = train.build(recipe_from_dict(raw), Console(quiet=True), overwrite=True)
+    train.train_step(run, 0)  # warm-up
     t0 = time.perf_counter()
-    train.train_step(r, 1)
+    train.train_step(run, 1)
     return time.perf_counter() - t0
 
 
 def _train_entropy(run_dir: Path, step: int, steps_per_epoch: int) -> float | None:
     """Mean entropy on trained tokens over the epoch that ended at `step`."""
-    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r and step - steps_per_epoch < r["step"] <= step]
-    return statistics.mean(r["entropy"] for r in recs) if recs else None
+    steps = [rec for rec in read_metrics(run_dir / "metrics.jsonl") if "event" not in rec and step - steps_per_epoch < rec["step"] <= step]
+    return statistics.mean(rec["entropy"] for rec in steps) if steps else None
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -189,25 +186,25 @@ def _cell(values: list[float], pct: bool) -> str:
 
 def latest_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per (method, seed, epoch), the last written (study processes run side by side may repeat one)."""
-    return list({(r["method"], r["seed"], r["epoch"]): r for r in results}.values())
+    return list({(rec["method"], rec["seed"], rec["epoch"]): rec for rec in results}.values())
 
 
 def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
     """One markdown table per epoch end: mean ± half-range over seeds."""
-    epochs = sorted({r["epoch"] for r in results if r["method"] != "base"})
-    methods = ["base"] + [m for m in METHODS if any(r["method"] == m for r in results)]
+    epochs = sorted({rec["epoch"] for rec in results if rec["method"] != "base"})
+    methods = ["base"] + [m for m in METHODS if any(rec["method"] == m for rec in results)]
     cols = [f"{s} acc %" for s in sets] + ["train entropy", f"{PROBE} NLL", f"{PROBE} KL to base"]
     out = []
     for epoch in epochs:
         out.append(f"#### Epoch {epoch}\n\n| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
         for m in methods:
-            rows = [r for r in results if r["method"] == m and (r["epoch"] == epoch or m == "base")]
+            rows = [rec for rec in results if rec["method"] == m and (rec["epoch"] == epoch or m == "base")]
             if not rows:
                 continue
-            cells = [_cell([r[s]["accuracy"] for r in rows if s in r], True) for s in sets]
-            cells.append(_cell([r["train_entropy"] for r in rows if r.get("train_entropy") is not None], False))
-            cells.append(_cell([r[PROBE]["mean_nll"] for r in rows if PROBE in r], False))
-            cells.append(_cell([r[PROBE].get("kl_to_base", 0.0) for r in rows if PROBE in r], False))
+            cells = [_cell([rec[s]["accuracy"] for rec in rows if s in rec], True) for s in sets]
+            cells.append(_cell([rec["train_entropy"] for rec in rows if rec.get("train_entropy") is not None], False))
+            cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
+            cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -227,8 +224,8 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     for m in METHODS:
         run = run_root / f"{m}-s0"
         if (run / "metrics.jsonl").exists():
-            recs = [r for r in read_metrics(run / "metrics.jsonl") if "event" not in r]
-            ax.plot([r["step"] for r in recs], [r["entropy"] for r in recs], label=m, linewidth=1,
+            recs = [rec for rec in read_metrics(run / "metrics.jsonl") if "event" not in rec]
+            ax.plot([rec["step"] for rec in recs], [rec["entropy"] for rec in recs], label=m, linewidth=1,
                     color=f"C{list(METHODS).index(m)}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("entropy on trained tokens (nats)")
@@ -240,17 +237,17 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     plt.close(fig)
     panels = [*sets, "kl"] if PROBE in sets else list(sets)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    base = next((r for r in results if r["method"] == "base"), None)
-    def value(r: dict[str, Any], panel: str) -> float:
-        return r[PROBE].get("kl_to_base", 0.0) if panel == "kl" else r[panel]["accuracy"] * 100
+    base = next((rec for rec in results if rec["method"] == "base"), None)
+    def value(rec: dict[str, Any], panel: str) -> float:
+        return rec[PROBE].get("kl_to_base", 0.0) if panel == "kl" else rec[panel]["accuracy"] * 100
 
     for ax, s in zip(axes[0], panels):
         for m in METHODS:
-            rows = [r for r in results if r["method"] == m]
-            epochs = sorted({r["epoch"] for r in rows})
+            rows = [rec for rec in results if rec["method"] == m]
+            epochs = sorted({rec["epoch"] for rec in rows})
             if not epochs:
                 continue
-            ys = [statistics.mean(value(r, s) for r in rows if r["epoch"] == e) for e in epochs]
+            ys = [statistics.mean(value(rec, s) for rec in rows if rec["epoch"] == e) for e in epochs]
             if base:
                 epochs, ys = [0, *epochs], [value(base, s), *ys]
             ax.plot(epochs, ys, marker="o", markersize=3, label=m, color=f"C{list(METHODS).index(m)}")

@@ -14,7 +14,7 @@ import time
 import pytest
 from rich.console import Console
 
-from psft_lite import train
+from psft_lite import checkpoint, train
 from psft_lite.checkpoint import list_checkpoints
 from psft_lite.errors import Interrupted, RecipeError, RunError
 from psft_lite.recipe import load_recipe
@@ -111,7 +111,7 @@ def test_too_little_disk_is_refused_before_training(tmp_path, tiny_model_dir, mo
 
     r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir)), QUIET)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
     with pytest.raises(RecipeError, match=r"1 MB free.*lower train.keep_last"):
         train.prepare_run_dir(r)
     assert not r.run_dir.exists()  # nothing left behind that looks like a run

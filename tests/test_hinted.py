@@ -11,7 +11,7 @@ import torch
 
 from psft_lite.data import load_examples
 from psft_lite.generate import load_model
-from psft_lite.hinted import HintConfig, _StopAtCoT, cut_at_cot, decode, mix_step, nucleus, prompt_ids, repeating, run, sample
+from psft_lite.hinted import HintConfig, StopAtCoT, cut_at_cot, decode, mix_step, nucleus, prompt_ids, repeating, run, sample
 from psft_lite.recipe import DataSection
 
 from conftest import arith_rows, write_jsonl
@@ -166,7 +166,7 @@ def test_the_cot_heading_at_any_level_stops_the_analysis_and_is_written_as_hash_
     assert cut_at_cot(text) == "# Analyze\nStep 1 adds 2 and 3.\n# CoT\n"
     # the greedy analysis stops once the heading's line has ended, not while it may still be "# CoTs"
     start = 2
-    stop = _StopAtCoT(tokenizer, start)
+    stop = StopAtCoT(tokenizer, start)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     cut = len(tokenizer(f"# Analyze\nStep 1 adds 2 and 3.\n{heading}", add_special_tokens=False)["input_ids"])
     flags = [bool(stop(torch.tensor([[0, 0] + ids[:n]]), None)[0]) for n in range(1, len(ids) + 1)]

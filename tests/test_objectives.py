@@ -9,17 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from psft_lite.objectives import (
-    dft_loss,
-    idft_loss,
-    logprobs_from_logits,
-    psft_loss,
-    sft_loss,
-    target_logprobs,
-    token_weights,
-)
+from psft_lite.logprobs import logprobs_from_logits, target_logprobs
+from psft_lite.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
 
 REF = json.loads((Path(__file__).parent / "data" / "objectives_reference.json").read_text())
+PSFT_DEFAULTS = {"clip_high": 0.28, "clip_low": 0.2}  # METHODS.md §2
+IDFT_DEFAULTS = {"beta": 1.0, "gamma_min": 0.1, "gamma_max": 2.0}  # METHODS.md §4
 ATOL = 1e-12  # float64 on a 2×5×7 problem: errors are ~1e-16; 1e-12 still fails on any formula slip
 
 
@@ -48,23 +43,26 @@ def test_per_token_quantities_match_reference():
 
 def test_sft_token_and_sequence_mean():
     logits, _, mask, logp, _ = _inputs()
-    loss, _ = sft_loss(logp, mask, token_weights(mask, "token", dtype=torch.float64))
+    loss, _ = sft_loss(logp, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64))
     _check("sft", loss, logits)
     logits, _, mask, logp, _ = _inputs()
-    loss, _ = sft_loss(logp, mask, token_weights(mask, "sequence", dtype=torch.float64))
+    loss, _ = sft_loss(logp, mask=mask, weights=token_weights(mask, "sequence", dtype=torch.float64))
     _check("sft_seqmean", loss, logits)
 
 
 def test_dft():
     logits, _, mask, logp, _ = _inputs()
-    loss, _ = dft_loss(logp, mask, token_weights(mask, "token", dtype=torch.float64))
+    loss, _ = dft_loss(logp, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64))
     _check("dft", loss, logits)
 
 
 @pytest.mark.parametrize("name,lam", [("idft", 1.0), ("idft_lambda0", 0.0)])
 def test_idft(name, lam):
     logits, _, mask, logp, ent = _inputs()
-    loss, stats = idft_loss(logp, ent, mask, token_weights(mask, "token", dtype=torch.float64), beta=1, gamma_min=0.1, gamma_max=2, lam=lam)
+    loss, stats = idft_loss(
+        logp, entropy=ent, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64), beta=1, gamma_min=0.1,
+        gamma_max=2, lam=lam,
+    )
     _check(name, loss, logits)
     m = mask.double()
     gamma_ref = torch.tensor(REF[name]["gamma"], dtype=torch.float64)
@@ -74,15 +72,15 @@ def test_idft(name, lam):
 def test_idft_lambda0_is_dft_and_weight_is_detached():
     logits, _, mask, logp, ent = _inputs()
     w = token_weights(mask, "token", dtype=torch.float64)
-    a, _ = idft_loss(logp, ent, mask, w, lam=0.0)
-    b, _ = dft_loss(logp, mask, w)
+    a, _ = idft_loss(logp, entropy=ent, mask=mask, weights=w, **IDFT_DEFAULTS, lam=0.0)
+    b, _ = dft_loss(logp, mask=mask, weights=w)
     ga = torch.autograd.grad(a, logits, retain_graph=True)[0]
     gb = torch.autograd.grad(b, logits)[0]
     assert abs(a.item() - b.item()) < ATOL
     torch.testing.assert_close(ga, gb, atol=ATOL, rtol=0)
     # With the weight detached, d loss / d logp_t = −w_t · p_t^γ exactly (no d(p^γ)/d logp term).
     lp = logp.detach().clone().requires_grad_(True)
-    loss, _ = idft_loss(lp, ent, mask, w, lam=1.0)
+    loss, _ = idft_loss(lp, entropy=ent, mask=mask, weights=w, **IDFT_DEFAULTS, lam=1.0)
     (g,) = torch.autograd.grad(loss, lp)
     gamma = torch.tensor(REF["idft"]["gamma"], dtype=torch.float64)
     torch.testing.assert_close(g, -w * torch.exp(gamma * logp.detach()), atol=ATOL, rtol=0)
@@ -91,14 +89,16 @@ def test_idft_lambda0_is_dft_and_weight_is_detached():
 def test_psft_matches_reference_and_zero_grad_where_clipped():
     logits, _, mask, logp, _ = _inputs()
     old = torch.tensor(REF["old_logp"], dtype=torch.float64)
-    loss, stats = psft_loss(logp, old, mask, token_weights(mask, "token", dtype=torch.float64), clip_high=0.28)
+    loss, stats = psft_loss(
+        logp, old_logp=old, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64), **PSFT_DEFAULTS
+    )
     _check("psft", loss, logits)
     assert abs(stats["clip_frac"].item() - REF["psft"]["clip_frac"]) < ATOL
     ratio = torch.tensor(REF["psft"]["ratio"], dtype=torch.float64)
     # gradient w.r.t. each token's log-prob: −w·r below 1+ε_high, exactly 0 above
     lp = logp.detach().clone().requires_grad_(True)
     w = token_weights(mask, "token", dtype=torch.float64)
-    loss, _ = psft_loss(lp, old, mask, w, clip_high=0.28)
+    loss, _ = psft_loss(lp, old_logp=old, mask=mask, weights=w, **PSFT_DEFAULTS)
     (g,) = torch.autograd.grad(loss, lp)
     clipped = ratio > 1.28
     assert clipped[mask].any() and (~clipped[mask]).any()
@@ -109,9 +109,9 @@ def test_psft_matches_reference_and_zero_grad_where_clipped():
 def test_psft_at_ratio_one_is_sft_gradient():
     logits, _, mask, logp, _ = _inputs()
     w = token_weights(mask, "token", dtype=torch.float64)
-    a, stats = psft_loss(logp, logp.detach(), mask, w)
+    a, stats = psft_loss(logp, old_logp=logp.detach(), mask=mask, weights=w, **PSFT_DEFAULTS)
     ga = torch.autograd.grad(a, logits, retain_graph=True)[0]
-    b, _ = sft_loss(logp, mask, w)
+    b, _ = sft_loss(logp, mask=mask, weights=w)
     gb = torch.autograd.grad(b, logits)[0]
     torch.testing.assert_close(ga, gb, atol=ATOL, rtol=0)
     assert stats["clip_frac"].item() == 0 and stats["ratio_mean"].item() == 1.0
@@ -122,7 +122,7 @@ def test_decreases_are_never_clipped():
     lp = torch.tensor([[-3.0]], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[-2.0]], dtype=torch.float64)
     mask = torch.ones(1, 1, dtype=torch.bool)
-    loss, _ = psft_loss(lp, old, mask, token_weights(mask, "token", dtype=torch.float64))
+    loss, _ = psft_loss(lp, old_logp=old, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64), **PSFT_DEFAULTS)
     (g,) = torch.autograd.grad(loss, lp)
     assert abs(g.item() + math.exp(-1.0)) < 1e-12
 
@@ -135,7 +135,7 @@ def test_normalisation_exact_under_accumulation(normalize):
     mask = torch.rand(6, 9) < 0.6
     mask[:, 0] = True
     logp, _ = logprobs_from_logits(logits, targets)
-    whole, _ = sft_loss(logp, mask, token_weights(mask, normalize, dtype=torch.float64))
+    whole, _ = sft_loss(logp, mask=mask, weights=token_weights(mask, normalize, dtype=torch.float64))
     g_whole = torch.autograd.grad(whole, logits)[0]
     # the same step as three micro-batches of 2, weights computed against the whole step's counts
     n_tok, n_seq = int(mask.sum()), int((mask.sum(-1) > 0).sum())
@@ -143,14 +143,16 @@ def test_normalisation_exact_under_accumulation(normalize):
     for k in range(0, 6, 2):
         lg = logits.detach()[k : k + 2].clone().requires_grad_(True)
         lp, _ = logprobs_from_logits(lg, targets[k : k + 2])
-        part, _ = sft_loss(lp, mask[k : k + 2], token_weights(mask[k : k + 2], normalize, n_tok, n_seq, dtype=torch.float64))
+        part, _ = sft_loss(
+            lp, mask=mask[k : k + 2], weights=token_weights(mask[k : k + 2], normalize, n_tok, n_seq, dtype=torch.float64)
+        )
         part.backward()
         total += part.item()
         g_acc[k : k + 2] = lg.grad
     assert abs(total - whole.item()) < 1e-12
     torch.testing.assert_close(g_acc, g_whole, atol=1e-12, rtol=0)
     if normalize == "sequence":  # and it is not the token mean when lengths differ
-        tok, _ = sft_loss(logp.detach(), mask, token_weights(mask, "token", dtype=torch.float64))
+        tok, _ = sft_loss(logp.detach(), mask=mask, weights=token_weights(mask, "token", dtype=torch.float64))
         assert abs(tok.item() - whole.item()) > 1e-6
 
 

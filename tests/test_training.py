@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from rich.console import Console
 
-from psft_lite import modeling, train
+from psft_lite import checkpoint, modeling, train
 from psft_lite.data.batching import collate
 from psft_lite.errors import RunError
 from psft_lite.recipe import load_recipe
@@ -55,7 +56,7 @@ def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedde
             base_logits = r.model(input_ids=batch.input_ids).logits
     assert (tuned - base_logits).abs().max() > 0.5
 
-    adapter = train.save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", train.adapter_meta(r, 8))
+    adapter = checkpoint.save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", train.adapter_meta(r, 8))
     assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "psft_lite.json"} <= {
         p.name for p in adapter.iterdir()}  # fmt: skip
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=r.dtype), adapter)
@@ -139,8 +140,8 @@ def test_base_old_policy_is_the_adapter_disabled_model_and_is_cached(tmp_path, t
 def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     r = _build(tmp_path, tiny_model_dir, train={"max_steps": 5}, guard={"patience": 2})
     before = _lora_state(r.model)
-    real = train.objective_loss
-    monkeypatch.setattr(train, "objective_loss", lambda *a: (lambda l, s: (l * float("nan"), s))(*real(*a)))
+    real = r.objective.loss
+    r.objective = dataclasses.replace(r.objective, loss=lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k)))
     with pytest.raises(RunError, match="2 in a row, patience 2 reached") as e:
         train.train_loop(r)
     assert "checkpoint saved to" in str(e.value)

@@ -12,13 +12,13 @@ from psft_lite.data.formats import detect_format, to_messages
 from psft_lite.data.sources import Row, read_rows
 from psft_lite.data.tokenize import EncodeStats, Example, encode_all
 from psft_lite.errors import DataError
-from psft_lite.recipe import DataSection, Source
+from psft_lite.recipe import RowFormat, Source
 
 __all__ = ["Example", "EncodeStats", "Row", "load_examples", "load_conversations", "resolve_format"]
 
 
 def load_conversations(
-    source: Source, data: DataSection, limit: int | None = None, base_dir: Path | None = None
+    source: Source, data: RowFormat, limit: int | None = None, base_dir: Path | None = None
 ) -> list[tuple[list[dict[str, str]], Row]]:
     """Read `source` and convert every row to chat messages; returns (messages, row) pairs."""
     rows: list[Row] = read_rows(source, limit=limit, base_dir=base_dir)
@@ -40,14 +40,14 @@ def load_conversations(
     return out
 
 
-def resolve_format(rows: list[Row], data: DataSection) -> tuple[str, dict[str, str]]:
+def resolve_format(rows: list[Row], data: RowFormat) -> tuple[str, dict[str, str]]:
     """The format and field mapping for these rows: the recipe's, or detected from the first row."""
     return (data.format, data.fields) if data.format != "auto" else detect_format(rows[0], data.fields)
 
 
 def load_examples(
     source: Source,
-    data: DataSection,
+    data: RowFormat,
     tokenizer: Any,
     limit: int | None = None,
     base_dir: Path | None = None,

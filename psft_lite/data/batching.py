@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,6 +89,41 @@ class Batch:
 
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device), self.index,
                      move(self.position_ids), move(self.seq_ids))  # fmt: skip
+
+
+@dataclass
+class StepData:
+    """The training examples and, for each optimizer step, this process's micro-batches as tensors on `device`.
+    Micro-batches are dealt round-robin over the `world` processes; counts that normalise the loss are global."""
+
+    examples: list[Example]
+    plan: DataPlan
+    pad_id: int
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        self.lengths = np.array([len(e) for e in self.examples])
+
+    def batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of optimizer step `step` (all of them in a single process)."""
+        return [
+            collate([self.examples[i] for i in mb], mb, self.pad_id).to(self.device)
+            for mb in self.plan.micro_batches(step, self.lengths)[self.rank :: self.world]
+        ]
+
+    def totals(self, step: int) -> tuple[int, int, int]:
+        """(trained tokens, sequences, tokens) of the whole step over all ranks."""
+        idx = self.plan.step_indices(step)
+        ex = self.examples
+        return sum(ex[i].n_trained for i in idx), sum(ex[i].n_sequences for i in idx), sum(len(ex[i]) for i in idx)
+
+    def identity(self) -> dict[str, Any]:
+        """What fixes the order of examples: a resumed run must see the same."""
+        p = self.plan
+        return {"n_examples": len(self.examples), "tokens": int(self.lengths.sum()), "batch_size": p.batch_size,
+                "seed": p.seed, "shuffle": p.shuffle}
 
 
 def collate(examples: list[Example], index: list[int], pad_id: int) -> Batch:

@@ -15,7 +15,7 @@ from psft_lite.data.sources import Row
 from psft_lite.errors import DataError
 from psft_lite.recipe import FORMAT_FIELDS
 
-Message = dict[str, str]
+Message = dict[str, str]  # the one internal form of a chat turn: {"role", "content"}
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",

@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from psft_lite.data.formats import Message
 from psft_lite.errors import DataError, ModelError
-
-Message = dict[str, str]
 
 
 @dataclass
@@ -52,6 +51,16 @@ class EncodeStats:
     total_tokens: int = 0
     max_len: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+def pad_eos_note(tokenizer: Any) -> str | None:
+    """Said once per run (train, validate) when pad == eos: a common cause, in other tools, of models that never stop."""
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return None
+    return (
+        f"pad token = eos token ({tokenizer.eos_token}); masks are built from positions, so the end-of-turn token is "
+        "still trained."
+    )
 
 
 def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> str:
