@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup quickstart test test-fast data docs bench study clean
+.PHONY: setup quickstart lint test test-fast data docs bench study clean
 
 setup: $(VENV)/.setup-done
 
@@ -23,7 +23,11 @@ $(VENV)/.setup-done: pyproject.toml
 quickstart: setup
 	$(BIN)/psft-lite train recipes/quickstart.toml --overwrite
 
-test: setup
+lint: setup
+	$(BIN)/ruff format --check psft_lite tests bench
+	$(BIN)/ruff check psft_lite tests bench
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -27,7 +27,12 @@ def main() -> None:
 
     loaded = load_model("smollm2-135m-instruct", args.dtype)
     hinted._eos_ids = lambda loaded: []  # decode the full length on both paths
-    q = [{"role": "user", "content": "Tom has 12 apples. He buys 7 more and gives 5 to Anna. How many apples does he have?"}]
+    q = [
+        {
+            "role": "user",
+            "content": "Tom has 12 apples. He buys 7 more and gives 5 to Anna. How many apples does he have?",
+        }
+    ]
     ref = "After buying, Tom has 12 + 7 = 19 apples. After giving 5 away he has 19 - 5 = 14.\n#### 14"
     prefix = "# Analyze\nThe solution adds the apples bought, then subtracts the ones given away.\n\n# CoT\n"
     p_ids = hinted.prompt_ids(loaded, hinted.analysis_messages(q, ref), prefix)
@@ -42,8 +47,10 @@ def main() -> None:
         rates[name] = len(d.tokens) / dt
         print(f"{name:<24} {len(d.tokens)} tokens in {dt:6.1f} s = {rates[name]:6.1f} tokens/s", flush=True)
     a, b = rates.values()
-    print(f"speed-up {a / b:.1f}× at {args.new_tokens} new tokens (prompts {len(p_ids)} + {len(q_ids)} tokens, "
-          f"{str(loaded.dtype).removeprefix('torch.')} on {loaded.device.type})")
+    print(
+        f"speed-up {a / b:.1f}× at {args.new_tokens} new tokens (prompts {len(p_ids)} + {len(q_ids)} tokens, "
+        f"{str(loaded.dtype).removeprefix('torch.')} on {loaded.device.type})"
+    )
 
 
 if __name__ == "__main__":

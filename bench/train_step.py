@@ -50,7 +50,10 @@ def synthetic_rows(n: int, length: int, tokenizer) -> list[dict]:
             prompt.append(p["prompt"])
             completion.append(p["completion"])
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": " ".join(prompt[:2])}, {"role": "assistant", "content": "\n".join(completion)}],
+                [
+                    {"role": "user", "content": " ".join(prompt[:2])},
+                    {"role": "assistant", "content": "\n".join(completion)},
+                ],
                 tokenize=False,
             )
             if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > length + 8:
@@ -101,14 +104,16 @@ def worker_psft_lite(name: str, length: int, warmup: int, steps: int, workdir: P
     rows = synthetic_rows(max(n_examples, BATCH * steps), length, tok)
     data = workdir / f"data-{length}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = recipe_from_dict({
-        "model": {"name": "smollm2-135m-instruct", "dtype": "auto"},
-        "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
-        "data": {"train": str(data), "max_length": length, "truncation": "truncate", "shuffle": False},
-        "objective": CONFIGS[name],
-        "train": {"lr": 1e-4, "max_steps": n_steps, "batch_size": BATCH, "micro_batch_size": BATCH, "seed": 0},
-        "output": {"dir": str(workdir / name)},
-    })  # fmt: skip
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "smollm2-135m-instruct", "dtype": "auto"},
+            "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
+            "data": {"train": str(data), "max_length": length, "truncation": "truncate", "shuffle": False},
+            "objective": CONFIGS[name],
+            "train": {"lr": 1e-4, "max_steps": n_steps, "batch_size": BATCH, "micro_batch_size": BATCH, "seed": 0},
+            "output": {"dir": str(workdir / name)},
+        }
+    )
     r = train.build(recipe, Console(quiet=True), overwrite=True)
     reset_peak()
     times, tokens = [], []
@@ -121,8 +126,15 @@ def worker_psft_lite(name: str, length: int, warmup: int, steps: int, workdir: P
             times.append(time.perf_counter() - t0)
             tokens.append(rec["tokens"])
     step_s = statistics.mean(times)
-    return {"name": name, "length": length, "tokens_per_s": sum(tokens) / sum(times), "step_s": step_s,
-            "peak_mem_mb": peak_mb(), "dtype": str(r.dtype).removeprefix("torch."), "device": r.device.type}  # fmt: skip
+    return {
+        "name": name,
+        "length": length,
+        "tokens_per_s": sum(tokens) / sum(times),
+        "step_s": step_s,
+        "peak_mem_mb": peak_mb(),
+        "dtype": str(r.dtype).removeprefix("torch."),
+        "device": r.device.type,
+    }
 
 
 def worker_trl(length: int, warmup: int, steps: int, workdir: Path) -> dict:
@@ -139,8 +151,15 @@ def worker_trl(length: int, warmup: int, steps: int, workdir: Path) -> dict:
     dtype = modeling.resolve_dtype("auto", device)
     tok = modeling.load_tokenizer(modeling.ModelSection())
     rows = synthetic_rows(BATCH * (warmup + steps), length, tok)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                             "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])  # fmt: skip
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     times: list[float] = []
     tokens: list[int] = []
@@ -157,21 +176,41 @@ def worker_trl(length: int, warmup: int, steps: int, workdir: Path) -> dict:
             if state.global_step > warmup:
                 times.append(time.perf_counter() - self.t0)
 
-    cfg = SFTConfig(output_dir=str(workdir / "trl"), max_length=length, per_device_train_batch_size=BATCH,
-                    gradient_accumulation_steps=1, learning_rate=1e-4, max_steps=warmup + steps, logging_steps=1,
-                    report_to=[], save_strategy="no", bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu",
-                    dataloader_num_workers=0, packing=False, gradient_checkpointing=False, seed=0,
-                    disable_tqdm=True)  # fmt: skip
+    cfg = SFTConfig(
+        output_dir=str(workdir / "trl"),
+        max_length=length,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        max_steps=warmup + steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        bf16=dtype == torch.bfloat16,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        packing=False,
+        gradient_checkpointing=False,
+        seed=0,
+        disable_tqdm=True,
+    )
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora,
-                         callbacks=[Timer()])  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[Timer()]
+    )
     reset_peak()
     trainer.train()
     batch_tokens = BATCH * length
     tokens = [batch_tokens] * len(times)
-    return {"name": "trl-sft", "length": length, "tokens_per_s": sum(tokens) / sum(times),
-            "step_s": statistics.mean(times), "peak_mem_mb": peak_mb(), "dtype": str(dtype).removeprefix("torch."),
-            "device": device.type}  # fmt: skip
+    return {
+        "name": "trl-sft",
+        "length": length,
+        "tokens_per_s": sum(tokens) / sum(times),
+        "step_s": statistics.mean(times),
+        "peak_mem_mb": peak_mb(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,8 +218,18 @@ def worker_trl(length: int, warmup: int, steps: int, workdir: Path) -> dict:
 
 
 def run_worker(name: str, length: int, warmup: int, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--length", str(length), "--warmup", str(warmup),
-           "--steps", str(steps)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--length",
+        str(length),
+        "--warmup",
+        str(warmup),
+        "--steps",
+        str(steps),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -195,8 +244,10 @@ def table(records: list[dict], base: dict) -> str:
         if "error" in r:
             out.append(f"{r['name']:<18} failed: {r['error'].splitlines()[-1]}")
             continue
-        out.append(f"{r['name']:<18} {r['tokens_per_s']:>9.0f} {r['step_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
-                   f"{r['step_s'] / base['step_s']:>10.2f} {r['peak_mem_mb'] / base['peak_mem_mb']:>9.2f}")  # fmt: skip
+        out.append(
+            f"{r['name']:<18} {r['tokens_per_s']:>9.0f} {r['step_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
+            f"{r['step_s'] / base['step_s']:>10.2f} {r['peak_mem_mb'] / base['peak_mem_mb']:>9.2f}"
+        )
     return "\n".join(out)
 
 
@@ -211,7 +262,9 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-lengths", default="256,1024,2048")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated psft-lite configurations.")
-    ap.add_argument("--repeat", type=int, default=1, help="Measure every configuration N times, interleaved; report the fastest.")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="Measure every configuration N times, interleaved; report the fastest."
+    )
     args = ap.parse_args()
     if args.worker:
         import tempfile
@@ -235,13 +288,17 @@ def main() -> None:
     records = [best[n] for n in names]
     base = next(r for r in records if r["name"] == "sft" and "error" not in r)
     dev = base.get("device", "?")
-    print(f"\nmicro batch {BATCH} × {args.length} tokens, LoRA r16 all-linear, {base.get('dtype')} on {dev} "
-          f"({os.cpu_count()} cores); mean of {args.steps} steps after {args.warmup} warm-up steps\n")  # fmt: skip
+    print(
+        f"\nmicro batch {BATCH} × {args.length} tokens, LoRA r16 all-linear, {base.get('dtype')} on {dev} "
+        f"({os.cpu_count()} cores); mean of {args.steps} steps after {args.warmup} warm-up steps\n"
+    )
     print(table(records, base))
     trl = next((r for r in records if r["name"] == "trl-sft" and "error" not in r), None)
     if trl:
-        print(f"\npsft-lite sft vs TRL SFTTrainer: {base['tokens_per_s'] / trl['tokens_per_s']:.2f}× tokens/s, "
-              f"{base['peak_mem_mb'] / trl['peak_mem_mb']:.2f}× peak memory")  # fmt: skip
+        print(
+            f"\npsft-lite sft vs TRL SFTTrainer: {base['tokens_per_s'] / trl['tokens_per_s']:.2f}× tokens/s, "
+            f"{base['peak_mem_mb'] / trl['peak_mem_mb']:.2f}× peak memory"
+        )
     sweep = []
     if not args.no_sweep:
         print("\nlength sweep: peak memory (MB) of one micro batch of 4 × L tokens, 2 steps each", file=sys.stderr)
@@ -254,8 +311,10 @@ def main() -> None:
                 sweep.append(rec)
                 row[name] = rec
             s = row["sft"].get("peak_mem_mb")
-            cells = "  ".join(f"{n} {r.get('peak_mem_mb', float('nan')):>6.0f} ({r.get('peak_mem_mb', float('nan')) / s:.2f}×)"
-                              for n, r in row.items())  # fmt: skip
+            cells = "  ".join(
+                f"{n} {r.get('peak_mem_mb', float('nan')):>6.0f} ({r.get('peak_mem_mb', float('nan')) / s:.2f}×)"
+                for n, r in row.items()
+            )
             print(f"L={length:<5} {cells}")
     if args.json:
         args.json.write_text(json.dumps(records + sweep, indent=2) + "\n")

@@ -18,9 +18,10 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,8 +95,8 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
         )
     if not (path / RUN_MARKER).exists():
         raise RecipeError(
-            f"output.dir {path} is not empty and is not a psft-lite run directory; refusing to overwrite it. "
-            "Choose another output.dir."
+            f"output.dir {path} is not empty and is not a psft-lite run directory; refusing to overwrite it. Choose "
+            "another output.dir."
         )
 
 
@@ -115,8 +116,8 @@ def create_run_dir(path: Path, recipe_toml: str, checkpoint_bytes: int, keep_las
     if free < need:
         shutil.rmtree(path, ignore_errors=True)
         raise RecipeError(
-            f"output.dir {path}: {free / 2**20:.0f} MB free, but this run's checkpoints need about "
-            f"{need / 2**20:.0f} MB. Free some space, lower train.keep_last, or choose another output.dir."
+            f"output.dir {path}: {free / 2**20:.0f} MB free, but this run's checkpoints need about {need / 2**20:.0f} "
+            "MB. Free some space, lower train.keep_last, or choose another output.dir."
         )
 
 
@@ -191,7 +192,12 @@ def _tuples(x: Any) -> Any:
 
 
 def save_checkpoint(
-    run_dir: Path, model: Any, optimizer: Any, policy_state: dict[str, Any], state: TrainState, recipe_toml: str,
+    run_dir: Path,
+    model: Any,
+    optimizer: Any,
+    policy_state: dict[str, Any],
+    state: TrainState,
+    recipe_toml: str,
     keep_last: int,
 ) -> Path:
     """Write checkpoints/step-N/ atomically, then prune to the newest `keep_last`; returns its path. A failed write
@@ -205,7 +211,9 @@ def save_checkpoint(
             torch.save(policy_state, tmp / "policy.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             (tmp / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
-            (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "psft_lite_version": __version__}, indent=2) + "\n")
+            (tmp / STATE_FILE).write_text(
+                json.dumps({**asdict(state), "psft_lite_version": __version__}, indent=2) + "\n"
+            )
     except OSError as e:
         kept = list_checkpoints(run_dir)
         last = (
@@ -214,7 +222,8 @@ def save_checkpoint(
             else "no earlier checkpoint exists"
         )
         raise RunError(
-            f"could not write checkpoint step-{state.step} into {Path(run_dir) / CHECKPOINTS} ({e.strerror or e}); {last}."
+            f"could not write checkpoint step-{state.step} into {Path(run_dir) / CHECKPOINTS} ({e.strerror or e}); "
+            f"{last}."
         ) from None
     prune_checkpoints(run_dir, keep_last)
     return final
@@ -279,7 +288,9 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path:
     p = Path(spec)
     if not (p / STATE_FILE).is_file():
         have = ", ".join(c.name for _, c in list_checkpoints(run_dir)) or "none"
-        raise RecipeError(f"--resume {spec}: not a checkpoint folder (no {STATE_FILE}). Checkpoints of this run: {have}.")
+        raise RecipeError(
+            f"--resume {spec}: not a checkpoint folder (no {STATE_FILE}). Checkpoints of this run: {have}."
+        )
     return p
 
 
@@ -295,14 +306,15 @@ def open_resume(run_dir: Path, spec: str, recipe: Any, total_steps: int) -> tupl
         key, old, new = diffs[0]
         more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])})" if len(diffs) > 1 else ""
         raise RecipeError(
-            f"--resume: the checkpoint {path} was trained with {key} = {old!r}, but the recipe now says {new!r}{more}. "
-            "Resuming would not continue the same run; restore the key, or start a new run in another output.dir."
+            f"--resume: the checkpoint {path} was trained with {key} = {old!r}, but the recipe now says "
+            f"{new!r}{more}. Resuming would not continue the same run; restore the key, or start a new run in another "
+            "output.dir."
         )
     step = json.loads((path / STATE_FILE).read_text())["step"]
     if step >= total_steps:
         raise RecipeError(
-            f"--resume: {path} is at step {step}, and the recipe asks for {total_steps} steps in all; "
-            "raise train.max_steps (or train.epochs) to train further."
+            f"--resume: {path} is at step {step}, and the recipe asks for {total_steps} steps in all; raise "
+            "train.max_steps (or train.epochs) to train further."
         )
     warnings = []
     if saved.train.schedule != "constant" and saved.train.max_steps != recipe.train.max_steps:

@@ -30,7 +30,9 @@ out = out_console = Console(soft_wrap=True)
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quickstart.toml.", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable).", show_default=False),
+    typer.Option(
+        "--set", "-s", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable).", show_default=False
+    ),
 ]
 
 
@@ -42,7 +44,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for known errors.")] = False,
 ) -> None:
     if debug:
@@ -56,8 +60,11 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in output.dir.")] = False,
     resume: Annotated[
         Optional[str],
-        typer.Option("--resume", help="Continue from a checkpoint: `latest` (the default when given alone) or a "
-                     "checkpoint folder.", show_default=False),
+        typer.Option(
+            "--resume",
+            help="Continue from a checkpoint: `latest` (the default when given alone) or a checkpoint folder.",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Fine-tune as the recipe says; writes the run directory (adapter/, metrics.jsonl, checkpoints/, recipe.toml).
@@ -76,8 +83,8 @@ def train(
     last = summary["last"] or {}
     err.print(
         f"[green]done[/green] in {summary['total_s']:.0f} s ({summary['steps']} steps, "
-        f"{summary['steps'] / max(summary['train_s'], 1e-9):.2f} steps/s, peak memory {summary['peak_mem_mb']:.0f} MB)"
-        + (f"; final nll {last['nll']:.3f}" if "nll" in last else "")
+        f"{summary['steps'] / max(summary['train_s'], 1e-9):.2f} steps/s, peak memory {summary['peak_mem_mb']:.0f} "
+        "MB)" + (f"; final nll {last['nll']:.3f}" if "nll" in last else "")
     )
     out.print(f"adapter: {summary['adapter']}")
     out.print(f"metrics: {summary['metrics']}")
@@ -88,7 +95,9 @@ def validate(
     recipe: RecipeArg,
     set_: SetOpt = None,
     deep: Annotated[bool, typer.Option("--deep", help="Also load the model and time one training micro-step.")] = False,
-    no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Only check the recipe's keys and values.")] = False,
+    no_preflight: Annotated[
+        bool, typer.Option("--no-preflight", help="Only check the recipe's keys and values.")
+    ] = False,
 ) -> None:
     """Check a recipe, then preflight it: the data as the model will see it, and an estimate of peak memory.
 
@@ -106,19 +115,37 @@ def validate(
 
     parsed = load_recipe(recipe, set_ or [])
     base_dir = parsed.path.parent if parsed.path else None
-    sources = [("data.train", parsed.data.train), ("data.eval", parsed.data.eval)] + [(f"eval.sets.{k}", v) for k, v in parsed.eval.sets.items()]
+    sources = [("data.train", parsed.data.train), ("data.eval", parsed.data.eval)] + [
+        (f"eval.sets.{k}", v) for k, v in parsed.eval.sets.items()
+    ]
     for name, src in sources:
         if src is not None and resolve_local(src.path, base_dir) is None and looks_local(src.path):
-            raise DataError(f"{recipe}: {name}: file {src.path!r} not found (relative paths are read from the working directory).")
+            raise DataError(
+                f"{recipe}: {name}: file {src.path!r} not found (relative paths are read from the working directory)."
+            )
     for w in parsed.warnings():
         err.print(f"[yellow]warning:[/yellow] {w}")
     o, t = parsed.objective, parsed.train
     out.print(f"[green]ok[/green] {recipe}")
-    out.print(f"  model     {parsed.model.name}" + (" (4-bit NF4)" if parsed.model.load_in_4bit else "") + f", dtype {parsed.model.dtype}")
+    out.print(
+        f"  model     {parsed.model.name}"
+        + (" (4-bit NF4)" if parsed.model.load_in_4bit else "")
+        + f", dtype {parsed.model.dtype}"
+    )
     out.print(f"  lora      r={parsed.lora.r} alpha={parsed.lora.alpha:g} targets={parsed.lora.target_modules}")
-    out.print(f"  data      {parsed.data.train.path}" + (f" [{parsed.data.train.config}]" if parsed.data.train.config else "")
-              + f" split={parsed.data.train.split} format={parsed.data.format} max_length={parsed.data.max_length}")  # fmt: skip
-    out.print(f"  objective {o.kind}" + (f" old_policy={o.old_policy} refresh_every={o.refresh_every} clip_high={o.clip_high}" if o.kind == "psft" else ""))
+    out.print(
+        f"  data      {parsed.data.train.path}"
+        + (f" [{parsed.data.train.config}]" if parsed.data.train.config else "")
+        + f" split={parsed.data.train.split} format={parsed.data.format} max_length={parsed.data.max_length}"
+    )
+    out.print(
+        f"  objective {o.kind}"
+        + (
+            f" old_policy={o.old_policy} refresh_every={o.refresh_every} clip_high={o.clip_high}"
+            if o.kind == "psft"
+            else ""
+        )
+    )
     steps = f"max_steps={t.max_steps}" if t.max_steps else f"epochs={t.epochs:g}"
     out.print(f"  train     lr={t.lr:g} {steps} batch={t.batch_size} micro={t.micro_batch_size} seed={t.seed}")
     out.print(f"  output    {parsed.run_dir}")
@@ -129,9 +156,11 @@ def validate(
     rep = run_preflight(parsed, out, deep=deep)
     st = rep.stats
     if "examples" in st:
-        out.print(f"  examples  {st['examples']} of {st['rows']} rows; {st['trained_tokens']:,} trained of "
-                  f"{st['total_tokens']:,} tokens ({st['trained_share']:.0%}); longest {st['longest']}; "
-                  f"{st['dropped_too_long']} dropped, {st['truncated']} truncated")  # fmt: skip
+        out.print(
+            f"  examples  {st['examples']} of {st['rows']} rows; {st['trained_tokens']:,} trained of "
+            f"{st['total_tokens']:,} tokens ({st['trained_share']:.0%}); longest {st['longest']}; "
+            f"{st['dropped_too_long']} dropped, {st['truncated']} truncated"
+        )
     if rep.memory is not None:
         m = rep.memory
         parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in m.parts.items())
@@ -139,8 +168,10 @@ def validate(
         flag = "" if m.fits is not False else "  [bold red]does not fit[/bold red]"
         out.print(f"  memory    ~{m.total / GB:.1f} GB peak on {m.device}{avail} ({parts}){flag}")
     if "deep_step_s" in st:
-        out.print(f"  deep      one micro-step {st['deep_step_s']:.2f} s, peak {st['deep_peak_mem_mb']:.0f} MB, "
-                  f"{st['trainable_parameters']:,} trainable parameters")  # fmt: skip
+        out.print(
+            f"  deep      one micro-step {st['deep_step_s']:.2f} s, peak {st['deep_peak_mem_mb']:.0f} MB, "
+            f"{st['trainable_parameters']:,} trainable parameters"
+        )
     for n in rep.notes:
         err.print(f"note: {n}")
     for w in rep.warnings:
@@ -148,11 +179,19 @@ def validate(
 
 
 ModelArg = Annotated[
-    str, typer.Argument(help="A run directory, an adapter or merged folder, a hub id, a local model folder, or "
-                        "smollm2-135m-instruct.", show_default=False)  # fmt: skip
+    str,
+    typer.Argument(
+        help="A run directory, an adapter or merged folder, a hub id, a local model folder, or smollm2-135m-instruct.",
+        show_default=False,
+    ),
 ]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32 (default: as trained / auto).", show_default=False)]
-DataConfigOpt = Annotated[Optional[str], typer.Option("--data-config", help="Hub data set configuration, e.g. main for openai/gsm8k.", show_default=False)]
+DtypeOpt = Annotated[
+    Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32 (default: as trained / auto).", show_default=False)
+]
+DataConfigOpt = Annotated[
+    Optional[str],
+    typer.Option("--data-config", help="Hub data set configuration, e.g. main for openai/gsm8k.", show_default=False),
+]
 
 
 def _source(path: str, config: str | None, split: str) -> Any:
@@ -173,9 +212,18 @@ def _dtype(d: str | None) -> str | None:
 @app.command()
 def generate(
     model: ModelArg,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).", show_default=False)] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="A .jsonl of {prompt} or {messages} rows; writes JSON lines.", show_default=False)] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System message for --prompt.", show_default=False)] = None,
+    prompt: Annotated[
+        Optional[list[str]], typer.Option("--prompt", "-p", help="A user message (repeatable).", show_default=False)
+    ] = None,
+    file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--file", "-f", help="A .jsonl of {prompt} or {messages} rows; writes JSON lines.", show_default=False
+        ),
+    ] = None,
+    system: Annotated[
+        Optional[str], typer.Option("--system", help="System message for --prompt.", show_default=False)
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
@@ -194,14 +242,23 @@ def generate(
 
     if bool(prompt) == bool(file):
         raise RecipeError("give either --prompt TEXT (repeatable) or --file prompts.jsonl.")
-    prompts = read_prompts(file) if file else [
-        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt
-    ]  # fmt: skip
+    prompts = (
+        read_prompts(file)
+        if file
+        else [
+            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            for p in prompt
+        ]
+    )
     loaded = load_model(model, _dtype(dtype))
     gens = do_generate(loaded, prompts, max_new_tokens, temperature, top_p, seed=seed)
     for msgs, g in zip(prompts, gens):
         if file:
-            out.print(json.dumps({"prompt": msgs[-1]["content"], "generation": g.text, "finished": g.finished}), highlight=False, soft_wrap=True)
+            out.print(
+                json.dumps({"prompt": msgs[-1]["content"], "generation": g.text, "finished": g.finished}),
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
             out.print(g.text, highlight=False)
 
@@ -251,21 +308,37 @@ def chat(
 @app.command("eval")
 def eval_(
     model: ModelArg,
-    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="A data file or NAME=FILE (repeatable). Default: the run's eval sets.", show_default=False)] = None,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="k answers per problem (avg@k); needs --temperature > 0.")] = 1,
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--data",
+            "-d",
+            help="A data file or NAME=FILE (repeatable). Default: the run's eval sets.",
+            show_default=False,
+        ),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="k answers per problem (avg@k); needs --temperature > 0.")
+    ] = 1,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N problems of each set.", show_default=False)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Write summary.json and predictions.jsonl here.", show_default=False)] = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="Only the first N problems of each set.", show_default=False)
+    ] = None,
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Write summary.json and predictions.jsonl here.", show_default=False)
+    ] = None,
     data_config: DataConfigOpt = None,
-    split: Annotated[str, typer.Option("--split", help="Split of hub data sets and data set folders given with --data.")] = "test",
+    split: Annotated[
+        str, typer.Option("--split", help="Split of hub data sets and data set folders given with --data.")
+    ] = "test",
     dtype: DtypeOpt = None,
 ) -> None:
     """Math-answer accuracy (#### N and \\boxed{} answers), generation entropy and reference NLL per data set.
 
-    [dim]Example: psft-lite eval runs/quickstart --data in_domain=data/arith/test.jsonl --data ood=data/arith/ood.jsonl[/dim]
+    [dim]Example: psft-lite eval runs/quickstart -d in_domain=data/arith/test.jsonl -d ood=data/arith/ood.jsonl[/dim]
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -282,27 +355,48 @@ def eval_(
     if data:
         for item in data:
             name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
-            sets[name] = (_source(path, data_config, split), RowFormat(max_length=base_data.max_length if base_data else 4096))
+            sets[name] = (
+                _source(path, data_config, split),
+                RowFormat(max_length=base_data.max_length if base_data else 4096),
+            )
     elif loaded.recipe is not None and (loaded.recipe.eval.sets or loaded.recipe.data.eval):
         named = loaded.recipe.eval.sets or {"eval": loaded.recipe.data.eval}
         sets = {k: (v, loaded.recipe.data) for k, v in named.items()}
     else:
-        raise RecipeError("no data to evaluate: pass --data FILE (or NAME=FILE), or a run whose recipe has data.eval or eval.sets.")
+        raise RecipeError(
+            "no data to evaluate: pass --data FILE (or NAME=FILE), or a run whose recipe has data.eval or eval.sets."
+        )
     items = {name: eval_items(src, sec, limit=limit) for name, (src, sec) in sets.items()}
     summaries, predictions = {}, {}
     total = sum(len(v) for v in items.values()) * samples
-    with Progress(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=True) as progress:  # fmt: skip
+    with Progress(
+        TextColumn("[bold]eval[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
         task = progress.add_task("", total=total)
         for name, its in items.items():
             progress.update(task, description=name)
             summaries[name], predictions[name] = evaluate_set(
-                loaded, its, samples, temperature, top_p, max_new_tokens, batch_size,
-                progress=lambda n: progress.advance(task, n))  # fmt: skip
+                loaded,
+                its,
+                samples,
+                temperature,
+                top_p,
+                max_new_tokens,
+                batch_size,
+                progress=lambda n: progress.advance(task, n),
+            )
     metric = "pass@1" if samples == 1 else f"avg@{samples}"
     for name, sm in summaries.items():
-        out.print(f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   "
-                  f"reference NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}", highlight=False)  # fmt: skip
+        out.print(
+            f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   reference "
+            f"NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}",
+            highlight=False,
+        )
     if out_dir is not None:
         write_outputs(out_dir, summaries, predictions)
         out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'predictions.jsonl'}")
@@ -311,8 +405,15 @@ def eval_(
 @app.command()
 def ddt(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", "-d", help="Data file (any supported format), or a hub data set id.", show_default=False)],
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N rows.", show_default=False)] = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", "-d", help="Data file (any supported format), or a hub data set id.", show_default=False
+        ),
+    ],
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="Only the first N rows.", show_default=False)
+    ] = None,
     max_length: Annotated[int, typer.Option("--max-length", min=2, help="Truncate longer examples.")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
     data_config: DataConfigOpt = None,
@@ -340,9 +441,14 @@ def ddt(
         out.print(json.dumps(stats), highlight=False, soft_wrap=True)
         return
     out.print(f"DDT of {data} under {model}: {stats['examples']} examples, {stats['tokens']:,} response tokens")
-    out.print(f"  mean φ {stats['mean_phi']:+.4f}  (per sequence {stats['mean_phi_per_sequence']:+.4f}, std {stats['std_phi']:.3f})")
-    out.print(f"  share φ > 0: {stats['share_phi_gt_0']:.1%}   > −1: {stats['share_phi_gt_-1']:.1%}   "
-              f"> −3: {stats['share_phi_gt_-3']:.1%}   > −5: {stats['share_phi_gt_-5']:.1%}")  # fmt: skip
+    out.print(
+        f"  mean φ {stats['mean_phi']:+.4f}  (per sequence {stats['mean_phi_per_sequence']:+.4f}, std "
+        f"{stats['std_phi']:.3f})"
+    )
+    out.print(
+        f"  share φ > 0: {stats['share_phi_gt_0']:.1%}   > −1: {stats['share_phi_gt_-1']:.1%}   > −3: "
+        f"{stats['share_phi_gt_-3']:.1%}   > −5: {stats['share_phi_gt_-5']:.1%}"
+    )
     counts = stats["histogram"]["counts"]
     edges = ["−∞", *[f"{b:g}" for b in BINS], "∞"]
     top = max(counts) or 1
@@ -354,28 +460,62 @@ def ddt(
 @app.command()
 def hint(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", "-d", help="Problems with reference solutions (any training format).", show_default=False)],
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl (kept rewrites); dropped ones go to OUT.dropped.jsonl.", show_default=False)],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", "-d", help="Problems with reference solutions (any training format).", show_default=False
+        ),
+    ],
+    out_file: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output .jsonl (kept rewrites); dropped ones go to OUT.dropped.jsonl.",
+            show_default=False,
+        ),
+    ],
     fmt: Annotated[str, typer.Option("--format", help="Data format (as data.format).")] = "auto",
-    beta: Annotated[float, typer.Option("--beta", min=0.0, help="λ = clamp(β·H(p)/ln|V|, 0, 1); 0 = the hinted stream alone.")] = 3.0,
-    answer_marker: Annotated[str, typer.Option("--answer-marker", help="After this text the plain stream decodes alone.")] = "####",
+    beta: Annotated[
+        float, typer.Option("--beta", min=0.0, help="λ = clamp(β·H(p)/ln|V|, 0, 1); 0 = the hinted stream alone.")
+    ] = 3.0,
+    answer_marker: Annotated[
+        str, typer.Option("--answer-marker", help="After this text the plain stream decodes alone.")
+    ] = "####",
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.3,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 8192,
-    keep: Annotated[str, typer.Option("--keep", help="correct: keep rewrites that finished (end-of-turn) with the reference's answer; all: keep every rewrite.")] = "correct",
-    min_phi: Annotated[Optional[float], typer.Option("--min-phi", help="Also drop rewrites whose mean φ is below this.", show_default=False)] = None,
+    keep: Annotated[
+        str,
+        typer.Option(
+            "--keep",
+            help="correct: keep rewrites that finished (end-of-turn) with the reference's answer; all: keep every "
+            "rewrite.",
+        ),
+    ] = "correct",
+    min_phi: Annotated[
+        Optional[float],
+        typer.Option("--min-phi", help="Also drop rewrites whose mean φ is below this.", show_default=False),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     data_config: DataConfigOpt = None,
     split: Annotated[str, typer.Option("--split", help="Split of a hub data set or data set folder.")] = "train",
-    cot_fallback: Annotated[bool, typer.Option("--cot-fallback", help="When the analysis has no '# CoT' heading, append one instead of dropping the example (small models rarely write it).")] = False,
+    cot_fallback: Annotated[
+        bool,
+        typer.Option(
+            "--cot-fallback",
+            help="When the analysis has no '# CoT' heading, append one instead of dropping the example (small "
+            "models rarely write it).",
+        ),
+    ] = False,
     dtype: DtypeOpt = None,
 ) -> None:
     """Hinted Decoding: rewrite (problem, solution) pairs in the model's own words, guided by the reference.
 
     Resumable: rerun with the same --out to continue; finished examples are skipped.
 
-    [dim]Example: psft-lite hint smollm2-135m-instruct --data data/arith/train.jsonl --out runs/hinted.jsonl --limit 30[/dim]
+    [dim]Example: psft-lite hint smollm2-135m-instruct -d data/arith/train.jsonl -o runs/hinted.jsonl --limit 30[/dim]
     """
     from psft_lite.errors import RecipeError
     from psft_lite.generate import load_model
@@ -387,32 +527,64 @@ def hint(
     if keep not in ("correct", "all"):
         raise RecipeError(f"--keep {keep!r}: choose correct or all.")
     loaded = load_model(model, _dtype(dtype))
-    cfg = HintConfig(beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                     answer_marker=answer_marker, seed=seed, cot_fallback=cot_fallback)  # fmt: skip
-    s = run(loaded, _source(data, data_config, split), RowFormat(format=fmt), out_file, cfg, keep, min_phi, limit,
-            console=err)
+    cfg = HintConfig(
+        beta=beta,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        answer_marker=answer_marker,
+        seed=seed,
+        cot_fallback=cot_fallback,
+    )
+    s = run(
+        loaded,
+        _source(data, data_config, split),
+        RowFormat(format=fmt),
+        out_file,
+        cfg,
+        keep,
+        min_phi,
+        limit,
+        console=err,
+    )
     acc = s["correct"] / s["decoded"] if s["decoded"] else float("nan")
-    out.print(f"hint: {s['kept']} of {s['examples']} kept; dropped {s['no_cot']} without # CoT, {s['unfinished']} "
-              f"unfinished (length/repetition), {s['wrong_answer']} wrong answer, {s['low_phi']} below --min-phi "
-              f"({s['skipped_done']} were done before this run)")  # fmt: skip
+    out.print(
+        f"hint: {s['kept']} of {s['examples']} kept; dropped {s['no_cot']} without # CoT, {s['unfinished']} "
+        f"unfinished (length/repetition), {s['wrong_answer']} wrong answer, {s['low_phi']} below --min-phi "
+        f"({s['skipped_done']} were done before this run)"
+    )
     if s["decoded"]:
-        out.print(f"  answer accuracy of the rewrites {acc:.0%} ({s['correct']}/{s['decoded']}); mean φ reference "
-                  f"{s['mean_phi_reference']:+.3f} → rewrites {s['mean_phi_hinted']:+.3f}")  # fmt: skip
+        out.print(
+            f"  answer accuracy of the rewrites {acc:.0%} ({s['correct']}/{s['decoded']}); mean φ reference "
+            f"{s['mean_phi_reference']:+.3f} → rewrites {s['mean_phi_hinted']:+.3f}"
+        )
     if s["kept"]:
-        out.print(f"  kept rewrites: mean φ {s['mean_phi_kept']:+.3f} (their references {s['mean_phi_reference_kept']:+.3f})")
-    out.print(f"  wrote {s['out']} (train on it directly: data.train = \"{s['out']}\") and {s['dropped_file']}")
+        out.print(
+            f"  kept rewrites: mean φ {s['mean_phi_kept']:+.3f} (their references {s['mean_phi_reference_kept']:+.3f})"
+        )
+    out.print(f'  wrote {s["out"]} (train on it directly: data.train = "{s["out"]}") and {s["dropped_file"]}')
 
 
 @app.command()
 def study(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "sft,dft,psft-snapshot,psft-base,idft",
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods.")
+    ] = "sft,dft,psft-snapshot,psft-base,idft",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Study folder. Default: the recipe's output.dir.", show_default=False)] = None,
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Study folder. Default: the recipe's output.dir.", show_default=False),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Problems per eval set.")] = 100,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write tables.md and PNG figures here (default: the study folder).", show_default=False)] = None,
+    report: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--report", help="Write tables.md and PNG figures here (default: the study folder).", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Train every objective for several epochs and seeds on one recipe, evaluate each epoch end, report.
 
@@ -432,8 +604,9 @@ def study(
     except ValueError:
         raise RecipeError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
     folder = out_dir or parsed.run_dir
-    results_path = run_study(parsed, [m.strip() for m in methods.split(",") if m.strip()], seed_list, folder, limit,
-                             max_new_tokens, err)  # fmt: skip
+    results_path = run_study(
+        parsed, [m.strip() for m in methods.split(",") if m.strip()], seed_list, folder, limit, max_new_tokens, err
+    )
     results = latest_results(read_metrics(results_path))
     dest = report or folder
     dest.mkdir(parents=True, exist_ok=True)
@@ -463,12 +636,32 @@ def plot(
 
 @app.command()
 def merge(
-    source: Annotated[Path, typer.Argument(help="Run directory, its adapter/ folder, or a checkpoints/step-N folder.", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder. Default: RUN_DIR/merged.", show_default=False)] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model to merge into, if not the one trained on.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32. Default: the training precision.", show_default=False)] = None,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the logits check against the adapter model.")] = False,
-    from_original: Annotated[bool, typer.Option("--from-original", help="Merge into the original full-precision weights instead of the dequantized 4-bit ones (differs from what was trained).")] = False,
+    source: Annotated[
+        Path,
+        typer.Argument(help="Run directory, its adapter/ folder, or a checkpoints/step-N folder.", show_default=False),
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder. Default: RUN_DIR/merged.", show_default=False)
+    ] = None,
+    base: Annotated[
+        Optional[str],
+        typer.Option("--base", help="Base model to merge into, if not the one trained on.", show_default=False),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option("--dtype", help="bf16, fp16 or fp32. Default: the training precision.", show_default=False),
+    ] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the logits check against the adapter model.")
+    ] = False,
+    from_original: Annotated[
+        bool,
+        typer.Option(
+            "--from-original",
+            help="Merge into the original full-precision weights instead of the dequantized 4-bit ones (differs "
+            "from what was trained).",
+        ),
+    ] = False,
 ) -> None:
     """Fold the adapter into its base and write a plain transformers model folder; checks its logits match.
 
@@ -476,7 +669,9 @@ def merge(
     """
     from psft_lite.merge import merge as do_merge
 
-    report = do_merge(source, out=out, base=base, dtype=_dtype(dtype), verify=not no_verify, from_original=from_original, console=err)
+    report = do_merge(
+        source, out=out, base=base, dtype=_dtype(dtype), verify=not no_verify, from_original=from_original, console=err
+    )
     out_console.print(f"merged: {report['out']}")
 
 

@@ -7,7 +7,8 @@ training (float32 entropy, no [T × V] tensor for a whole sequence).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,8 +21,15 @@ IN_DISTRIBUTION = -0.05  # the paper's rule of thumb: ≈ −0.05 is close to in
 OFF_DISTRIBUTION = -0.1  # < −0.1 is out-of-distribution
 
 
-def token_phi(model: Any, examples: list[Example], pad_id: int, device: torch.device, dtype: torch.dtype,
-              batch_size: int = 8, progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:  # fmt: skip
+def token_phi(
+    model: Any,
+    examples: list[Example],
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
     """φ of every trained token, one 1-D float32 tensor per example (in order)."""
     out: list[torch.Tensor] = []
     for b, logp, ent in score_examples(model, examples, pad_id, device, dtype, batch_size):
@@ -63,5 +71,7 @@ def verdict(mean_phi: float) -> str:
         return "in-distribution: the model would write text like this itself; plain SFT (or psft) is fine"
     if mean_phi >= OFF_DISTRIBUTION:
         return "near the model's distribution: sft/psft are fine; idft damps the few off-distribution tokens"
-    return ("off-distribution: the data is far from what the model writes; prefer psft, idft/dft, or rewrite the "
-            "data with `psft-lite hint` (Hinted Decoding) before SFT")  # fmt: skip
+    return (
+        "off-distribution: the data is far from what the model writes; prefer psft, idft/dft, or rewrite the data "
+        "with `psft-lite hint` (Hinted Decoding) before SFT"
+    )

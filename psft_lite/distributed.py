@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -40,7 +39,9 @@ class Dist:
             try:
                 dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
             except (RuntimeError, ConnectionError) as e:  # a peer died: fail cleanly instead of a gloo traceback
-                raise RunError(f"rank {self.rank}: another process of this distributed run failed ({_first_line(e)}).") from None
+                raise RunError(
+                    f"rank {self.rank}: another process of this distributed run failed ({_first_line(e)})."
+                ) from None
         return t
 
     def barrier(self) -> None:
@@ -50,7 +51,9 @@ class Dist:
             try:
                 dist.barrier()
             except (RuntimeError, ConnectionError) as e:
-                raise RunError(f"rank {self.rank}: another process of this distributed run failed ({_first_line(e)}).") from None
+                raise RunError(
+                    f"rank {self.rank}: another process of this distributed run failed ({_first_line(e)})."
+                ) from None
 
     def broadcast_parameters(self, params: list[torch.nn.Parameter]) -> None:
         """Rank 0's values everywhere (LoRA init is seeded identically, this makes it certain)."""

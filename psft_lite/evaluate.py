@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from psft_lite.data import load_conversations
 from psft_lite.data.tokenize import Example, encode_all
@@ -115,7 +116,9 @@ class EvalItem:
         return ans, answers_match(ans, self.gold)
 
 
-def eval_items(source: Source, data: RowFormat, limit: int | None = None, base_dir: Path | None = None) -> list[EvalItem]:
+def eval_items(
+    source: Source, data: RowFormat, limit: int | None = None, base_dir: Path | None = None
+) -> list[EvalItem]:
     """Problems with gold answers: from an `answer` column when present, else extracted from the reference."""
     items = []
     for msgs, row in load_conversations(source, data, limit=limit, base_dir=base_dir):
@@ -139,7 +142,9 @@ def gold_answer(data: dict[str, Any], reference: str, match: str = "answer") -> 
 def mean_nll(loaded: Loaded, examples: list[Example], batch_size: int = 8) -> float:
     """Mean NLL per trained token (end-of-turn included) of tokenized examples under the model."""
     total, count = 0.0, 0
-    for b, logp, _ in score_examples(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype, batch_size):
+    for b, logp, _ in score_examples(
+        loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype, batch_size
+    ):
         total += float(-(logp * b.target_mask).sum())
         count += b.n_trained
     return total / max(count, 1)
@@ -169,15 +174,34 @@ def evaluate_set(
     correct = 0.0
     entropies: list[float] = []
     for k in range(samples):
-        gens = generate(loaded, [it.prompt for it in items], max_new_tokens, temperature, top_p, batch_size,
-                        seed=seed + 1000 * k, progress=progress)  # fmt: skip
+        gens = generate(
+            loaded,
+            [it.prompt for it in items],
+            max_new_tokens,
+            temperature,
+            top_p,
+            batch_size,
+            seed=seed + 1000 * k,
+            progress=progress,
+        )
         for it, g in zip(items, gens):
             ans, ok = it.correct(g.text)
             correct += ok
             entropies.append(g.mean_entropy)
-            preds.append({"where": it.where, "sample": k, "prompt": it.prompt[-1]["content"], "generation": g.text,
-                          "extracted": ans, "gold": it.gold, "correct": ok, "finished": g.finished,
-                          "tokens": g.n_tokens, "mean_entropy": g.mean_entropy})  # fmt: skip
+            preds.append(
+                {
+                    "where": it.where,
+                    "sample": k,
+                    "prompt": it.prompt[-1]["content"],
+                    "generation": g.text,
+                    "extracted": ans,
+                    "gold": it.gold,
+                    "correct": ok,
+                    "finished": g.finished,
+                    "tokens": g.n_tokens,
+                    "mean_entropy": g.mean_entropy,
+                }
+            )
     n = len(items)
     summary = {
         "n": n,
@@ -191,7 +215,9 @@ def evaluate_set(
     return summary, preds
 
 
-def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], predictions: dict[str, list[dict[str, Any]]]) -> None:
+def write_outputs(
+    out: Path, summaries: dict[str, dict[str, Any]], predictions: dict[str, list[dict[str, Any]]]
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:

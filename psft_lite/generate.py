@@ -7,9 +7,10 @@ merged folder. The tokenizer — and so the chat template — is the one the run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,8 +37,10 @@ class Loaded:
 def is_adapter_source(path: Path) -> bool:
     from psft_lite.checkpoint import list_checkpoints
 
-    return (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file() or bool(
-        list_checkpoints(path)
+    return (
+        (path / "adapter_config.json").is_file()
+        or (path / "adapter" / "adapter_config.json").is_file()
+        or bool(list_checkpoints(path))
     )
 
 
@@ -52,8 +55,11 @@ def load_model(spec: str | Path, dtype: str | None = None, device: str = "auto")
 
         info = resolve_adapter(path)
         dev = modeling.resolve_device(device if device != "auto" else info.base.device)
-        dt = modeling.DTYPES[dtype] if dtype else (getattr(torch, info.dtype) if info.dtype else
-                                                   modeling.resolve_dtype(info.base.dtype, dev))  # fmt: skip
+        dt = (
+            modeling.DTYPES[dtype]
+            if dtype
+            else (getattr(torch, info.dtype) if info.dtype else modeling.resolve_dtype(info.base.dtype, dev))
+        )
         model = with_adapter(modeling.load_base_model(info.base, dev, dt), info)
         tok_dir = info.path if (info.path / "tokenizer_config.json").is_file() else None
         tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else modeling.load_tokenizer(info.base)
@@ -132,8 +138,13 @@ def generate(
             recorder = EntropyRecorder()
             torch.manual_seed(seed + start)
             sampling = temperature > 0
-            kwargs: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_new_tokens, "eos_token_id": ends,
-                                      "pad_token_id": tok.pad_token_id, "logits_processor": LogitsProcessorList([recorder])}  # fmt: skip
+            kwargs: dict[str, Any] = {
+                "do_sample": sampling,
+                "max_new_tokens": max_new_tokens,
+                "eos_token_id": ends,
+                "pad_token_id": tok.pad_token_id,
+                "logits_processor": LogitsProcessorList([recorder]),
+            }
             if sampling:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
             else:
@@ -168,13 +179,23 @@ def eos_ids(loaded: Loaded) -> list[int]:
 
 
 @torch.no_grad()
-def chat_reply(loaded: Loaded, messages: list[Message], max_new_tokens: int = 512, temperature: float = 0.7,
-               top_p: float = 0.95, stream: Any = None) -> str:  # fmt: skip
+def chat_reply(
+    loaded: Loaded,
+    messages: list[Message],
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    stream: Any = None,
+) -> str:
     """One assistant turn for an interactive chat, streamed token by token to `stream` (a transformers streamer)."""
     tok = loaded.tokenizer
     enc = tok(render_prompt(tok, messages), add_special_tokens=False, return_tensors="pt").to(loaded.device)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_ids(loaded),
-                              "pad_token_id": tok.pad_token_id, "streamer": stream}  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": eos_ids(loaded),
+        "pad_token_id": tok.pad_token_id,
+        "streamer": stream,
+    }
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:

@@ -47,10 +47,19 @@ class Guard:
         if skipped:
             self.bad += 1
             stop = self.bad >= self.cfg.patience
-            events.append({"event": "skipped_step", "step": step, "reason": skipped, "stop": stop, "message": (
-                f"step {step}: {skipped}; update skipped ({self.bad} in a row"
-                + (f", patience {self.cfg.patience} reached" if stop else "") + ")."
-            )})  # fmt: skip
+            events.append(
+                {
+                    "event": "skipped_step",
+                    "step": step,
+                    "reason": skipped,
+                    "stop": stop,
+                    "message": (
+                        f"step {step}: {skipped}; update skipped ({self.bad} in a row"
+                        + (f", patience {self.cfg.patience} reached" if stop else "")
+                        + ")."
+                    ),
+                }
+            )
             return events
         self.bad = 0
         a = self.cfg.ema
@@ -63,13 +72,21 @@ class Guard:
         drift = rec.get("drift")
         if drift is not None and self.cfg.drift_watch and drift > self.cfg.drift_max and "drift" not in self.fired:
             self.fired.add("drift")
-            events.append({"event": "drift_warning", "step": step, "drift": drift, "stop": self.cfg.action == "stop",
-                           "message": (
-                f"step {step}: the model has drifted from the base: on the training tokens it is e^{drift:.2f} = "
-                f"{math.exp(drift):.1f}× more likely than the base model on average (threshold guard.drift_max = "
-                f"{self.cfg.drift_max:g}). It is moving far from what it knew. Try psft with old_policy = 'base' (a "
-                "fixed trust region around the base), a lower train.lr, or fewer epochs."
-            )})  # fmt: skip
+            events.append(
+                {
+                    "event": "drift_warning",
+                    "step": step,
+                    "drift": drift,
+                    "stop": self.cfg.action == "stop",
+                    "message": (
+                        f"step {step}: the model has drifted from the base: on the training tokens it is "
+                        f"e^{drift:.2f} = {math.exp(drift):.1f}× more likely than the base model on average "
+                        f"(threshold guard.drift_max = {self.cfg.drift_max:g}). It is moving far from what it knew. "
+                        "Try psft with old_policy = 'base' (a fixed trust region around the base), a lower train.lr, "
+                        "or fewer epochs."
+                    ),
+                }
+            )
         return events
 
     def _entropy(self, step: int, ent: float) -> list[Event]:
@@ -93,25 +110,41 @@ class Guard:
             slope = (window[-1] - window[0]) / (len(window) - 1)
             projected = self.entropy_ema + slope * (self.total - step)
             if slope < 0 and projected < c.collapse_fraction * self.baseline:
-                reason = (f"at its current rate it would fall to {max(projected, 0) / self.baseline:.0%} of its starting "
-                          "value by the end of the run")  # fmt: skip
+                reason = (
+                    f"at its current rate it would fall to {max(projected, 0) / self.baseline:.0%} of its starting "
+                    "value by the end of the run"
+                )
         if reason is None:
             return []
         self.fired.add("entropy")
-        return [{"event": "entropy_warning", "step": step, "entropy_ema": self.entropy_ema, "baseline": self.baseline,
-                 "stop": c.action == "stop", "message": (
-            f"step {step}: entropy on the trained tokens is collapsing — {reason} ({self.entropy_ema:.3f} vs "
-            f"{self.baseline:.3f}). The model is becoming certain of exactly the training text, which is how SFT "
-            "forgets what it knew. Try objective.kind = 'psft', a lower train.lr, a tighter objective.clip_high, "
-            "or fewer epochs."
-        )}]  # fmt: skip
+        return [
+            {
+                "event": "entropy_warning",
+                "step": step,
+                "entropy_ema": self.entropy_ema,
+                "baseline": self.baseline,
+                "stop": c.action == "stop",
+                "message": (
+                    f"step {step}: entropy on the trained tokens is collapsing — {reason} ({self.entropy_ema:.3f} vs "
+                    f"{self.baseline:.3f}). The model is becoming certain of exactly the training text, which is how "
+                    "SFT forgets what it knew. Try objective.kind = 'psft', a lower train.lr, a tighter "
+                    "objective.clip_high, or fewer epochs."
+                ),
+            }
+        ]
 
     # -- resume -------------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "first": self.first, "entropy_ema": self.entropy_ema,
-                "ema_history": self.ema_history[-self.cfg.trend_steps :], "nll_ema": self.nll_ema, "bad": self.bad,
-                "fired": sorted(self.fired)}  # fmt: skip
+        return {
+            "baseline": self.baseline,
+            "first": self.first,
+            "entropy_ema": self.entropy_ema,
+            "ema_history": self.ema_history[-self.cfg.trend_steps :],
+            "nll_ema": self.nll_ema,
+            "bad": self.bad,
+            "fired": sorted(self.fired),
+        }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.baseline, self.first, self.entropy_ema = s.get("baseline"), list(s.get("first", [])), s.get("entropy_ema")

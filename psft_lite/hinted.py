@@ -21,16 +21,16 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from psft_lite import modeling
 from psft_lite.data.tokenize import Example
-from psft_lite.errors import DataError
 from psft_lite.generate import Loaded, eos_ids, render_prompt
 from psft_lite.metrics import read_metrics, read_records
 
@@ -74,8 +74,10 @@ class Decoded:
 
 def analysis_messages(question_msgs: list[dict[str, str]], reference: str) -> list[dict[str, str]]:
     question = question_msgs[-1]["content"]
-    return [{"role": "system", "content": ANALYSIS_SYSTEM},
-            {"role": "user", "content": f"Problem:\n{question}\n\nReference solution:\n{reference}"}]  # fmt: skip
+    return [
+        {"role": "system", "content": ANALYSIS_SYSTEM},
+        {"role": "user", "content": f"Problem:\n{question}\n\nReference solution:\n{reference}"},
+    ]
 
 
 class StopAtCoT:
@@ -85,8 +87,10 @@ class StopAtCoT:
         self.tokenizer, self.start = tokenizer, start
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.tensor([self.complete(self.tokenizer.decode(row[self.start :], skip_special_tokens=True))
-                             for row in input_ids], device=input_ids.device)  # fmt: skip
+        return torch.tensor(
+            [self.complete(self.tokenizer.decode(row[self.start :], skip_special_tokens=True)) for row in input_ids],
+            device=input_ids.device,
+        )
 
     @staticmethod
     def complete(text: str) -> bool:
@@ -102,7 +106,9 @@ def cut_at_cot(text: str, fallback: bool = False) -> str | None:
 
 
 @torch.no_grad()
-def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: str, cfg: HintConfig) -> tuple[str, str | None]:
+def hint_prefix(
+    loaded: Loaded, question_msgs: list[dict[str, str]], reference: str, cfg: HintConfig
+) -> tuple[str, str | None]:
     """(the greedy analysis as written, the hint prefix cut at its `CoT` heading or None when it has none)."""
     from transformers import StoppingCriteriaList
 
@@ -111,15 +117,24 @@ def hint_prefix(loaded: Loaded, question_msgs: list[dict[str, str]], reference: 
     enc = tok(prompt, add_special_tokens=False, return_tensors="pt").to(loaded.device)
     start = enc["input_ids"].shape[1]
     with modeling.autocast(loaded.device, loaded.dtype):
-        out = loaded.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                    max_new_tokens=cfg.hint_max_tokens, eos_token_id=eos_ids(loaded),
-                                    pad_token_id=tok.pad_token_id,
-                                    stopping_criteria=StoppingCriteriaList([StopAtCoT(tok, start)]))  # fmt: skip
+        out = loaded.model.generate(
+            **enc,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=cfg.hint_max_tokens,
+            eos_token_id=eos_ids(loaded),
+            pad_token_id=tok.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([StopAtCoT(tok, start)]),
+        )
     analysis = ANALYZE + tok.decode(out[0, start:], skip_special_tokens=True)
     return analysis, cut_at_cot(analysis, cfg.cot_fallback)
 
 
-def mix_step(lp: torch.Tensor, lq: torch.Tensor, beta: float, first: bool, handed_off: bool) -> tuple[torch.Tensor, float]:
+def mix_step(
+    lp: torch.Tensor, lq: torch.Tensor, beta: float, first: bool, handed_off: bool
+) -> tuple[torch.Tensor, float]:
     """Mixed log-scores for one step and λ (METHODS.md §5.3). lp, lq: [V] log-probabilities (float32)."""
     if first:
         return lp, 0.0
@@ -181,9 +196,13 @@ class _Streams:
         else:
             ids = self.ids
         with modeling.autocast(self.loaded.device, self.loaded.dtype):
-            out = self.loaded.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
-                                    past_key_values=self.past if self.incremental else None,
-                                    use_cache=self.incremental)  # fmt: skip
+            out = self.loaded.model(
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=pos,
+                past_key_values=self.past if self.incremental else None,
+                use_cache=self.incremental,
+            )
         if self.incremental:
             self.past = out.past_key_values
         return torch.log_softmax(out.logits[:, -1].float(), -1)
@@ -195,8 +214,15 @@ class _Streams:
 
 
 @torch.no_grad()
-def decode(loaded: Loaded, hinted: list[int], plain: list[int], cfg: HintConfig, seed: int,
-           incremental: bool = True, progress: Callable[[], None] | None = None) -> Decoded:  # fmt: skip
+def decode(
+    loaded: Loaded,
+    hinted: list[int],
+    plain: list[int],
+    cfg: HintConfig,
+    seed: int,
+    incremental: bool = True,
+    progress: Callable[[], None] | None = None,
+) -> Decoded:
     """Hinted Decoding of one example from the two prompts' token ids."""
     tok = loaded.tokenizer
     eos = set(eos_ids(loaded))
@@ -239,7 +265,9 @@ def mean_phi(loaded: Loaded, prompt: list[int], response: list[int]) -> float:
     ids = np.asarray(prompt + response, dtype=np.int32)
     mask = np.zeros(len(ids), dtype=bool)
     mask[len(prompt) :] = True
-    (phi,) = token_phi(loaded.model, [Example(ids, mask, "hint")], loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype)
+    (phi,) = token_phi(
+        loaded.model, [Example(ids, mask, "hint")], loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype
+    )
     return float(phi.mean()) if phi.numel() else 0.0
 
 
@@ -253,8 +281,17 @@ def read_done(path: Path) -> set[str]:
     return {rec["hint_id"] for rec in read_records(path, "hint_id", "psft-lite hint")}
 
 
-def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep: str = "correct",
-        min_phi: float | None = None, limit: int | None = None, console: Any = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    loaded: Loaded,
+    source: Any,
+    data: Any,
+    out: Path,
+    cfg: HintConfig,
+    keep: str = "correct",
+    min_phi: float | None = None,
+    limit: int | None = None,
+    console: Any = None,
+) -> dict[str, Any]:
     """Rewrite every example of `source` into `out` (kept) and `out.dropped.jsonl`; resumable; returns the summary
     over every example of `source` written so far (this call's and earlier calls')."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -272,10 +309,20 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
     ids = [stable_id(row.data) for row in rows]
     skipped = sum(hid in done for hid in ids)
     tokens_total = 0
-    with open(out, "a", encoding="utf-8") as kept_f, open(dropped_path, "a", encoding="utf-8") as drop_f, Progress(
-        TextColumn("[bold]hint[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(), console=console, transient=True, disable=console is None,
-    ) as progress:  # fmt: skip
+    with (
+        open(out, "a", encoding="utf-8") as kept_f,
+        open(dropped_path, "a", encoding="utf-8") as drop_f,
+        Progress(
+            TextColumn("[bold]hint[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=console is None,
+        ) as progress,
+    ):
         task = progress.add_task("", total=len(rows), completed=skipped, rate="")
         t0, n_new = time.perf_counter(), 0
         for row, hid in zip(rows, ids):
@@ -286,9 +333,15 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
             reference = last["content"]
             gold = gold_answer(row.data, reference)
             plain = prompt_ids(loaded, prompt_msgs)
-            ref_ids = loaded.tokenizer(reference, add_special_tokens=False)["input_ids"] + [loaded.tokenizer.eos_token_id]
-            record: dict[str, Any] = {"hint_id": hid, "hint_where": row.where, "hint_reference_answer": gold,
-                                      "hint_reference_phi": mean_phi(loaded, plain, ref_ids)}  # fmt: skip
+            ref_ids = loaded.tokenizer(reference, add_special_tokens=False)["input_ids"] + [
+                loaded.tokenizer.eos_token_id
+            ]
+            record: dict[str, Any] = {
+                "hint_id": hid,
+                "hint_where": row.where,
+                "hint_reference_answer": gold,
+                "hint_reference_phi": mean_phi(loaded, plain, ref_ids),
+            }
             analysis, prefix = hint_prefix(loaded, prompt_msgs, reference, cfg)
             reason = None
             if prefix is None:
@@ -302,8 +355,15 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
                 correct = answers_match(answer, gold)
                 resp = d.tokens + ([loaded.tokenizer.eos_token_id] if d.finish == "eos" else [])
                 phi = mean_phi(loaded, plain, resp)
-                record.update(hint_answer=answer, hint_correct=correct, hint_finish=d.finish, hint_tokens=len(d.tokens),
-                              hint_phi=phi, hint_lambda_mean=d.mean_lambda, hint_prefix=prefix)  # fmt: skip
+                record.update(
+                    hint_answer=answer,
+                    hint_correct=correct,
+                    hint_finish=d.finish,
+                    hint_tokens=len(d.tokens),
+                    hint_phi=phi,
+                    hint_lambda_mean=d.mean_lambda,
+                    hint_prefix=prefix,
+                )
                 if keep == "correct" and d.finish != "eos":
                     reason = "unfinished"  # cut by the length or repetition stop: not a whole solution
                 elif keep == "correct" and not correct:
@@ -319,18 +379,34 @@ def run(loaded: Loaded, source: Any, data: Any, out: Path, cfg: HintConfig, keep
             n_new += 1
             dt = time.perf_counter() - t0
             progress.update(task, advance=1, rate=f"{n_new / dt:.2f} ex/s  {tokens_total / dt:.1f} tok/s")
-    return {**summarize(out, dropped_path, set(ids)), "examples": len(rows), "skipped_done": skipped,
-            "generated_tokens": tokens_total}  # fmt: skip
+    return {
+        **summarize(out, dropped_path, set(ids)),
+        "examples": len(rows),
+        "skipped_done": skipped,
+        "generated_tokens": tokens_total,
+    }
 
 
 def summarize(out: Path, dropped_path: Path, ids: set[str]) -> dict[str, Any]:
     """Counts and mean φ over the records of `ids` in the kept and dropped files (so a resumed run reports all)."""
-    kept = [rec for rec in read_metrics(out) if rec["hint_id"] in ids]  # both files exist: `run` opened them for appending
+    kept = [
+        rec for rec in read_metrics(out) if rec["hint_id"] in ids
+    ]  # both files exist: `run` opened them for appending
     dropped = [rec for rec in read_metrics(dropped_path) if rec["hint_id"] in ids]
     decoded = [rec for rec in kept + dropped if "hint_phi" in rec]
     mean = lambda rs, key: float(np.mean([rec[key] for rec in rs])) if rs else None  # noqa: E731
-    reasons = {k: sum(rec["hint_dropped"] == k for rec in dropped) for k in ("no_cot", "unfinished", "wrong_answer", "low_phi")}
-    return {"kept": len(kept), **reasons, "decoded": len(decoded), "correct": sum(bool(rec["hint_correct"]) for rec in decoded),
-            "mean_phi_reference": mean(decoded, "hint_reference_phi"), "mean_phi_hinted": mean(decoded, "hint_phi"),
-            "mean_phi_reference_kept": mean(kept, "hint_reference_phi"), "mean_phi_kept": mean(kept, "hint_phi"),
-            "out": str(out), "dropped_file": str(dropped_path)}  # fmt: skip
+    reasons = {
+        k: sum(rec["hint_dropped"] == k for rec in dropped) for k in ("no_cot", "unfinished", "wrong_answer", "low_phi")
+    }
+    return {
+        "kept": len(kept),
+        **reasons,
+        "decoded": len(decoded),
+        "correct": sum(bool(rec["hint_correct"]) for rec in decoded),
+        "mean_phi_reference": mean(decoded, "hint_reference_phi"),
+        "mean_phi_hinted": mean(decoded, "hint_phi"),
+        "mean_phi_reference_kept": mean(kept, "hint_reference_phi"),
+        "mean_phi_kept": mean(kept, "hint_phi"),
+        "out": str(out),
+        "dropped_file": str(dropped_path),
+    }

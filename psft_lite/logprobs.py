@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
 class _TargetLogProbs(torch.autograd.Function):
     """log p(target) and entropy for N positions, computing the LM head in chunks of rows.
 
@@ -63,11 +64,16 @@ class _TargetLogProbs(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None,
-        )  # fmt: skip
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, scale: float) -> tuple[Tensor, Tensor | None]:
+def _chunk_logits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, scale: float
+) -> tuple[Tensor, Tensor | None]:
     """float32 logits of a chunk, and d(logits)/d(raw logits) when a non-linear soft-cap is applied."""
     z = (h.to(weight.dtype) @ weight.t()).float()
     if bias is not None:

@@ -51,8 +51,8 @@ def resolve_adapter(path: Path, base_override: str | None = None) -> AdapterInfo
         adapter = list_checkpoints(path)[-1][1]  # a run stopped before its final adapter: its newest checkpoint
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(
-            f"{path}: not an adapter (no adapter_config.json) and not a run directory with an adapter/ folder. "
-            "Pass a run directory (e.g. runs/quickstart), its adapter/ or a checkpoints/step-N folder."
+            f"{path}: not an adapter (no adapter_config.json) and not a run directory with an adapter/ folder. Pass a "
+            "run directory (e.g. runs/quickstart), its adapter/ or a checkpoints/step-N folder."
         )
     run_dir = next((p for p in (adapter.parent, adapter.parent.parent) if (p / "recipe.toml").is_file()), None)
     meta = read_adapter_meta(adapter)
@@ -63,7 +63,9 @@ def resolve_adapter(path: Path, base_override: str | None = None) -> AdapterInfo
     elif (adapter / "recipe.toml").is_file() or run_dir is not None:
         from psft_lite.recipe import load_recipe
 
-        base = load_recipe(adapter / "recipe.toml" if (adapter / "recipe.toml").is_file() else run_dir / "recipe.toml").model
+        base = load_recipe(
+            adapter / "recipe.toml" if (adapter / "recipe.toml").is_file() else run_dir / "recipe.toml"
+        ).model
     else:
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         name = cfg.get("base_model_name_or_path")
@@ -93,7 +95,9 @@ def probe_batch(info: AdapterInfo, tokenizer: Any, n: int = 4, max_len: int = 12
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in FALLBACK_PROMPTS[:n]
         ]
-    enc = tokenizer(texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    enc = tokenizer(
+        texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+    )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -122,7 +126,9 @@ def with_adapter(base: Any, info: AdapterInfo) -> Any:
         raise ModelError(f"{info.path}: the adapter does not fit the base model {info.base.name!r}: {e}") from None
 
 
-def _adapter_logits(info: AdapterInfo, device: torch.device, dtype: torch.dtype, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _adapter_logits(
+    info: AdapterInfo, device: torch.device, dtype: torch.dtype, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """Logits of base + adapter exactly as trained (4-bit base kept 4-bit), computed in `dtype`."""
     model = with_adapter(modeling.load_base_model(info.base, device, dtype), info)
     logits = _logits(model, batch)
@@ -130,7 +136,9 @@ def _adapter_logits(info: AdapterInfo, device: torch.device, dtype: torch.dtype,
     return logits
 
 
-def _merged_model(info: AdapterInfo, device: torch.device, train_dtype: torch.dtype, out_dtype: torch.dtype, from_original: bool) -> Any:
+def _merged_model(
+    info: AdapterInfo, device: torch.device, train_dtype: torch.dtype, out_dtype: torch.dtype, from_original: bool
+) -> Any:
     if info.base.load_in_4bit and not from_original:
         base = modeling.load_base_model(info.base, device, train_dtype).dequantize()
     else:
@@ -159,18 +167,28 @@ def merge(
     train_dtype = getattr(torch, info.dtype) if info.dtype else modeling.resolve_dtype(info.base.dtype, device)
     out_dtype = modeling.DTYPES[dtype] if dtype else train_dtype
     if out_dtype == torch.float16 and device.type == "cpu":
-        console.print("note: fp16 output on CPU; the merge check computes fp16 logits on the CPU (slow for big models).")
+        console.print(
+            "note: fp16 output on CPU; the merge check computes fp16 logits on the CPU (slow for big models)."
+        )
     if out is None:
-        out = info.run_dir / "merged" if info.run_dir is not None and info.path.name == "adapter" else info.path.with_name(info.path.name + "-merged")
+        out = (
+            info.run_dir / "merged"
+            if info.run_dir is not None and info.path.name == "adapter"
+            else info.path.with_name(info.path.name + "-merged")
+        )
     out = Path(out)
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     batch = probe_batch(info, tokenizer) if verify else None
-    how = "original full-precision weights" if (from_original or not info.base.load_in_4bit) else "dequantized 4-bit weights"
+    how = (
+        "original full-precision weights"
+        if (from_original or not info.base.load_in_4bit)
+        else "dequantized 4-bit weights"
+    )
     console.print(f"merging {info.path} into {info.base.name} ({how}), writing {str(out_dtype).removeprefix('torch.')}")
     if from_original and info.base.load_in_4bit:
         console.print(
-            "[yellow]note:[/yellow] merging into the original weights, not the 4-bit ones the adapter was trained on: "
-            "the result differs from the adapter model as trained."
+            "[yellow]note:[/yellow] merging into the original weights, not the 4-bit ones the adapter was trained "
+            "on: the result differs from the adapter model as trained."
         )
 
     report: dict[str, Any] = {"out": str(out), "adapter": str(info.path), "base": info.base.name}
@@ -194,8 +212,12 @@ def merge(
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del merged
-        meta = {"merged_from": str(info.path), "base_model": info.base.model_dump(mode="json", exclude_none=True),
-                "dtype": str(out_dtype).removeprefix("torch."), "from_original": from_original}  # fmt: skip
+        meta = {
+            "merged_from": str(info.path),
+            "base_model": info.base.model_dump(mode="json", exclude_none=True),
+            "dtype": str(out_dtype).removeprefix("torch."),
+            "from_original": from_original,
+        }
         if verify:
             saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=out_dtype).to(device)
             got = _logits(saved, batch)
@@ -206,25 +228,40 @@ def merge(
             tol = 1e-3 + 1e-4 * float(ref_exact.abs().max())
             floor = _compare(ref_out, ref_exact, mask)[0]  # what the output precision alone costs
             allowed = tol + 1.5 * floor
-            report.update(max_abs_dlogit=d_trained, greedy_agreement=agree, max_abs_dlogit_vs_fp32=d_exact,
-                          tolerance=allowed, dtype_noise_floor=floor, positions=int(mask.sum()))  # fmt: skip
+            report.update(
+                max_abs_dlogit=d_trained,
+                greedy_agreement=agree,
+                max_abs_dlogit_vs_fp32=d_exact,
+                tolerance=allowed,
+                dtype_noise_floor=floor,
+                positions=int(mask.sum()),
+            )
             tok2 = AutoTokenizer.from_pretrained(tmp)
             lost = [k for k in ("eos_token", "pad_token", "chat_template") if getattr(tok2, k) != getattr(tokenizer, k)]
             if from_original and info.base.load_in_4bit:
-                console.print(f"check (informational, not enforced): max |Δlogit| {d_trained:.4g}, greedy agreement {agree:.2%}")
+                console.print(
+                    f"check (informational, not enforced): max |Δlogit| {d_trained:.4g}, greedy agreement {agree:.2%}"
+                )
             elif d_exact > allowed or lost:
-                why = f"lost {', '.join(lost)}" if lost else (
-                    f"max |Δlogit| vs the float32 adapter model is {d_exact:.4g}, over the tolerance {allowed:.4g}")
+                why = (
+                    f"lost {', '.join(lost)}"
+                    if lost
+                    else (
+                        f"max |Δlogit| vs the float32 adapter model is {d_exact:.4g}, over the tolerance {allowed:.4g}"
+                    )
+                )
                 raise RunError(
                     f"merge check failed: {why} (greedy agreement {agree:.2%} on {int(mask.sum())} positions). "
                     f"Nothing was written to {out}. Use --no-verify to write it anyway."
                 )
-            meta["check"] = {k: report[k] for k in ("max_abs_dlogit", "greedy_agreement", "max_abs_dlogit_vs_fp32", "tolerance")}
+            meta["check"] = {
+                k: report[k] for k in ("max_abs_dlogit", "greedy_agreement", "max_abs_dlogit_vs_fp32", "tolerance")
+            }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     if verify:
         console.print(
             f"merge check on {report['positions']} positions: max |Δlogit| {report['max_abs_dlogit']:.4g} vs the "
-            f"adapter model as trained, {report['max_abs_dlogit_vs_fp32']:.4g} vs its float32 computation "
-            f"(tolerance {report['tolerance']:.4g}); greedy agreement {report['greedy_agreement']:.2%} — [green]ok[/green]"
+            f"adapter model as trained, {report['max_abs_dlogit_vs_fp32']:.4g} vs its float32 computation (tolerance "
+            f"{report['tolerance']:.4g}); greedy agreement {report['greedy_agreement']:.2%} — [green]ok[/green]"
         )
     return report

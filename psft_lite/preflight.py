@@ -82,15 +82,18 @@ def count_parameters(recipe: Recipe, src: modeling.ModelSource) -> tuple[int, in
         if isinstance(mod, torch.nn.Linear) and mod is not head:
             linear += mod.weight.numel()
             leaf = name.rsplit(".", 1)[-1]
-            if targets == "all-linear" or (isinstance(targets, list) and leaf in targets) or (
-                isinstance(targets, str) and targets != "all-linear" and re.fullmatch(targets, name)
+            if (
+                targets == "all-linear"
+                or (isinstance(targets, list) and leaf in targets)
+                or (isinstance(targets, str) and targets != "all-linear" and re.fullmatch(targets, name))
             ):
                 lora += recipe.lora.r * (mod.in_features + mod.out_features)
     return total, linear, lora
 
 
-def estimate_memory(recipe: Recipe, src: modeling.ModelSource, device: torch.device, dtype: torch.dtype,
-                    seq_len: int, response_len: int) -> MemoryEstimate:  # fmt: skip
+def estimate_memory(
+    recipe: Recipe, src: modeling.ModelSource, device: torch.device, dtype: torch.dtype, seq_len: int, response_len: int
+) -> MemoryEstimate:
     """Weights + LoRA + optimizer + activations for one micro-batch of `seq_len` tokens (the longest in the data)."""
     from transformers import AutoConfig
 
@@ -153,10 +156,12 @@ def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: in
     try:
         src = modeling.resolve_source(m)
         tokenizer = modeling.load_tokenizer(m, src)
-    except ModelError as e:
+    except ModelError:
         if modeling.looks_like_hub_id(m.name):
-            rep.notes.append(f"preflight skipped: {m.name} is not in the local Hugging Face cache and validate does "
-                             "not download. Training will download it.")  # fmt: skip
+            rep.notes.append(
+                f"preflight skipped: {m.name} is not in the local Hugging Face cache and validate does not download. "
+                "Training will download it."
+            )
             return rep
         raise
     note = pad_eos_note(tokenizer)
@@ -166,11 +171,15 @@ def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: in
     if tokenizer.apply_chat_template(probe, tokenize=False) == tokenizer.apply_chat_template(
         probe, tokenize=False, add_generation_prompt=True
     ):
-        rep.warnings.append("the chat template adds no assistant header for generation (add_generation_prompt has no "
-                            "effect): prompts and responses will run together at inference.")  # fmt: skip
+        rep.warnings.append(
+            "the chat template adds no assistant header for generation (add_generation_prompt has no effect): "
+            "prompts and responses will run together at inference."
+        )
     base_dir = recipe.path.parent if recipe.path else None
     try:
-        examples, stats = load_examples(recipe.data.train, recipe.data, tokenizer, limit=recipe.data.limit, base_dir=base_dir)
+        examples, stats = load_examples(
+            recipe.data.train, recipe.data, tokenizer, limit=recipe.data.limit, base_dir=base_dir
+        )
     except DataError as e:
         if "Hugging Face Hub" in str(e) and recipe.data.train.path and not os.path.exists(recipe.data.train.path):
             rep.notes.append(f"data preflight skipped: {recipe.data.train.path} is not in the local cache.")
@@ -179,12 +188,21 @@ def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: in
             raise
     if stats is not None:
         share = stats.trained_tokens / max(stats.total_tokens, 1)
-        rep.stats = {"examples": stats.kept, "rows": stats.rows, "trained_tokens": stats.trained_tokens,
-                     "total_tokens": stats.total_tokens, "trained_share": share, "dropped_too_long": stats.dropped_too_long,
-                     "truncated": stats.truncated, "longest": stats.max_len}  # fmt: skip
+        rep.stats = {
+            "examples": stats.kept,
+            "rows": stats.rows,
+            "trained_tokens": stats.trained_tokens,
+            "total_tokens": stats.total_tokens,
+            "trained_share": share,
+            "dropped_too_long": stats.dropped_too_long,
+            "truncated": stats.truncated,
+            "longest": stats.max_len,
+        }
         if stats.dropped_too_long or stats.truncated:
-            rep.warnings.append(f"{stats.dropped_too_long} examples dropped and {stats.truncated} truncated at "
-                                f"data.max_length = {recipe.data.max_length}.")  # fmt: skip
+            rep.warnings.append(
+                f"{stats.dropped_too_long} examples dropped and {stats.truncated} truncated at data.max_length = "
+                f"{recipe.data.max_length}."
+            )
         if share < 0.05:
             rep.warnings.append(f"only {share:.1%} of tokens are trained: long prompts, short responses.")
         for ex in examples[:show]:
@@ -207,8 +225,14 @@ def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: in
     return rep
 
 
-def deep_check(recipe: Recipe, examples: list[Example], tokenizer: Any, device: torch.device, dtype: torch.dtype,
-               src: modeling.ModelSource) -> dict[str, Any]:  # fmt: skip
+def deep_check(
+    recipe: Recipe,
+    examples: list[Example],
+    tokenizer: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    src: modeling.ModelSource,
+) -> dict[str, Any]:
     """Load the model with LoRA and time one forward/backward on the longest micro-batch."""
     from psft_lite.data.batching import collate
     from psft_lite.metrics import peak_memory_mb
@@ -224,5 +248,8 @@ def deep_check(recipe: Recipe, examples: list[Example], tokenizer: Any, device: 
     with modeling.autocast(device, dtype):
         logp, _ = modeling.response_logprobs(model, b)
     (-(logp * b.target_mask).sum() / b.n_trained).backward()
-    return {"deep_step_s": time.perf_counter() - t0, "deep_peak_mem_mb": peak_memory_mb(device),
-            "trainable_parameters": sum(p.numel() for p in modeling.trainable_parameters(model))}  # fmt: skip
+    return {
+        "deep_step_s": time.perf_counter() - t0,
+        "deep_peak_mem_mb": peak_memory_mb(device),
+        "trainable_parameters": sum(p.numel() for p in modeling.trainable_parameters(model)),
+    }

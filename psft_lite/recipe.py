@@ -9,7 +9,6 @@ reported at once with its line (recipe_errors.py), before anything heavy loads.
 from __future__ import annotations
 
 import difflib
-import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +48,9 @@ class ModelSection(Section):
         description="Hub id (e.g. `Qwen/Qwen2.5-1.5B-Instruct`), a local model folder, a `.gguf` file, or the "
         f"embedded alias `{EMBEDDED_MODEL}` (works offline).",
     )
-    gguf_file: str | None = Field(None, description="File name of a GGUF checkpoint inside `name` (folder or hub repo).")
+    gguf_file: str | None = Field(
+        None, description="File name of a GGUF checkpoint inside `name` (folder or hub repo)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     load_in_4bit: bool = Field(False, description="QLoRA: quantize the frozen base to 4-bit NF4 with bitsandbytes.")
     double_quant: bool = Field(True, description="With `load_in_4bit`: also quantize the quantization constants.")
@@ -67,14 +68,17 @@ class ModelSection(Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repo to run. Off by default.")
     chat_template: str | None = Field(
-        None, description='Override the tokenizer\'s chat template: `"chatml"`, a path to a .jinja file, or the template '
-        "text. Needed for base models that ship without one."
+        None,
+        description='Override the tokenizer\'s chat template: `"chatml"`, a path to a .jinja file, or the template '
+        "text. Needed for base models that ship without one.",
     )
 
 
 class LoraSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    alpha: float = Field(
+        32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch. Keep 0 for psft (see METHODS.md).")
     target_modules: list[str] | str = Field(
         "all-linear",
@@ -106,14 +110,15 @@ class RowFormat(Section):
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description='Map the format\'s field names to your columns, e.g. `{prompt = "question", completion = "answer"}`.',
+        description="Map the format's field names to your columns, e.g. "
+        '`{prompt = "question", completion = "answer"}`.',
     )
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
     max_length: int = Field(1024, gt=1, description="Maximum tokens per example (prompt + response).")
     truncation: Literal["truncate", "drop", "error"] = Field(
         "drop",
-        description="Examples longer than `max_length`: `drop` them (counted), `truncate` the response (its end-of-turn "
-        "token is lost), or stop with an `error` naming the row.",
+        description="Examples longer than `max_length`: `drop` them (counted), `truncate` the response (its "
+        "end-of-turn token is lost), or stop with an `error` naming the row.",
     )
 
 
@@ -137,7 +142,8 @@ class ObjectiveSection(Section):
     )
     normalize: Literal["token", "sequence"] = Field(
         "token",
-        description="`token`: every trained token of an optimizer step counts equally; `sequence`: every sequence does.",
+        description="`token`: every trained token of an optimizer step counts equally; `sequence`: every sequence "
+        "does.",
     )
     old_policy: Literal["snapshot", "base"] = Field(
         "snapshot",
@@ -145,7 +151,9 @@ class ObjectiveSection(Section):
         "adapter-disabled base model (a fixed trust region; its log-probs are computed once per example).",
     )
     refresh_every: int = Field(8, ge=1, description="psft snapshot: optimizer steps per old-policy refresh (K).")
-    clip_high: float = Field(0.28, gt=0, description="psft: ε_high; a token stops learning once its ratio exceeds 1 + ε_high.")
+    clip_high: float = Field(
+        0.28, gt=0, description="psft: ε_high; a token stops learning once its ratio exceeds 1 + ε_high."
+    )
     clip_low: float = Field(0.2, ge=0, lt=1, description="psft: ε_low (inert for SFT data, where the advantage is +1).")
     sft_warmup_steps: int = Field(0, ge=0, description="psft: plain SFT for the first N optimizer steps.")
     beta: float = Field(1.0, gt=0, description="idft: temperature of γ = exp(−φ / β).")
@@ -168,7 +176,9 @@ class TrainSection(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Learning-rate decay after warm-up.")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of `lr` for cosine/linear.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables).")
@@ -187,10 +197,14 @@ class TrainSection(Section):
 
 class EvalSection(Section):
     every: int = Field(
-        0, ge=0, description="Evaluate on `data.eval` every N optimizer steps (reference NLL, and accuracy on "
-        "`samples` generated answers); 0: never. Results go to metrics.jsonl as `eval` events."
+        0,
+        ge=0,
+        description="Evaluate on `data.eval` every N optimizer steps (reference NLL, and accuracy on "
+        "`samples` generated answers); 0: never. Results go to metrics.jsonl as `eval` events.",
     )
-    samples: int = Field(32, ge=0, description="Problems answered by greedy generation at each in-training eval (0: NLL only).")
+    samples: int = Field(
+        32, ge=0, description="Problems answered by greedy generation at each in-training eval (0: NLL only)."
+    )
     max_new_tokens: int = Field(256, gt=0, description="Generation length limit for evaluation.")
     batch_size: int = Field(16, gt=0, description="Sequences per generation batch.")
     sets: dict[str, Source] = Field(
@@ -206,24 +220,39 @@ class EvalSection(Section):
 
 
 class GuardSection(Section):
-    entropy_watch: bool = Field(True, description="Warn when the entropy on trained tokens collapses (EMA vs its value at the start).")
-    entropy_floor: float = Field(0.5, gt=0, lt=1, description="Warn when the entropy EMA falls below this fraction of the start.")
+    entropy_watch: bool = Field(
+        True, description="Warn when the entropy on trained tokens collapses (EMA vs its value at the start)."
+    )
+    entropy_floor: float = Field(
+        0.5, gt=0, lt=1, description="Warn when the entropy EMA falls below this fraction of the start."
+    )
     collapse_fraction: float = Field(
         0.1, gt=0, lt=1, description="Also warn when its trend would take it below this fraction by the end of the run."
     )
     trend_steps: int = Field(20, ge=2, description="Steps over which the entropy trend is measured.")
     baseline_steps: int = Field(3, ge=1, description="First steps whose mean entropy is the starting value.")
-    drift_watch: bool = Field(True, description="Warn when the mean log-ratio to the base model on trained tokens exceeds `drift_max`.")
-    drift_max: float = Field(1.0, gt=0, description="Drift threshold in nats (1.0: data tokens e× likelier than under the base).")
+    drift_watch: bool = Field(
+        True, description="Warn when the mean log-ratio to the base model on trained tokens exceeds `drift_max`."
+    )
+    drift_max: float = Field(
+        1.0, gt=0, description="Drift threshold in nats (1.0: data tokens e× likelier than under the base)."
+    )
     drift_every: int = Field(
-        10, ge=0, description="Measure drift every N steps with one extra no-grad pass (free every step in psft base mode; 0: off)."
+        10,
+        ge=0,
+        description="Measure drift every N steps with one extra no-grad pass (free every step in psft base mode; 0: "
+        "off).",
     )
     loss_spike_factor: float = Field(
-        3.0, ge=0, description="Skip an update whose NLL exceeds this factor × its running mean + `loss_spike_margin` (0: off)."
+        3.0,
+        ge=0,
+        description="Skip an update whose NLL exceeds this factor × its running mean + `loss_spike_margin` (0: off).",
     )
     loss_spike_margin: float = Field(0.5, ge=0, description="Absolute NLL margin (nats) a spike must also exceed.")
     warmup_steps: int = Field(5, ge=0, description="No spike checks during the first N steps.")
-    patience: int = Field(5, gt=0, description="Stop (with a checkpoint) after this many skipped updates in a row (NaN/inf or spikes).")
+    patience: int = Field(
+        5, gt=0, description="Stop (with a checkpoint) after this many skipped updates in a row (NaN/inf or spikes)."
+    )
     ema: float = Field(0.9, gt=0, lt=1, description="Smoothing of the running means.")
     action: Literal["warn", "stop"] = Field(
         "warn", description="On an entropy or drift warning: `warn` once, or `stop` the run with a checkpoint."
@@ -260,7 +289,9 @@ class Recipe(Section):
         if o.gamma_min > o.gamma_max:
             raise ValueError(f"objective.gamma_min ({o.gamma_min}) must be <= objective.gamma_max ({o.gamma_max})")
         if o.lambda_warmup + o.lambda_transition > 1:
-            raise ValueError("objective.lambda_warmup + objective.lambda_transition must be <= 1 (fractions of training)")
+            raise ValueError(
+                "objective.lambda_warmup + objective.lambda_transition must be <= 1 (fractions of training)"
+            )
         if self.eval.every and d.eval is None:
             raise ValueError("eval.every needs data.eval: the held-out data to evaluate on")
         fmt = d.format
@@ -268,7 +299,9 @@ class Recipe(Section):
             allowed = set().union(*FORMAT_FIELDS.values()) if fmt == "auto" else set(FORMAT_FIELDS[fmt])
             for key in d.fields:
                 if key not in allowed:
-                    raise ValueError(f"data.fields: unknown field {key!r} for format {fmt!r}{did_you_mean(key, allowed)}")
+                    raise ValueError(
+                        f"data.fields: unknown field {key!r} for format {fmt!r}{did_you_mean(key, allowed)}"
+                    )
         return self
 
     @property
@@ -291,13 +324,13 @@ class Recipe(Section):
         if old_policy and o.old_policy == "snapshot" and o.refresh_every == 1:
             out.append(
                 "objective.refresh_every = 1 with old_policy = 'snapshot' makes PSFT exactly SFT: the old policy is "
-                "refreshed before every optimizer step, so every ratio is 1 and nothing is ever clipped. "
-                "Use refresh_every >= 2 (the paper uses 8), or kind = 'sft' if plain SFT is what you want."
+                "refreshed before every optimizer step, so every ratio is 1 and nothing is ever clipped. Use "
+                "refresh_every >= 2 (the paper uses 8), or kind = 'sft' if plain SFT is what you want."
             )
         if old_policy and self.lora.dropout > 0:
             out.append(
-                f"lora.dropout = {self.lora.dropout} with psft: the old and current policy see different dropout masks, "
-                "so ratios differ from 1 even right after a refresh. Set lora.dropout = 0."
+                f"lora.dropout = {self.lora.dropout} with psft: the old and current policy see different dropout "
+                "masks, so ratios differ from 1 even right after a refresh. Set lora.dropout = 0."
             )
         defaults, reads = ObjectiveSection(), OBJECTIVES[o.kind].keys
         for kind, spec in OBJECTIVES.items():
@@ -391,10 +424,24 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 #: Keys that may differ between a checkpoint's recipe and the recipe resuming it: they do not change the math.
 RESUME_FREE = {
-    "train.log_every", "train.save_every", "train.keep_last", "train.max_steps", "train.epochs", "output.dir",
-    "output.save", "model.device", "model.gradient_checkpointing", "model.attn_implementation", "eval.every",
-    "eval.samples", "eval.max_new_tokens", "eval.batch_size", "eval.sets", "data.eval", "guard",
-}  # fmt: skip
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.max_steps",
+    "train.epochs",
+    "output.dir",
+    "output.save",
+    "model.device",
+    "model.gradient_checkpointing",
+    "model.attn_implementation",
+    "eval.every",
+    "eval.samples",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+    "eval.sets",
+    "data.eval",
+    "guard",
+}
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -411,6 +458,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def math_differences(saved: Recipe, current: Recipe) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key that changes a run's trajectory."""
     a, b = _flat(saved.model_dump(mode="json")), _flat(current.model_dump(mode="json"))
+
     def free(k: str) -> bool:
         return any(k == f or k.startswith(f + ".") for f in RESUME_FREE)
 

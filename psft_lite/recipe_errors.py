@@ -124,4 +124,9 @@ def format_validation_error(e: ValidationError, root: type[BaseModel], source: s
         lines.append(f"  {prefix}: {where}: {what}" if where else f"  {prefix}: {what}")
     n = len(lines)
     head = f"{source}: {n} problem{'s' if n > 1 else ''} in the recipe:"
-    return head + "\n" + "\n".join(lines) + "\nFix these keys (see `psft-lite validate --help` and the README's recipe reference)."
+    return (
+        head
+        + "\n"
+        + "\n".join(lines)
+        + "\nFix these keys (see `psft-lite validate --help` and the README's recipe reference)."
+    )

@@ -80,8 +80,9 @@ def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_t
     return out
 
 
-def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, limit: int, max_new_tokens: int,
-              console: Console) -> Path:  # fmt: skip
+def run_study(
+    recipe: Recipe, methods: list[str], seeds: list[int], out: Path, limit: int, max_new_tokens: int, console: Console
+) -> Path:
     """Train and evaluate everything that is not done yet; returns OUT/results.jsonl."""
     from psft_lite import train
     from psft_lite.data import load_examples
@@ -94,7 +95,9 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
         raise RecipeError("the study recipe needs eval.sets (e.g. in_domain, ood and probe) to evaluate each epoch on.")
     epochs = int(recipe.train.epochs)
     if recipe.train.max_steps is not None or epochs != recipe.train.epochs:
-        raise RecipeError("a study trains whole epochs: set train.epochs to an integer and leave train.max_steps unset.")
+        raise RecipeError(
+            "a study trains whole epochs: set train.epochs to an integer and leave train.max_steps unset."
+        )
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     done = {(rec["method"], rec["seed"], rec["epoch"]) for rec in _read(results_path)}
@@ -112,11 +115,21 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
     if n_steps:
         t_step = _time_one_step(recipe, console)
         plan += f"; to do: {n_steps} steps at ~{t_step:.1f} s/step ≈ {n_steps * t_step * 1.15 / 60:.0f} min"
-    console.print(plan + f"; {n_evals} evaluation(s) of {sum(min(len(v), limit) for v in sets.values())} problems to do")
+    console.print(
+        plan + f"; {n_evals} evaluation(s) of {sum(min(len(v), limit) for v in sets.values())} problems to do"
+    )
     t0 = time.perf_counter()
     if ("base", 0, 0) not in done:
-        _append(results_path, {"method": "base", "seed": 0, "epoch": 0, "step": 0,
-                               **evaluate_model(recipe.model.name, sets, limit, max_new_tokens)})  # fmt: skip
+        _append(
+            results_path,
+            {
+                "method": "base",
+                "seed": 0,
+                "epoch": 0,
+                "step": 0,
+                **evaluate_model(recipe.model.name, sets, limit, max_new_tokens),
+            },
+        )
     for method, seed in runs:
         run_dir = out / f"{method}-s{seed}"
         run_recipe = method_recipe(recipe, method, seed, run_dir, steps_per_epoch)
@@ -129,8 +142,17 @@ def run_study(recipe: Recipe, methods: list[str], seeds: list[int], out: Path, l
             if step % steps_per_epoch or (method, seed, epoch) in done:
                 continue
             scores = evaluate_model(ckpt, sets, limit, max_new_tokens)
-            _append(results_path, {"method": method, "seed": seed, "epoch": epoch, "step": step,
-                                   "train_entropy": _train_entropy(run_dir, step, steps_per_epoch), **scores})  # fmt: skip
+            _append(
+                results_path,
+                {
+                    "method": method,
+                    "seed": seed,
+                    "epoch": epoch,
+                    "step": step,
+                    "train_entropy": _train_entropy(run_dir, step, steps_per_epoch),
+                    **scores,
+                },
+            )
             done.add((method, seed, epoch))
         console.print(f"  done {method} seed {seed} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
     return results_path
@@ -156,7 +178,11 @@ def _time_one_step(recipe: Recipe, console: Console) -> float:
 
 def _train_entropy(run_dir: Path, step: int, steps_per_epoch: int) -> float | None:
     """Mean entropy on trained tokens over the epoch that ended at `step`."""
-    steps = [rec for rec in read_metrics(run_dir / "metrics.jsonl") if "event" not in rec and step - steps_per_epoch < rec["step"] <= step]
+    steps = [
+        rec
+        for rec in read_metrics(run_dir / "metrics.jsonl")
+        if "event" not in rec and step - steps_per_epoch < rec["step"] <= step
+    ]
     return statistics.mean(rec["entropy"] for rec in steps) if steps else None
 
 
@@ -225,8 +251,13 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
         run = run_root / f"{m}-s0"
         if (run / "metrics.jsonl").exists():
             recs = [rec for rec in read_metrics(run / "metrics.jsonl") if "event" not in rec]
-            ax.plot([rec["step"] for rec in recs], [rec["entropy"] for rec in recs], label=m, linewidth=1,
-                    color=f"C{list(METHODS).index(m)}")
+            ax.plot(
+                [rec["step"] for rec in recs],
+                [rec["entropy"] for rec in recs],
+                label=m,
+                linewidth=1,
+                color=f"C{list(METHODS).index(m)}",
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("entropy on trained tokens (nats)")
     ax.grid(alpha=0.3)
@@ -238,6 +269,7 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     panels = [*sets, "kl"] if PROBE in sets else list(sets)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     base = next((rec for rec in results if rec["method"] == "base"), None)
+
     def value(rec: dict[str, Any], panel: str) -> float:
         return rec[PROBE].get("kl_to_base", 0.0) if panel == "kl" else rec[panel]["accuracy"] * 100
 

@@ -15,9 +15,10 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,7 +121,9 @@ def build_optimizer(
         cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
     if t.optimizer != "adamw":
-        console.print(f"[yellow]note:[/yellow] train.optimizer = {t.optimizer!r} needs CUDA; using AdamW on {device.type}.")
+        console.print(
+            f"[yellow]note:[/yellow] train.optimizer = {t.optimizer!r} needs CUDA; using AdamW on {device.type}."
+        )
     fused = device.type == "cuda"
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=fused)
 
@@ -142,21 +145,23 @@ def load_data(recipe: Recipe, tokenizer: Any, console: Console) -> tuple[list[Ex
         examples = pack_examples(examples, d.max_length)
         fill = sum(len(e) for e in examples) / (len(examples) * max(len(e) for e in examples))
         console.print(
-            f"packing: {n_before} examples into {len(examples)} rows of up to {d.max_length} "
-            f"tokens ({fill:.0%} of the longest row's length filled on average)"
+            f"packing: {n_before} examples into {len(examples)} rows of up to {d.max_length} tokens ({fill:.0%} of "
+            "the longest row's length filled on average)"
         )
     return examples, stats, eval_examples, eval_items
 
 
 def report_data(console: Console, s: EncodeStats, tokenizer: Any) -> None:
     console.print(
-        f"data: {s.kept} examples ({s.rows} rows), {s.trained_tokens:,} trained of {s.total_tokens:,} tokens, "
-        f"longest {s.max_len}"
+        f"data: {s.kept} examples ({s.rows} rows), {s.trained_tokens:,} trained of {s.total_tokens:,} tokens, longest "
+        f"{s.max_len}"
         + (f", {s.dropped_too_long} dropped as too long" if s.dropped_too_long else "")
         + (f", {s.truncated} truncated" if s.truncated else "")
     )
     if s.truncated:
-        console.print("[yellow]warning:[/yellow] truncated responses lose their end-of-turn token; raise data.max_length.")
+        console.print(
+            "[yellow]warning:[/yellow] truncated responses lose their end-of-turn token; raise data.max_length."
+        )
     if s.eos_appended:
         console.print(
             f"note: the chat template ends assistant turns without a special token; appended eos to {s.eos_appended}."
@@ -268,8 +273,15 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         d = run.dist.all_reduce(torch.tensor([drift or 0.0, float(drift is not None)], dtype=torch.float64))
         drift = float(d[0] / d[1]) if d[1] > 0 else None
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip if t.grad_clip > 0 else float("inf")))
-    record = {"step": step + 1, "epoch": run.data.plan.epoch_of(step), **stats.result(), "grad_norm": grad_norm,
-              "lr": lr, "tokens": n_all, "trained_tokens": n_tok}  # fmt: skip
+    record = {
+        "step": step + 1,
+        "epoch": run.data.plan.epoch_of(step),
+        **stats.result(),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens": n_all,
+        "trained_tokens": n_tok,
+    }
     if "lam" in spec.inputs:
         record["lambda"] = lam
     if run.policy is not None and run.policy.is_base and "approx_kl" in record:
@@ -368,12 +380,14 @@ def save_state(run: Run, step: int) -> Path:
     """Checkpoint after `step` steps (rank 0 writes; the others wait for it)."""
     path = run.run_dir / checkpoint.CHECKPOINTS / f"step-{step}"
     if run.dist.is_main:
-        state = TrainState(step=step, epoch=run.data.plan.epoch_of(step - 1), data=run.data.identity(),
-                           guard=run.guard.state_dict())  # fmt: skip
+        state = TrainState(
+            step=step, epoch=run.data.plan.epoch_of(step - 1), data=run.data.identity(), guard=run.guard.state_dict()
+        )
         policy_state = run.policy.state_dict() if run.policy is not None else {}
         t = run.recipe.train
-        path = checkpoint.save_checkpoint(run.run_dir, run.model, run.optimizer, policy_state, state,
-                                          run.recipe.to_toml(), t.keep_last)  # fmt: skip
+        path = checkpoint.save_checkpoint(
+            run.run_dir, run.model, run.optimizer, policy_state, state, run.recipe.to_toml(), t.keep_last
+        )
     run.dist.barrier()
     return path
 
@@ -388,9 +402,9 @@ def watch(run: Run, rec: dict[str, Any], writer: MetricsWriter, display: Progres
     if any(ev["stop"] for ev in events):
         path = save_state(run, rec["step"])
         raise RunError(
-            f"{events[-1]['message']} The run was stopped (guard); checkpoint saved to {path}. To continue "
-            f"anyway: psft-lite train {run.run_dir / RUN_MARKER} --resume --set guard.action=warn "
-            "(or change the setting the message names and start a new run)."
+            f"{events[-1]['message']} The run was stopped (guard); checkpoint saved to {path}. To continue anyway: "
+            f"psft-lite train {run.run_dir / RUN_MARKER} --resume --set guard.action=warn (or change the setting the "
+            "message names and start a new run)."
         )
 
 
@@ -432,8 +446,8 @@ def train_loop(run: Run, start: int = 0, should_stop: Callable[[int], bool] | No
                 path = save_state(run, done)
             if stopping:
                 raise Interrupted(
-                    f"stopped after step {done} of {run.total_steps}; checkpoint saved to {path}. Resume with:\n"
-                    f"  psft-lite train {run.run_dir / RUN_MARKER} --resume",
+                    f"stopped after step {done} of {run.total_steps}; checkpoint saved to {path}. Resume with:\n  "
+                    f"psft-lite train {run.run_dir / RUN_MARKER} --resume",
                     exit_code=143 if stop.signum == signal.SIGTERM else 130,
                 )
     return records
@@ -448,8 +462,9 @@ def prepare_run_dir(run: Run) -> None:
     run.dist.barrier()  # every rank has checked output.dir before rank 0 changes it
     if run.dist.is_main:
         n = sum(p.numel() for p in modeling.trainable_parameters(run.model))
-        checkpoint.create_run_dir(run.run_dir, run.recipe.to_toml(), checkpoint.checkpoint_size(n),
-                                  run.recipe.train.keep_last)  # fmt: skip
+        checkpoint.create_run_dir(
+            run.run_dir, run.recipe.to_toml(), checkpoint.checkpoint_size(n), run.recipe.train.keep_last
+        )
     run.dist.barrier()
 
 
@@ -480,7 +495,9 @@ def adapter_meta(run: Run, step: int) -> dict[str, Any]:
     }
 
 
-def run(recipe: Recipe, console: Console | None = None, overwrite: bool = False, resume: str | None = None) -> dict[str, Any]:
+def run(
+    recipe: Recipe, console: Console | None = None, overwrite: bool = False, resume: str | None = None
+) -> dict[str, Any]:
     """Train as the recipe says (or continue from a checkpoint); returns a summary (paths, steps, time)."""
     console = console or Console(stderr=True)
     dist = distributed.init_from_env()
@@ -524,7 +541,9 @@ def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, 
         try:
             checkpoint.save_adapter(run.model, run.tokenizer, adapter, adapter_meta(run, run.total_steps))
         except OSError as e:
-            raise RunError(f"could not write the adapter into {run.run_dir} ({e.strerror}); the last checkpoint is intact.") from None
+            raise RunError(
+                f"could not write the adapter into {run.run_dir} ({e.strerror}); the last checkpoint is intact."
+            ) from None
     dist.barrier()
     summary = {
         "run_dir": str(run.run_dir),

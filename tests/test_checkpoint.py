@@ -75,8 +75,10 @@ def test_resume_refuses_a_recipe_that_changes_the_math(tmp_path, tiny_model_dir)
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path, tiny_model_dir):
-    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 5, "save_every": 1,
-                                                                               "keep_last": 2})), QUIET)  # fmt: skip
+    r = train.build(
+        load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 5, "save_every": 1, "keep_last": 2})),
+        QUIET,
+    )
     train.prepare_run_dir(r)
     train.train_loop(r)
     assert [s for s, _ in list_checkpoints(r.run_dir)] == [4, 5]
@@ -118,8 +120,14 @@ def test_too_little_disk_is_refused_before_training(tmp_path, tiny_model_dir, mo
 
 
 def _cli(*args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "psft_lite", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})}, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "psft_lite", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
 
 
 def _wait_for(predicate, timeout=120):
@@ -139,7 +147,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "Resume with:" in err and "Traceback" not in err
-    (step, _), = list_checkpoints(tmp_path / "run")
+    ((step, _),) = list_checkpoints(tmp_path / "run")
     assert step >= 2
     p = _cli("train", str(tmp_path / "run" / "recipe.toml"), "--resume", "--set", f"train.max_steps={step + 2}")
     out, err = p.communicate(timeout=300)
@@ -171,8 +179,12 @@ KILL_DURING_SAVE = textwrap.dedent(
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_model_dir):
     recipe = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 6, "save_every": 1, "keep_last": 5})
     marker = tmp_path / "saving"
-    p = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(marker), str(recipe)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-c", KILL_DURING_SAVE, str(marker), str(recipe)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(marker.exists)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)

@@ -35,14 +35,38 @@ def test_train_end_to_end_writes_exactly_the_run_layout(tmp_path, tiny_model_dir
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "recipe.toml"]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-4"]  # the final state, for --resume
     assert sorted(p.name for p in (run / "checkpoints" / "step-4").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "policy.pt", "recipe.toml", "rng.pt",
-        "trainer_state.json"]  # fmt: skip
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
-            "psft_lite.json"} <= {p.name for p in (run / "adapter").iterdir()}  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "policy.pt",
+        "recipe.toml",
+        "rng.pt",
+        "trainer_state.json",
+    ]
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "psft_lite.json",
+    } <= {p.name for p in (run / "adapter").iterdir()}
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("epoch", "loss", "nll", "entropy", "grad_norm", "lr", "tokens", "tokens_per_s", "peak_mem_mb",
-                "clip_frac", "ratio_mean", "ratio_max", "approx_kl"):  # fmt: skip
+    for key in (
+        "epoch",
+        "loss",
+        "nll",
+        "entropy",
+        "grad_norm",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "peak_mem_mb",
+        "clip_frac",
+        "ratio_mean",
+        "ratio_max",
+        "approx_kl",
+    ):
         assert key in records[0], key
     assert "max_steps = 4" in (run / "recipe.toml").read_text()  # the resolved recipe, overrides applied
     assert f"adapter: {run / 'adapter'}" in out
@@ -71,40 +95,70 @@ BAD_CASES = {
     "unknown key": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "train.lrr=1"], "did you mean 'lr'"),
     "bad value": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "objective.kind=ppo"], "objective.kind"),
     "row missing field": (
-        lambda t, m: ["train", str(make_recipe(t, m)), "--set",
-                      f"data.train={_rows(t, [{'prompt': 'x', 'completion': 'y'}, {'prompt': 'x'}])}"],
-        "bad.jsonl:2: missing field 'completion'"),
-    "empty data": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", f"data.train={_write(t / 'e.jsonl', '')}"],
-                   "the file is empty"),
-    "all too long": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.max_length=8"],
-                     "none of its 16 examples fit"),
+        lambda t, m: [
+            "train",
+            str(make_recipe(t, m)),
+            "--set",
+            f"data.train={_rows(t, [{'prompt': 'x', 'completion': 'y'}, {'prompt': 'x'}])}",
+        ],
+        "bad.jsonl:2: missing field 'completion'",
+    ),
+    "empty data": (
+        lambda t, m: ["train", str(make_recipe(t, m)), "--set", f"data.train={_write(t / 'e.jsonl', '')}"],
+        "the file is empty",
+    ),
+    "all too long": (
+        lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.max_length=8"],
+        "none of its 16 examples fit",
+    ),
     "not a model": (lambda t, m: ["train", str(make_recipe(t, t))], "not a model folder (no config.json)"),
     "missing model path": (lambda t, m: ["train", str(make_recipe(t, "./no/such/model"))], "no such model folder"),
-    "hub model offline": (lambda t, m: ["train", str(make_recipe(t, "nobody/no-such-model-xyz"))],
-                          "cannot load model 'nobody/no-such-model-xyz'"),
-    "bad target modules": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", 'lora.target_modules=["nope"]'],
-                           "lora.target_modules"),
+    "hub model offline": (
+        lambda t, m: ["train", str(make_recipe(t, "nobody/no-such-model-xyz"))],
+        "cannot load model 'nobody/no-such-model-xyz'",
+    ),
+    "bad target modules": (
+        lambda t, m: ["train", str(make_recipe(t, m)), "--set", 'lora.target_modules=["nope"]'],
+        "lora.target_modules",
+    ),
     "fp16 on cpu": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "model.dtype=fp16"], "fp16"),
     "merge: not an adapter": (lambda t, m: ["merge", str(t)], "not an adapter (no adapter_config.json)"),
     "merge: bad dtype": (lambda t, m: ["merge", str(t), "--dtype", "int8"], "--dtype 'int8'"),
-    "resume without checkpoint": (lambda t, m: ["train", _write(t / "run" / "recipe.toml", _resolved(t, m)), "--resume"],
-                                  "no checkpoint in"),
+    "resume without checkpoint": (
+        lambda t, m: ["train", _write(t / "run" / "recipe.toml", _resolved(t, m)), "--resume"],
+        "no checkpoint in",
+    ),
     "eval: no data": (lambda t, m: ["eval", str(m)], "no data to evaluate"),
-    "eval: samples without temperature": (lambda t, m: ["eval", str(m), "--data", "x.jsonl", "--samples", "3"],
-                                          "--samples > 1 needs --temperature > 0"),
+    "eval: samples without temperature": (
+        lambda t, m: ["eval", str(m), "--data", "x.jsonl", "--samples", "3"],
+        "--samples > 1 needs --temperature > 0",
+    ),
     "generate: no prompt": (lambda t, m: ["generate", str(m)], "give either --prompt"),
     "plot: not a run": (lambda t, m: ["plot", str(t)], "no metrics.jsonl"),
     "ddt: missing data": (lambda t, m: ["ddt", str(m), "--data", "./nope.jsonl"], "data file not found"),
-    "hint: bad keep": (lambda t, m: ["hint", str(m), "--data", "x.jsonl", "--out", str(t / "h.jsonl"), "--keep", "some"],
-                       "--keep 'some'"),
-    "hint: missing data": (lambda t, m: ["hint", str(m), "--data", "./nope.jsonl", "--out", str(t / "h.jsonl")],
-                           "data file not found"),
+    "hint: bad keep": (
+        lambda t, m: ["hint", str(m), "--data", "x.jsonl", "--out", str(t / "h.jsonl"), "--keep", "some"],
+        "--keep 'some'",
+    ),
+    "hint: missing data": (
+        lambda t, m: ["hint", str(m), "--data", "./nope.jsonl", "--out", str(t / "h.jsonl")],
+        "data file not found",
+    ),
     "hint: --out is another file": (
-        lambda t, m: ["hint", str(m), "--data", _rows(t, [{"prompt": "1+1?", "completion": "#### 2"}]),
-                      "--out", _write(t / "mine.jsonl", '{"a": 1}\n{"a": 2}\n')],
-        "mine.jsonl:1: not a line written by psft-lite hint"),
-    "missing eval data": (lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.eval=./missing.jsonl"],
-                          "data file not found"),
+        lambda t, m: [
+            "hint",
+            str(m),
+            "--data",
+            _rows(t, [{"prompt": "1+1?", "completion": "#### 2"}]),
+            "--out",
+            _write(t / "mine.jsonl", '{"a": 1}\n{"a": 2}\n'),
+        ],
+        "mine.jsonl:1: not a line written by psft-lite hint",
+    ),
+    "missing eval data": (
+        lambda t, m: ["train", str(make_recipe(t, m)), "--set", "data.eval=./missing.jsonl"],
+        "data file not found",
+    ),
 }
 
 
@@ -150,8 +204,19 @@ def test_hint_end_to_end_and_a_rerun_reports_every_example(tmp_path, tiny_model_
     from conftest import arith_rows
 
     src = write_jsonl(tmp_path / "in.jsonl", arith_rows(3))
-    args = ["hint", str(tiny_model_dir), "--data", str(src), "--out", str(tmp_path / "h" / "out.jsonl"), "--keep", "all",
-            "--cot-fallback", "--max-new-tokens", "4"]  # fmt: skip
+    args = [
+        "hint",
+        str(tiny_model_dir),
+        "--data",
+        str(src),
+        "--out",
+        str(tmp_path / "h" / "out.jsonl"),
+        "--keep",
+        "all",
+        "--cot-fallback",
+        "--max-new-tokens",
+        "4",
+    ]
     code, out, err = run_cli(capsys, *args, "--limit", "2")
     assert code == 0, err
     assert "hint: 2 of 2 kept" in out and "(0 were done before this run)" in out and "mean φ reference" in out
@@ -178,10 +243,15 @@ def test_hub_layout_data_set_config_and_split_on_the_command_line(tmp_path, tiny
     root = tmp_path / "gsm8k"
     (root / "main").mkdir(parents=True)
     for split, add, n in (("train", 1, 5), ("test", 2, 3)):
-        rows = [{"question": f"What is {i} + {add}?", "answer": f"{i} + {add} = {i + add}\n#### {i + add}"} for i in range(n)]
+        rows = [
+            {"question": f"What is {i} + {add}?", "answer": f"{i} + {add} = {i + add}\n#### {i + add}"}
+            for i in range(n)
+        ]
         pq.write_table(pa.Table.from_pylist(rows), root / "main" / f"{split}-00000-of-00001.parquet")
-    (root / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
-                                    "  - split: test\n    path: main/test-*\n---\n")  # fmt: skip
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "  - split: test\n    path: main/test-*\n---\n"
+    )
     data = ["--data", str(root), "--data-config", "main"]
     code, out, err = run_cli(capsys, "ddt", str(tiny_model_dir), *data, "--split", "test", "--json")
     assert code == 0, err
@@ -189,10 +259,22 @@ def test_hub_layout_data_set_config_and_split_on_the_command_line(tmp_path, tiny
     code, out, err = run_cli(capsys, "eval", str(tiny_model_dir), *data, "--max-new-tokens", "2")  # eval reads test
     assert code == 0, err
     assert "n=3" in out
-    code, out, err = run_cli(capsys, "hint", str(tiny_model_dir), *data, "--out", str(tmp_path / "h.jsonl"), "--limit", "1",
-                             "--keep", "all", "--cot-fallback", "--max-new-tokens", "2")  # fmt: skip
+    code, out, err = run_cli(
+        capsys,
+        "hint",
+        str(tiny_model_dir),
+        *data,
+        "--out",
+        str(tmp_path / "h.jsonl"),
+        "--limit",
+        "1",
+        "--keep",
+        "all",
+        "--cot-fallback",
+        "--max-new-tokens",
+        "2",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "h.jsonl").read_text())["question"] == "What is 0 + 1?"  # the train split
     code, out, err = run_cli(capsys, "ddt", str(tiny_model_dir), *data, "--split", "dev")
     assert code == 2 and 'Unknown split "dev"' in err and "Traceback" not in err
-

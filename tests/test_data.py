@@ -39,7 +39,9 @@ def test_each_format_trains_exactly_the_response_and_end_of_turn(tmp_path, token
     prompt_text = tokenizer.decode(ex.ids[~ex.mask].tolist())
     assert Q in prompt_text and "12" not in prompt_text.replace(Q, "")
     # the untrained part is exactly what generation starts from
-    gen_prompt = tokenizer.apply_chat_template([{"role": "user", "content": Q}], tokenize=False, add_generation_prompt=True)
+    gen_prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": Q}], tokenize=False, add_generation_prompt=True
+    )
     first_trained = int(ex.mask.argmax())
     assert tokenizer.decode(ex.ids[:first_trained].tolist()) == gen_prompt
     assert stats.trained_tokens == ex.n_trained

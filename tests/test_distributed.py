@@ -40,7 +40,7 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, tiny_model
     assert p2.returncode == 0, p2.stderr[-2000:]
     a, b = losses(one), losses(two)
     assert [s for s, _, _ in b] == [1, 2, 3, 4]  # one metrics line per step: only rank 0 writes
-    for (s1, l1, g1), (s2, l2, g2) in zip(a, b):
+    for (s1, l1, g1), (_, l2, g2) in zip(a, b):
         assert abs(l1 - l2) <= 1e-5 * abs(l1) + 1e-7 and abs(g1 - g2) <= 1e-4 * g1, (s1, l1, l2, g1, g2)
     assert sorted(p.name for p in two.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "recipe.toml"]
     assert p2.stdout.count("adapter:") == 1  # one summary, from rank 0
@@ -70,8 +70,13 @@ def test_batch_must_split_into_whole_micro_batches_per_process(tmp_path, tiny_mo
 def test_a_killed_rank_fails_the_run_without_hanging(tmp_path, tiny_model_dir):
     recipe = make_recipe(tmp_path, tiny_model_dir, train={**TRAIN, "max_steps": 2000})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(TORCHRUN + ["-m", "psft_lite", "train", str(recipe)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    p = subprocess.Popen(
+        TORCHRUN + ["-m", "psft_lite", "train", str(recipe)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):

@@ -51,7 +51,9 @@ def test_answer_matching_and_normalisation():
 
 
 def test_gold_answers_come_from_the_answer_column_or_the_reference(tmp_path):
-    items = eval_items(DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")), limit=3)
+    items = eval_items(
+        DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")), limit=3
+    )
     assert all(it.gold == extract_answer(it.reference) for it in items)
     f = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "2+2=4\n#### 4"}])  # GSM8K columns
     d = DataSection(train=str(f))
@@ -93,17 +95,32 @@ def test_ddt_phi_is_zero_on_own_samples_and_negative_on_shuffled_text(embedded_d
     """E_{y~p}[log p(y) + H(p)] = 0 exactly; shuffling the same tokens makes them off-distribution."""
     loaded = load_model(embedded_dir, "fp32")
     tok = loaded.tokenizer
-    prompts = [[{"role": "user", "content": q}] for q in (
-        "Tell me about the moon.", "What is a good breakfast?", "Describe a cat.", "How do plants grow?",
-        "Why is the sky blue?", "Write about rain.", "What is music?", "Explain friendship.")]  # fmt: skip
+    prompts = [
+        [{"role": "user", "content": q}]
+        for q in (
+            "Tell me about the moon.",
+            "What is a good breakfast?",
+            "Describe a cat.",
+            "How do plants grow?",
+            "Why is the sky blue?",
+            "Write about rain.",
+            "What is music?",
+            "Explain friendship.",
+        )
+    ]
     torch.manual_seed(0)
     examples = []
     tok.padding_side = "left"
-    enc = tok([tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts],
-              add_special_tokens=False, padding=True, return_tensors="pt")  # fmt: skip
+    enc = tok(
+        [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts],
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
-        out = loaded.model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48,
-                                    pad_token_id=tok.pad_token_id)  # fmt: skip
+        out = loaded.model.generate(
+            **enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=48, pad_token_id=tok.pad_token_id
+        )
     tok.padding_side = "right"
     rng = np.random.default_rng(0)
     shuffled = []
@@ -114,9 +131,11 @@ def test_ddt_phi_is_zero_on_own_samples_and_negative_on_shuffled_text(embedded_d
             gen = gen[: list(gen).index(tok.eos_token_id) + 1]
         ids = np.concatenate([prompt_ids, gen]).astype(np.int32)
         mask = np.zeros(len(ids), dtype=bool)
-        mask[len(prompt_ids):] = True
+        mask[len(prompt_ids) :] = True
         examples.append(Example(ids, mask, f"sample {row}"))
-        shuffled.append(Example(np.concatenate([prompt_ids, rng.permutation(gen)]).astype(np.int32), mask, f"shuffled {row}"))
+        shuffled.append(
+            Example(np.concatenate([prompt_ids, rng.permutation(gen)]).astype(np.int32), mask, f"shuffled {row}")
+        )
     own = summarize(token_phi(loaded.model, examples, tok.pad_token_id, loaded.device, loaded.dtype))
     off = summarize(token_phi(loaded.model, shuffled, tok.pad_token_id, loaded.device, loaded.dtype))
     assert own["tokens"] > 200
@@ -129,11 +148,23 @@ def test_in_training_eval_logs_events_and_leaves_the_trajectory_unchanged(tmp_pa
     common = {"train": {"max_steps": 4, "lr": 2e-2}, "lora": {"dropout": 0.1}}
     test_file = str(ARITH / "test.jsonl")
     # build + train one run after the other: dropout draws from the global torch RNG, which build() seeds
-    plain = train.build(load_recipe(make_recipe(tmp_path / "a", tiny_model_dir, data={"eval": test_file}, **common)), QUIET)
+    plain = train.build(
+        load_recipe(make_recipe(tmp_path / "a", tiny_model_dir, data={"eval": test_file}, **common)), QUIET
+    )
     train.prepare_run_dir(plain)
     a = train.train_loop(plain)
-    with_eval = train.build(load_recipe(make_recipe(tmp_path / "b", tiny_model_dir, data={"eval": test_file},
-                                                    eval={"every": 2, "samples": 2, "max_new_tokens": 4}, **common)), QUIET)  # fmt: skip
+    with_eval = train.build(
+        load_recipe(
+            make_recipe(
+                tmp_path / "b",
+                tiny_model_dir,
+                data={"eval": test_file},
+                eval={"every": 2, "samples": 2, "max_new_tokens": 4},
+                **common,
+            )
+        ),
+        QUIET,
+    )
     train.prepare_run_dir(with_eval)
     b = train.train_loop(with_eval)
     assert [x["loss"] for x in a] == [x["loss"] for x in b]  # eval (generation, eval mode) did not disturb training
@@ -146,8 +177,10 @@ def test_plot_overlays_runs(tmp_path, tiny_model_dir):
     from psft_lite.plot import plot_runs
 
     for kind in ("sft", "psft"):
-        r = train.build(load_recipe(make_recipe(tmp_path / kind, tiny_model_dir, objective={"kind": kind},
-                                                train={"max_steps": 3})), QUIET)  # fmt: skip
+        r = train.build(
+            load_recipe(make_recipe(tmp_path / kind, tiny_model_dir, objective={"kind": kind}, train={"max_steps": 3})),
+            QUIET,
+        )
         train.prepare_run_dir(r)
         train.train_loop(r)
     report = plot_runs([tmp_path / "sft" / "run", tmp_path / "psft" / "run"], tmp_path / "p.png")
@@ -170,4 +203,7 @@ def test_preflight_flags_pad_eos_and_a_recipe_that_trains_nothing(tmp_path, tiny
     assert rep.memory is not None and rep.memory.total > 0 and rep.memory.fits
     assert "#### " in console.export_text()  # rendered examples
     with pytest.raises(DataError, match="none of its 16 examples fit"):
-        run_preflight(load_recipe(make_recipe(tmp_path, tiny_model_dir, data={"max_length": 30, "truncation": "truncate"})), console)
+        run_preflight(
+            load_recipe(make_recipe(tmp_path, tiny_model_dir, data={"max_length": 30, "truncation": "truncate"})),
+            console,
+        )

@@ -80,9 +80,17 @@ def test_guard_state_survives_a_checkpoint_round_trip():
 
 
 def test_drift_is_sampled_and_guard_stop_ends_the_run_with_a_checkpoint(tmp_path, tiny_model_dir):
-    r = train.build(load_recipe(make_recipe(
-        tmp_path, tiny_model_dir, train={"max_steps": 6, "lr": 5e-2, "schedule": "constant"},
-        guard={"drift_every": 2, "drift_max": 0.05, "action": "stop"})), QUIET)  # fmt: skip
+    r = train.build(
+        load_recipe(
+            make_recipe(
+                tmp_path,
+                tiny_model_dir,
+                train={"max_steps": 6, "lr": 5e-2, "schedule": "constant"},
+                guard={"drift_every": 2, "drift_max": 0.05, "action": "stop"},
+            )
+        ),
+        QUIET,
+    )
     train.prepare_run_dir(r)
     with pytest.raises(RunError, match="drifted from the base") as e:
         train.train_loop(r)
@@ -95,8 +103,17 @@ def test_drift_is_sampled_and_guard_stop_ends_the_run_with_a_checkpoint(tmp_path
 
 
 def test_psft_base_reports_drift_every_step_for_free(tmp_path, tiny_model_dir):
-    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "base"},
-                                            train={"max_steps": 2, "lr": 5e-2})), QUIET)  # fmt: skip
+    r = train.build(
+        load_recipe(
+            make_recipe(
+                tmp_path,
+                tiny_model_dir,
+                objective={"kind": "psft", "old_policy": "base"},
+                train={"max_steps": 2, "lr": 5e-2},
+            )
+        ),
+        QUIET,
+    )
     train.prepare_run_dir(r)
     recs = train.train_loop(r)
     assert all(x["drift"] == -x["approx_kl"] for x in recs)

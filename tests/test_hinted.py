@@ -11,7 +11,18 @@ import torch
 
 from psft_lite.data import load_examples
 from psft_lite.generate import load_model
-from psft_lite.hinted import HintConfig, StopAtCoT, cut_at_cot, decode, mix_step, nucleus, prompt_ids, repeating, run, sample
+from psft_lite.hinted import (
+    HintConfig,
+    StopAtCoT,
+    cut_at_cot,
+    decode,
+    mix_step,
+    nucleus,
+    prompt_ids,
+    repeating,
+    run,
+    sample,
+)
 from psft_lite.recipe import DataSection
 
 from conftest import arith_rows, write_jsonl
@@ -55,7 +66,9 @@ def test_beta_zero_ignores_the_plain_stream(tiny_model_dir):
     cfg = HintConfig(beta=0.0, temperature=0.7, top_p=0.95, max_new_tokens=24, answer_marker="")
     a, b = decode(loaded, hinted, plain_a, cfg, seed=11), decode(loaded, hinted, plain_b, cfg, seed=11)
     assert a.tokens == b.tokens and all(lam == 0.0 for lam in a.lambdas + b.lambdas)
-    with_q = decode(loaded, hinted, plain_a, HintConfig(beta=50.0, temperature=0.7, max_new_tokens=24, answer_marker=""), seed=11)
+    with_q = decode(
+        loaded, hinted, plain_a, HintConfig(beta=50.0, temperature=0.7, max_new_tokens=24, answer_marker=""), seed=11
+    )
     assert with_q.tokens != a.tokens and max(with_q.lambdas) == 1.0  # β > 0 does let q in
 
 
@@ -64,8 +77,9 @@ def test_beta_zero_is_the_hinted_stream_alone_and_kv_cache_equals_recompute(embe
     """On the real model: two-stream incremental decoding at β = 0 equals sampling from the hinted prompt alone,
     recomputed from scratch each step; and for β > 0 the KV-cache path equals full recomputation."""
     loaded = load_model(embedded_dir, "fp32")
-    hinted = prompt_ids(loaded, [{"role": "user", "content": "Tom has 3 apples and buys 4 more. Reference: 3 + 4 = 7."}],
-                        "# CoT\n")  # fmt: skip
+    hinted = prompt_ids(
+        loaded, [{"role": "user", "content": "Tom has 3 apples and buys 4 more. Reference: 3 + 4 = 7."}], "# CoT\n"
+    )
     plain = prompt_ids(loaded, [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}])
     cfg = HintConfig(beta=0.0, temperature=0.3, top_p=0.95, max_new_tokens=24, answer_marker="")
     d = decode(loaded, hinted, plain, cfg, seed=11)
@@ -81,7 +95,10 @@ def test_beta_zero_is_the_hinted_stream_alone_and_kv_cache_equals_recompute(embe
             ref.append(t)
     assert d.tokens == ref
     cfg3 = HintConfig(beta=3.0, temperature=0.3, max_new_tokens=24, answer_marker="")
-    assert decode(loaded, hinted, plain, cfg3, seed=5).tokens == decode(loaded, hinted, plain, cfg3, seed=5, incremental=False).tokens
+    assert (
+        decode(loaded, hinted, plain, cfg3, seed=5).tokens
+        == decode(loaded, hinted, plain, cfg3, seed=5, incremental=False).tokens
+    )
 
 
 class Scripted(torch.nn.Module):
@@ -123,8 +140,14 @@ def test_repetition_stops_decoding(tokenizer):
     loop = tokenizer("one two three four five six", add_special_tokens=False)["input_ids"]
     script = (loop * 100)[:600]
     loaded = _scripted(tokenizer, script, script)
-    d = decode(loaded, [1, 2, 3, 4], [5, 6, 7, 8], HintConfig(temperature=0.0, max_new_tokens=500, answer_marker=""), seed=0,
-               incremental=False)  # fmt: skip
+    d = decode(
+        loaded,
+        [1, 2, 3, 4],
+        [5, 6, 7, 8],
+        HintConfig(temperature=0.0, max_new_tokens=500, answer_marker=""),
+        seed=0,
+        incremental=False,
+    )
     assert d.finish == "repetition" and len(d.tokens) < 500
 
 

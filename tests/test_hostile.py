@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,12 +35,21 @@ FUZZ = settings(max_examples=CASES, deadline=None, suppress_health_check=list(He
 
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)  # any unicode but lone surrogates
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.floats(allow_nan=True, allow_infinity=True), text, st.just(""), st.just("all-linear"),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    text,
+    st.just(""),
+    st.just("all-linear"),
     st.sampled_from(["sft", "psft", "idft", "dft", "bf16", "fp32", "token", "drop", "cosine", "snapshot", "base"]),
-)  # fmt: skip
-toml_values = st.recursive(scalars.filter(lambda v: v is not None), lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)), max_leaves=6)  # fmt: skip
+)
+toml_values = st.recursive(
+    scalars.filter(lambda v: v is not None),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
+    max_leaves=6,
+)
 
 SECTION_KEYS = {name: list(f.annotation.model_fields) for name, f in Recipe.model_fields.items()}  # type: ignore[union-attr]
 
@@ -63,20 +71,28 @@ def recipes(draw):
 FIELD_NAMES = sorted({v for names in FORMAT_FIELDS.values() for v in names.values()} | {"question", "answer", "text"})
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["role", "content", "from",
-                                                                                             "value", "x"]), inner, max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["role", "content", "from", "value", "x"]), inner, max_size=3),
+    ),
     max_leaves=8,
-)  # fmt: skip
+)
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", ""]), "content": text})
 rows = st.one_of(
     st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=4),
     st.fixed_dictionaries({"prompt": text, "completion": text}),
     st.fixed_dictionaries({"messages": st.lists(message, max_size=4)}),
     st.fixed_dictionaries({"instruction": text, "output": text}, optional={"input": text}),
-    st.fixed_dictionaries({"conversations": st.lists(st.fixed_dictionaries(
-        {"from": st.sampled_from(["human", "gpt", "system", "alien"]), "value": text}), max_size=4)}),
+    st.fixed_dictionaries(
+        {
+            "conversations": st.lists(
+                st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system", "alien"]), "value": text}),
+                max_size=4,
+            )
+        }
+    ),
     json_values,  # not even an object
-)  # fmt: skip
+)
 
 
 def write_rows(path: Path, suffix: str, items: list, cut: float | None, garbage: bytes | None) -> Path:
@@ -90,8 +106,9 @@ def write_rows(path: Path, suffix: str, items: list, cut: float | None, garbage:
         f.write_text(json.dumps(items), encoding="utf-8")
     elif suffix == ".csv":
         keys = sorted({k for r in items if isinstance(r, dict) for k in r})
-        lines = [",".join(keys)] + [",".join(json.dumps(r.get(k, "")) if isinstance(r, dict) else "x" for k in keys)
-                                    for r in items]  # fmt: skip
+        lines = [",".join(keys)] + [
+            ",".join(json.dumps(r.get(k, "")) if isinstance(r, dict) else "x" for k in keys) for r in items
+        ]
         f.write_text("\n".join(lines), encoding="utf-8")
     else:
         try:
@@ -147,7 +164,9 @@ def test_recipe_loader_on_arbitrary_bytes(blob):
     cut=st.one_of(st.none(), st.floats(0.0, 1.0)),
     garbage=st.one_of(st.none(), st.none(), st.binary(max_size=64)),
 )
-def test_every_data_format_loads_or_names_file_and_row(tokenizer, items, suffix, fmt, max_length, truncation, cut, garbage):
+def test_every_data_format_loads_or_names_file_and_row(
+    tokenizer, items, suffix, fmt, max_length, truncation, cut, garbage
+):
     from psft_lite.recipe import DataSection
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,11 +199,25 @@ def _run_cli(*args: str) -> tuple[int, str]:
 @given(
     items=st.lists(rows, min_size=0, max_size=4),
     suffix=st.sampled_from([".jsonl", ".csv"]),
-    sets=st.lists(st.tuples(st.sampled_from(["train.lr", "train.batch_size", "data.max_length", "objective.kind",
-                                             "lora.r", "data.format", "train.max_steps", "model.dtype"]),
-                            st.sampled_from(["0", "-1", "1e400", "\"x\"", "2", "[]", "psft", "fp16", "16", "3"])),
-                  max_size=2),
-)  # fmt: skip
+    sets=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "train.lr",
+                    "train.batch_size",
+                    "data.max_length",
+                    "objective.kind",
+                    "lora.r",
+                    "data.format",
+                    "train.max_steps",
+                    "model.dtype",
+                ]
+            ),
+            st.sampled_from(["0", "-1", "1e400", '"x"', "2", "[]", "psft", "fp16", "16", "3"]),
+        ),
+        max_size=2,
+    ),
+)
 def test_train_end_to_end_never_tracebacks_or_leaves_half_a_run(tiny_model_dir, items, suffix, sets):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp) / "a dir with spaces"
@@ -201,8 +234,9 @@ def test_train_end_to_end_never_tracebacks_or_leaves_half_a_run(tiny_model_dir, 
             assert (run / "adapter" / "adapter_model.safetensors").is_file()
         else:
             assert code == 2, err
-            assert err.count("error:") == 1 and (str(recipe) in err or str(data) in err or "--set" in err or
-                                                 "model" in err), err  # fmt: skip
+            assert err.count("error:") == 1 and (
+                str(recipe) in err or str(data) in err or "--set" in err or "model" in err
+            ), err
             assert not run.exists() or not (run / "adapter").exists() and not (run / "checkpoints").exists()
 
 
@@ -247,8 +281,11 @@ def test_model_that_needs_remote_code(tmp_path, tiny_model_dir):
     custom = tmp_path / "custom"
     shutil.copytree(tiny_model_dir, custom)
     cfg = json.loads((custom / "config.json").read_text())
-    cfg.update(model_type="mycustom", architectures=["MyForCausalLM"],
-               auto_map={"AutoConfig": "conf.MyConfig", "AutoModelForCausalLM": "mod.MyModel"})  # fmt: skip
+    cfg.update(
+        model_type="mycustom",
+        architectures=["MyForCausalLM"],
+        auto_map={"AutoConfig": "conf.MyConfig", "AutoModelForCausalLM": "mod.MyModel"},
+    )
     (custom / "config.json").write_text(json.dumps(cfg))
     (custom / "conf.py").write_text("raise RuntimeError('remote code must not run')\n")
     code, err = _run_cli("train", str(make_recipe(tmp_path, custom, train={"max_steps": 1})))

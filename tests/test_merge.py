@@ -48,17 +48,28 @@ def _adapter_greedy(run_dir, model_dir, load_in_4bit):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    kw = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                    bnb_4bit_use_double_quant=True,
-                                                    bnb_4bit_compute_dtype=torch.float32)} if load_in_4bit else {}  # fmt: skip
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw),
-                                      run_dir / "adapter")  # fmt: skip
+    kw = (
+        {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            )
+        }
+        if load_in_4bit
+        else {}
+    )
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw), run_dir / "adapter"
+    )
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     model.eval()
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
@@ -68,9 +79,17 @@ def test_merge_is_exact_and_loads_without_psft_lite(tmp_path, tiny_model_dir, lo
     assert report["out"] == str(run_dir / "merged")
     assert report["max_abs_dlogit"] < 1e-3 and report["greedy_agreement"] == 1.0, report
     files = {p.name for p in (run_dir / "merged").iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= files
     assert not any(n.startswith("adapter") for n in files)
-    p = subprocess.run([sys.executable, "-c", GENERATE, str(run_dir / "merged"), PROMPT], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", GENERATE, str(run_dir / "merged"), PROMPT], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == _adapter_greedy(run_dir, tiny_model_dir, load_in_4bit)
 

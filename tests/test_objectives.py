@@ -38,7 +38,9 @@ def test_per_token_quantities_match_reference():
     m = mask.double()
     torch.testing.assert_close(logp.detach() * m, torch.tensor(REF["logp"], dtype=torch.float64) * m, atol=ATOL, rtol=0)
     torch.testing.assert_close(ent * m, torch.tensor(REF["entropy"], dtype=torch.float64) * m, atol=ATOL, rtol=0)
-    torch.testing.assert_close((logp.detach() + ent) * m, torch.tensor(REF["phi"], dtype=torch.float64) * m, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        (logp.detach() + ent) * m, torch.tensor(REF["phi"], dtype=torch.float64) * m, atol=ATOL, rtol=0
+    )
 
 
 def test_sft_token_and_sequence_mean():
@@ -60,8 +62,14 @@ def test_dft():
 def test_idft(name, lam):
     logits, _, mask, logp, ent = _inputs()
     loss, stats = idft_loss(
-        logp, entropy=ent, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64), beta=1, gamma_min=0.1,
-        gamma_max=2, lam=lam,
+        logp,
+        entropy=ent,
+        mask=mask,
+        weights=token_weights(mask, "token", dtype=torch.float64),
+        beta=1,
+        gamma_min=0.1,
+        gamma_max=2,
+        lam=lam,
     )
     _check(name, loss, logits)
     m = mask.double()
@@ -122,7 +130,9 @@ def test_decreases_are_never_clipped():
     lp = torch.tensor([[-3.0]], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[-2.0]], dtype=torch.float64)
     mask = torch.ones(1, 1, dtype=torch.bool)
-    loss, _ = psft_loss(lp, old_logp=old, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64), **PSFT_DEFAULTS)
+    loss, _ = psft_loss(
+        lp, old_logp=old, mask=mask, weights=token_weights(mask, "token", dtype=torch.float64), **PSFT_DEFAULTS
+    )
     (g,) = torch.autograd.grad(loss, lp)
     assert abs(g.item() + math.exp(-1.0)) < 1e-12
 
@@ -144,7 +154,9 @@ def test_normalisation_exact_under_accumulation(normalize):
         lg = logits.detach()[k : k + 2].clone().requires_grad_(True)
         lp, _ = logprobs_from_logits(lg, targets[k : k + 2])
         part, _ = sft_loss(
-            lp, mask=mask[k : k + 2], weights=token_weights(mask[k : k + 2], normalize, n_tok, n_seq, dtype=torch.float64)
+            lp,
+            mask=mask[k : k + 2],
+            weights=token_weights(mask[k : k + 2], normalize, n_tok, n_seq, dtype=torch.float64),
         )
         part.backward()
         total += part.item()

@@ -44,7 +44,8 @@ def _bad(tmp_path, text: str, *overrides: str) -> str:
 def test_all_problems_reported_with_key_line_and_hint(tmp_path):
     msg = _bad(
         tmp_path,
-        '[data]\ntrain = "x.jsonl"\nformt = "messages"\n\n[train]\nlr = -1\nbatch_size = "8"\n\n[objectiv]\nkind = "sft"\n',
+        '[data]\ntrain = "x.jsonl"\nformt = "messages"\n\n[train]\nlr = -1\nbatch_size = "8"\n\n[objectiv]\nkind = '
+        '"sft"\n',
     )
     assert "4 problems" in msg
     assert "r.toml:3: data.formt: unknown key (did you mean 'format'?)" in msg
@@ -65,7 +66,7 @@ def test_cross_field_and_toml_syntax_errors(tmp_path):
 def test_overrides_are_typed_and_checked(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('[data]\ntrain = "x.jsonl"\n')
-    r = load_recipe(p, ["train.lr=1e-3", "data.train.split=test", "lora.target_modules=[\"q_proj\"]", "model.name=a/b"])
+    r = load_recipe(p, ["train.lr=1e-3", "data.train.split=test", 'lora.target_modules=["q_proj"]', "model.name=a/b"])
     assert r.train.lr == 1e-3 and r.data.train.split == "test" and r.lora.target_modules == ["q_proj"]
     assert r.model.name == "a/b"
     assert parse_override("output.dir=runs/x y") == (["output", "dir"], "runs/x y")

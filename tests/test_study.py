@@ -2,31 +2,49 @@
 
 from __future__ import annotations
 
-from conftest import arith_rows, make_recipe, write_jsonl
 from rich.console import Console
 
 from psft_lite.metrics import read_metrics
 from psft_lite.recipe import load_recipe
 from psft_lite.study import plot_study, report_tables, run_study
 
+from conftest import arith_rows, make_recipe, write_jsonl
+
 QUIET = Console(quiet=True)
 
 
 def test_study_evaluates_every_epoch_resumes_and_reports(tmp_path, tiny_model_dir):
-    probe = write_jsonl(tmp_path / "probe.jsonl", [
-        {"prompt": "What is the capital of France?", "completion": "Paris.", "answer": "Paris", "match": "contains"},
-        {"prompt": "What is the capital of Italy?", "completion": "Rome.", "answer": "Rome", "match": "contains"},
-    ])  # fmt: skip
+    probe = write_jsonl(
+        tmp_path / "probe.jsonl",
+        [
+            {
+                "prompt": "What is the capital of France?",
+                "completion": "Paris.",
+                "answer": "Paris",
+                "match": "contains",
+            },
+            {"prompt": "What is the capital of Italy?", "completion": "Rome.", "answer": "Rome", "match": "contains"},
+        ],
+    )
     test = write_jsonl(tmp_path / "test.jsonl", arith_rows(3, "test"))
-    path = make_recipe(tmp_path, tiny_model_dir, train={"epochs": 2, "lr": 5e-3},
-                       eval={"sets": {"in_domain": str(test), "probe": str(probe)}})  # fmt: skip
+    path = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        train={"epochs": 2, "lr": 5e-3},
+        eval={"sets": {"in_domain": str(test), "probe": str(probe)}},
+    )
     recipe = load_recipe(path, ["train.max_steps=", "data.limit=8"])  # whole epochs of 2 optimizer steps
     out = tmp_path / "study"
 
     results_path = run_study(recipe, ["sft", "psft-base"], [0], out, limit=3, max_new_tokens=4, console=QUIET)
     results = read_metrics(results_path)
     assert sorted((r["method"], r["epoch"], r["step"]) for r in results) == [
-        ("base", 0, 0), ("psft-base", 1, 2), ("psft-base", 2, 4), ("sft", 1, 2), ("sft", 2, 4)]  # fmt: skip
+        ("base", 0, 0),
+        ("psft-base", 1, 2),
+        ("psft-base", 2, 4),
+        ("sft", 1, 2),
+        ("sft", 2, 4),
+    ]
     base = next(r for r in results if r["method"] == "base")
     sft2 = next(r for r in results if r["method"] == "sft" and r["epoch"] == 2)
     assert base["probe"]["kl_to_base"] == 0.0 and sft2["probe"]["kl_to_base"] > 0  # the adapter moved the model

@@ -35,8 +35,12 @@ def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedde
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    r = _build(tmp_path, embedded_dir, train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 2e-3},
-               data={"limit": 8})  # fmt: skip
+    r = _build(
+        tmp_path,
+        embedded_dir,
+        train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 2e-3},
+        data={"limit": 8},
+    )
     before = _lora_state(r.model)
     records = train.train_loop(r)
     assert len(records) == 8 and (r.run_dir / "metrics.jsonl").read_text().count("\n") == 8
@@ -58,7 +62,8 @@ def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedde
 
     adapter = checkpoint.save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", train.adapter_meta(r, 8))
     assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "psft_lite.json"} <= {
-        p.name for p in adapter.iterdir()}  # fmt: skip
+        p.name for p in adapter.iterdir()
+    }
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=r.dtype), adapter)
     plain.eval()
     with torch.no_grad():
@@ -68,9 +73,13 @@ def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedde
 
 @pytest.mark.slow
 def test_psft_snapshot_clips_within_a_group_and_ratio_is_one_at_refresh(tmp_path, embedded_dir):
-    r = _build(tmp_path, embedded_dir, objective={"kind": "psft", "refresh_every": 4},
-               train={"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
-               data={"limit": 16})  # fmt: skip
+    r = _build(
+        tmp_path,
+        embedded_dir,
+        objective={"kind": "psft", "refresh_every": 4},
+        train={"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
+        data={"limit": 16},
+    )
     # the old-policy pass has exactly the training forward's numerics: unchanged weights give identical log-probs
     b = r.step_batches(0)[0]
     old = r.policy.score(b)
@@ -105,17 +114,27 @@ def test_idft_lambda0_is_dft(tmp_path, tiny_model_dir):
     b = _build(tmp_path / "b", tiny_model_dir, objective={"kind": "idft", "lambda_warmup": 1.0}, **common)
     ra, rb = train.train_loop(a), train.train_loop(b)
     for x, y in zip(ra, rb):
-        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6) and math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-6)
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6) and math.isclose(
+            x["grad_norm"], y["grad_norm"], rel_tol=1e-6
+        )
         assert y["lambda"] == 0.0
 
 
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, normalize):
     obj = {"kind": "sft", "normalize": normalize}
-    big = _build(tmp_path / "big", tiny_model_dir, objective=obj,
-                 train={"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2})  # fmt: skip
-    acc = _build(tmp_path / "acc", tiny_model_dir, objective=obj,
-                 train={"max_steps": 3, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2})  # fmt: skip
+    big = _build(
+        tmp_path / "big",
+        tiny_model_dir,
+        objective=obj,
+        train={"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2},
+    )
+    acc = _build(
+        tmp_path / "acc",
+        tiny_model_dir,
+        objective=obj,
+        train={"max_steps": 3, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2},
+    )
     rb, ra = train.train_loop(big), train.train_loop(acc)
     for x, y in zip(rb, ra):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5), (x["loss"], y["loss"])
@@ -125,8 +144,12 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, n
 def test_base_old_policy_is_the_adapter_disabled_model_and_is_cached(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    r = _build(tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "base"},
-               train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 5e-2})  # fmt: skip
+    r = _build(
+        tmp_path,
+        tiny_model_dir,
+        objective={"kind": "psft", "old_policy": "base"},
+        train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 5e-2},
+    )
     recs = train.train_loop(r)  # 16 examples, 4 per step: 2 epochs
     assert r.policy.scored == 16  # each example scored once, never again in epoch 2
     assert recs[-1]["approx_kl"] != 0  # the adapter drifted from the base
@@ -141,7 +164,9 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, ti
     r = _build(tmp_path, tiny_model_dir, train={"max_steps": 5}, guard={"patience": 2})
     before = _lora_state(r.model)
     real = r.objective.loss
-    r.objective = dataclasses.replace(r.objective, loss=lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k)))
+    r.objective = dataclasses.replace(
+        r.objective, loss=lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k))
+    )
     with pytest.raises(RunError, match="2 in a row, patience 2 reached") as e:
         train.train_loop(r)
     assert "checkpoint saved to" in str(e.value)
@@ -185,7 +210,9 @@ def test_packed_rows_score_every_example_as_if_it_were_alone(tmp_path, tiny_mode
     packed = pack_examples(examples, 256)
     assert len(packed) < len(examples) and all(len(p) <= 256 for p in packed)
     assert sum(p.n_sequences for p in packed) == len(examples)
-    assert [(p.segments, p.ids.tolist()) for p in pack_examples(examples, 256)] == [(p.segments, p.ids.tolist()) for p in packed]
+    assert [(p.segments, p.ids.tolist()) for p in pack_examples(examples, 256)] == [
+        (p.segments, p.ids.tolist()) for p in packed
+    ]
     order = [i for row in pack_groups([len(e) for e in examples], 256) for i in row]
     alone = collate([examples[i] for i in order], order, r.pad_id)
     rows = collate(packed, list(range(len(packed))), r.pad_id)
@@ -202,11 +229,19 @@ def test_packed_rows_score_every_example_as_if_it_were_alone(tmp_path, tiny_mode
     assert math.isclose(float(w_rows.sum()), 1.0, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("objective", [{"kind": "sft", "normalize": "sequence"}, {"kind": "psft", "old_policy": "base"}],
-                         ids=["sft-sequence", "psft-base"])  # fmt: skip
+@pytest.mark.parametrize(
+    "objective",
+    [{"kind": "sft", "normalize": "sequence"}, {"kind": "psft", "old_policy": "base"}],
+    ids=["sft-sequence", "psft-base"],
+)
 def test_training_on_packed_rows_learns(tmp_path, tiny_model_dir, objective):
-    r = _build(tmp_path, tiny_model_dir, data={"packing": True}, objective=objective,
-               train={"max_steps": 6, "batch_size": 2, "micro_batch_size": 1, "lr": 1e-2})  # fmt: skip
+    r = _build(
+        tmp_path,
+        tiny_model_dir,
+        data={"packing": True},
+        objective=objective,
+        train={"max_steps": 6, "batch_size": 2, "micro_batch_size": 1, "lr": 1e-2},
+    )
     assert len(r.examples) < 16 and sum(e.n_sequences for e in r.examples) == 16
     before = _lora_state(r.model)
     recs = train.train_loop(r)

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from psft_lite.data.formats import detect_format, to_messages
 from psft_lite.data.sources import Row, read_rows
@@ -33,8 +34,8 @@ def load_conversations(
                 other = None
             if other is not None and other != fmt:
                 raise DataError(
-                    f"{row.where}: this row looks like format {other!r} but the first row of the file is {fmt!r}; "
-                    "one file must use one format."
+                    f"{row.where}: this row looks like format {other!r} but the first row of the file is {fmt!r}; one "
+                    "file must use one format."
                 )
         out.append((to_messages(row, fmt, fields, data.system_prompt), row))
     return out
@@ -59,6 +60,6 @@ def load_examples(
     if not examples:
         raise DataError(
             f"{source.path}: none of its {stats.rows} examples fit in data.max_length = {data.max_length} tokens "
-            f"(all dropped). Raise data.max_length or set data.truncation = \"truncate\"."
+            f'(all dropped). Raise data.max_length or set data.truncation = "truncate".'
         )
     return examples, stats

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 NAMES = ["Tom", "Anna", "Ben", "Maria", "Leo", "Sara", "Omar", "Julia", "Ken", "Lucy", "Ravi", "Emma", "Noah", "Mia"]
 PRONOUN = {"Tom": "he", "Ben": "he", "Leo": "he", "Omar": "he", "Ken": "he", "Ravi": "he", "Noah": "he"}
@@ -50,8 +50,14 @@ def buy_then_give(r: random.Random) -> Problem:
     n, m = _two_names(r)
     item, a, b = r.choice(ITEMS), r.randint(5, 50), r.randint(2, 30)
     c = r.randint(1, a + b - 1)
-    q = f"{n} has {a} {item}. {_pron(n).capitalize()} buys {b} more and then gives {c} to {m}. How many {item} does {n} have now?"
-    s = f"After buying, {n} has {a} + {b} = {a + b} {item}. After giving {c} to {m}, {_pron(n)} has {a + b} - {c} = {a + b - c} {item}."
+    q = (
+        f"{n} has {a} {item}. {_pron(n).capitalize()} buys {b} more and then gives {c} to {m}. How many {item} does "
+        f"{n} have now?"
+    )
+    s = (
+        f"After buying, {n} has {a} + {b} = {a + b} {item}. After giving {c} to {m}, {_pron(n)} has {a + b} - {c} = "
+        f"{a + b - c} {item}."
+    )
     return q, s, a + b - c
 
 
@@ -148,18 +154,32 @@ def rectangle(r: random.Random) -> Problem:
 def half_left(r: random.Random) -> Problem:
     n, item, a = r.choice(NAMES), r.choice(ITEMS), 2 * r.randint(5, 40)
     b = r.randint(1, a // 2 - 1)
-    q = f"{n} had {a} {item}. {_pron(n).capitalize()} lost half of them and then found {b}. How many {item} does {n} have now?"
+    q = (
+        f"{n} had {a} {item}. {_pron(n).capitalize()} lost half of them and then found {b}. How many {item} does {n} "
+        "have now?"
+    )
     s = f"Half of {a} is {a} / 2 = {a // 2}. After finding {b}, {n} has {a // 2} + {b} = {a // 2 + b} {item}."
     return q, s, a // 2 + b
 
 
 IN_DOMAIN: list[Callable[[random.Random], Problem]] = [
-    buy_more, give_away, buy_then_give, packs, share, cost, change, more_than, daily, eaten,
-]  # fmt: skip
+    buy_more,
+    give_away,
+    buy_then_give,
+    packs,
+    share,
+    cost,
+    change,
+    more_than,
+    daily,
+    eaten,
+]
 OUT_OF_DOMAIN: list[Callable[[random.Random], Problem]] = [speed, ages, average, rectangle, half_left]
 
 
-def generate(n: int, templates: list[Callable[[random.Random], Problem]], seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+def generate(
+    n: int, templates: list[Callable[[random.Random], Problem]], seed: int, exclude: set[str] = frozenset()
+) -> list[dict]:
     """`n` distinct problems as {"prompt", "completion", "answer", "template"} rows (completion ends `#### N`)."""
     r = random.Random(seed)
     rows, seen = [], set(exclude)

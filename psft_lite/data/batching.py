@@ -87,8 +87,14 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device), self.index,
-                     move(self.position_ids), move(self.seq_ids))  # fmt: skip
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.target_mask.to(device),
+            self.index,
+            move(self.position_ids),
+            move(self.seq_ids),
+        )
 
 
 @dataclass
@@ -122,8 +128,13 @@ class StepData:
     def identity(self) -> dict[str, Any]:
         """What fixes the order of examples: a resumed run must see the same."""
         p = self.plan
-        return {"n_examples": len(self.examples), "tokens": int(self.lengths.sum()), "batch_size": p.batch_size,
-                "seed": p.seed, "shuffle": p.shuffle}
+        return {
+            "n_examples": len(self.examples),
+            "tokens": int(self.lengths.sum()),
+            "batch_size": p.batch_size,
+            "seed": p.seed,
+            "shuffle": p.shuffle,
+        }
 
 
 def collate(examples: list[Example], index: list[int], pad_id: int) -> Batch:
@@ -174,8 +185,12 @@ def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
         if len(members) == 1:
             out.append(members[0])
             continue
-        out.append(Example(
-            np.concatenate([e.ids for e in members]), np.concatenate([e.mask for e in members]),
-            f"{members[0].where} (+{len(members) - 1} packed)", tuple(len(e) for e in members),
-        ))  # fmt: skip
+        out.append(
+            Example(
+                np.concatenate([e.ids for e in members]),
+                np.concatenate([e.mask for e in members]),
+                f"{members[0].where} (+{len(members) - 1} packed)",
+                tuple(len(e) for e in members),
+            )
+        )
     return out

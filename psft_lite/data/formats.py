@@ -18,9 +18,16 @@ from psft_lite.recipe import FORMAT_FIELDS
 Message = dict[str, str]  # the one internal form of a chat turn: {"role", "content"}
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "bot": "assistant", "chatgpt": "assistant", "system": "system", "tool": "tool",
-}  # fmt: skip
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 
 
 def field_names(fmt: str, overrides: dict[str, str]) -> dict[str, str]:
@@ -96,7 +103,9 @@ def _system(row: Row, names: dict[str, str], fmt: str) -> list[Message]:
     return [{"role": "system", "content": _text(row, s, names["system"])}] if s else []
 
 
-def _message_list(row: Row, value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str] | None) -> list[Message]:
+def _message_list(
+    row: Row, value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str] | None
+) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{row.where}: field {name!r} must be a non-empty list of messages.")
     out = []
@@ -109,7 +118,9 @@ def _message_list(row: Row, value: Any, name: str, role_key: str, content_key: s
                 raise DataError(f"{row.where}: {name}[{i}]: unknown speaker {role!r}; expected one of {sorted(roles)}.")
             role = roles[role]
         elif role not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{row.where}: {name}[{i}]: unknown role {role!r}; expected system, user, assistant or tool.")
+            raise DataError(
+                f"{row.where}: {name}[{i}]: unknown role {role!r}; expected system, user, assistant or tool."
+            )
         content = m[content_key]
         if isinstance(content, list):  # OpenAI-style content parts: keep the text parts
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -171,9 +182,10 @@ def with_response(data: dict[str, Any], fmt: str, overrides: dict[str, str], tex
         row[names["output"]] = text
     else:
         list_key, role_key, content_key = (
-            (names["messages"], names["role"], names["content"]) if fmt == "messages"
+            (names["messages"], names["role"], names["content"])
+            if fmt == "messages"
             else (names["conversations"], names["from"], names["value"])
-        )  # fmt: skip
+        )
         turns = row[list_key]
         last = max(i for i, m in enumerate(turns) if SHAREGPT_ROLES.get(m[role_key], m[role_key]) == "assistant")
         turns[last][content_key] = text

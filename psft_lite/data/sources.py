@@ -58,14 +58,18 @@ def read_rows(source: Source, limit: int | None = None, base_dir: Path | None = 
         if p.parent.is_dir():
             near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=1)
             hint = f" Did you mean {p.parent / near[0]}?" if near else ""
-        raise DataError(f"{source.path}: data file not found (relative paths are read from the working directory).{hint}")
+        raise DataError(
+            f"{source.path}: data file not found (relative paths are read from the working directory).{hint}"
+        )
     return _read_hub(source, limit)
 
 
 def _read_file(path: Path, limit: int | None) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unsupported data file type {suffix or '(none)'}; use .jsonl, .json, .parquet or .csv.")
+        raise DataError(
+            f"{path}: unsupported data file type {suffix or '(none)'}; use .jsonl, .json, .parquet or .csv."
+        )
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty (0 bytes).")
     reader = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}[suffix]
@@ -94,8 +98,8 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Row]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{where}: not valid JSON ({e.msg} at column {e.colno}). Each line of a .jsonl file must be one "
-                "JSON object; a cut-off last line usually means the file was not completely written."
+                f"{where}: not valid JSON ({e.msg} at column {e.colno}). Each line of a .jsonl file must be one JSON "
+                "object; a cut-off last line usually means the file was not completely written."
             ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object per line, got {type(obj).__name__}.")
@@ -174,7 +178,10 @@ def _read_dataset_folder(path: Path, source: Source, limit: int | None) -> list[
         else:
             ds = datasets.load_dataset(str(path), name=source.config, split=source.split)
     except KeyError:
-        raise DataError(f"{path}: has no split {source.split!r}; set data.train.split (or data.eval.split; --split on the command line).") from None
+        raise DataError(
+            f"{path}: has no split {source.split!r}; set data.train.split (or data.eval.split; --split on the command "
+            "line)."
+        ) from None
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"{path}: cannot read this folder as a data set ({e}).") from None
     return _rows_from_dataset(ds, label, limit)
@@ -190,7 +197,7 @@ def _read_hub(source: Source, limit: int | None) -> list[Row]:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"{source.path}: not a local file or folder, and loading it as a Hugging Face Hub data set "
-            f"(config={source.config!r}, split={source.split!r}) failed: {reason}. Check the id, the config and "
-            "split keys, your network connection and HF_TOKEN for gated data sets."
+            f"(config={source.config!r}, split={source.split!r}) failed: {reason}. Check the id, the config and split "
+            "keys, your network connection and HF_TOKEN for gated data sets."
         ) from None
     return _rows_from_dataset(ds, label, limit)

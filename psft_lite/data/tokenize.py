@@ -54,7 +54,7 @@ class EncodeStats:
 
 
 def pad_eos_note(tokenizer: Any) -> str | None:
-    """Said once per run (train, validate) when pad == eos: a common cause, in other tools, of models that never stop."""
+    """Said once per run (train, validate) when pad == eos: elsewhere a cause of models that never stop."""
     if tokenizer.pad_token_id != tokenizer.eos_token_id:
         return None
     return (
@@ -114,7 +114,9 @@ def _segments(tokenizer: Any, messages: list[Message], where: str) -> list[tuple
     return [(t, trained) for t, trained in segments if t]
 
 
-def encode(tokenizer: Any, messages: list[Message], where: str, special_ids: set[int]) -> tuple[np.ndarray, np.ndarray, bool]:
+def encode(
+    tokenizer: Any, messages: list[Message], where: str, special_ids: set[int]
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Token ids and trained-token mask of one conversation; the bool says whether an eos token had to be appended."""
     ids: list[int] = []
     mask: list[bool] = []
