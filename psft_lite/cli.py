@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 run failed, 2 bad input (recipe, data, arguments, model
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -86,6 +87,23 @@ def train(
         f"{summary['steps'] / max(summary['train_s'], 1e-9):.2f} steps/s, peak memory {summary['peak_mem_mb']:.0f} "
         "MB)" + (f"; final nll {last['nll']:.3f}" if "nll" in last else "")
     )
+    if "entropy_start" in summary:
+        kept = summary["entropy_kept"]
+        err.print(
+            f"entropy on trained tokens: {summary['entropy_start']:.3f} over the first steps → "
+            f"{summary['entropy_end']:.3f} over the last" + (f" (kept {kept:.0%})" if kept is not None else "")
+        )
+    if "drift" in summary:
+        d = summary["drift"]
+        err.print(
+            f"drift from the base: {d:+.2f} nats at step {summary['drift_step']} (the training tokens are "
+            f"{math.exp(d):.1f}× as likely as under the base model)"
+        )
+    else:
+        err.print(
+            "drift from the base: not measured (guard.drift_watch is off, or the run was shorter than "
+            "guard.drift_every)"
+        )
     out.print(f"adapter: {summary['adapter']}")
     out.print(f"metrics: {summary['metrics']}")
 

@@ -15,11 +15,37 @@ from psft_lite.recipe import GuardSection
 
 Event = dict[str, Any]
 
+#: What to try, per warning and per method (objectives.method_name): only settings the running method reads, and
+#: never the method itself. docs/study.md has the measurements behind each suggestion.
+ADVICE: dict[str, dict[str, str]] = {
+    "entropy": {
+        "sft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (a fixed trust region around the base), "
+        "a lower train.lr, or fewer epochs.",
+        "dft": "Try objective.kind = 'psft' with objective.old_policy = 'base', a lower train.lr, or fewer epochs.",
+        "idft": "Try objective.kind = 'psft' with objective.old_policy = 'base', a lower train.lr, or fewer epochs.",
+        "psft-snapshot": "The snapshot trust region moves with every refresh; try objective.old_policy = 'base' (a "
+        "fixed trust region around the base), a lower train.lr, a larger objective.refresh_every, or a tighter "
+        "objective.clip_high.",
+        "psft-base": "Try a tighter objective.clip_high, a lower train.lr, or fewer epochs.",
+    },
+    "drift": {
+        "sft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (a fixed trust region around the base), "
+        "a lower train.lr, or fewer epochs.",
+        "dft": "Try objective.kind = 'psft' with objective.old_policy = 'base', a lower train.lr, or fewer epochs.",
+        "idft": "Try objective.kind = 'psft' with objective.old_policy = 'base', a lower train.lr, or fewer epochs.",
+        "psft-snapshot": "Try objective.old_policy = 'base' (a fixed trust region around the base instead of one that "
+        "moves with every refresh), a lower train.lr, or fewer epochs.",
+        "psft-base": "Try a tighter objective.clip_high or a lower train.lr.",
+    },
+}
+
 
 class Guard:
-    def __init__(self, cfg: GuardSection, total_steps: int):
+    def __init__(self, cfg: GuardSection, total_steps: int, method: str = "sft"):
+        """`method`: the running method's name (objectives.method_name), which decides the advice."""
         self.cfg = cfg
         self.total = total_steps
+        self.method = method
         self.baseline: float | None = None
         self.first: list[float] = []  # entropies of the first steps (≈ the base model: LoRA B starts at zero)
         self.entropy_ema: float | None = None
@@ -82,8 +108,7 @@ class Guard:
                         f"step {step}: the model has drifted from the base: on the training tokens it is "
                         f"e^{drift:.2f} = {math.exp(drift):.1f}× more likely than the base model on average "
                         f"(threshold guard.drift_max = {self.cfg.drift_max:g}). It is moving far from what it knew. "
-                        "Try psft with old_policy = 'base' (a fixed trust region around the base), a lower train.lr, "
-                        "or fewer epochs."
+                        f"{ADVICE['drift'][self.method]}"
                     ),
                 }
             )
@@ -127,8 +152,7 @@ class Guard:
                 "message": (
                     f"step {step}: entropy on the trained tokens is collapsing — {reason} ({self.entropy_ema:.3f} vs "
                     f"{self.baseline:.3f}). The model is becoming certain of exactly the training text, which is how "
-                    "SFT forgets what it knew. Try objective.kind = 'psft', a lower train.lr, a tighter "
-                    "objective.clip_high, or fewer epochs."
+                    f"SFT forgets what it knew. {ADVICE['entropy'][self.method]}"
                 ),
             }
         ]

@@ -152,6 +152,22 @@ def read_records(path: Path, key: str, what: str) -> list[dict[str, Any]]:
     return records
 
 
+def run_outcome(path: Path, edge: int = 5) -> dict[str, Any]:
+    """What a finished run did to the model, from its metrics.jsonl (every step, resumed runs included): the entropy on
+    the trained tokens over its first and last `edge` steps, the share of it kept, and the last measured drift."""
+    steps = [rec for rec in read_metrics(path) if "event" not in rec and "entropy" in rec]
+    out: dict[str, Any] = {}
+    if steps:
+        first, last = steps[:edge], steps[-edge:]
+        out["entropy_start"] = sum(rec["entropy"] for rec in first) / len(first)
+        out["entropy_end"] = sum(rec["entropy"] for rec in last) / len(last)
+        out["entropy_kept"] = out["entropy_end"] / out["entropy_start"] if out["entropy_start"] > 0 else None
+    drifts = [rec for rec in steps if isinstance(rec.get("drift"), (int, float))]
+    if drifts:
+        out["drift"], out["drift_step"] = drifts[-1]["drift"], drifts[-1]["step"]
+    return out
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the records of steps <= `step` (a resumed run rewrites the later ones) and drop a torn line, atomically."""
     if not Path(path).exists():

@@ -142,7 +142,7 @@ class Objective:
     stats: tuple[str, ...] = ()  # token-mean statistics its loss returns (metrics.jsonl keys)
     max_stats: tuple[str, ...] = ()  # statistics combined by max (across micro-batches and ranks)
     panels: tuple[tuple[str, str], ...] = ()  # (metrics key, title) drawn by `psft-lite plot`
-    variants: tuple[tuple[str, dict[str, Any]], ...] = ()  # study methods: (name, objective.* overrides)
+    variants: tuple[tuple[str, dict[str, Any], tuple[str, ...]], ...] = ()  # (method name, settings, keys it ignores)
 
     @property
     def uses_old_policy(self) -> bool:
@@ -164,7 +164,10 @@ OBJECTIVES: dict[str, Objective] = {
         stats=("clip_frac", "ratio_mean", "approx_kl"),
         max_stats=("ratio_max",),
         panels=(("clip_frac", "psft clip fraction"), ("approx_kl", "approx. KL to old policy")),
-        variants=(("psft-snapshot", {"old_policy": "snapshot"}), ("psft-base", {"old_policy": "base"})),
+        variants=(
+            ("psft-snapshot", {"old_policy": "snapshot"}, ()),
+            ("psft-base", {"old_policy": "base"}, ("refresh_every",)),  # the base never refreshes
+        ),
     ),
     "idft": Objective(
         idft_loss,
@@ -182,9 +185,17 @@ def methods() -> dict[str, dict[str, Any]]:
     """Every named method (an objective, or one of its variants) → its objective.* settings, in table order."""
     out: dict[str, dict[str, Any]] = {}
     for kind, spec in OBJECTIVES.items():
-        for name, overrides in spec.variants or ((kind, {}),):
+        for name, overrides, _ in spec.variants or ((kind, {}, ()),):
             out[name] = {"kind": kind, **overrides}
     return out
+
+
+def method_keys(name: str) -> set[str]:
+    """The objective.* keys a named method reads (a study sweeps a key only for the methods that read it)."""
+    kind = methods()[name]["kind"]
+    spec = OBJECTIVES[kind]
+    ignored = next((ign for n, _, ign in spec.variants if n == name), ())
+    return {"kind", "normalize", *spec.keys} - set(ignored)
 
 
 def method_name(objective: Any) -> str:

@@ -32,8 +32,8 @@ from psft_lite.data.tokenize import pad_eos_note
 from psft_lite.distributed import Dist
 from psft_lite.errors import Interrupted, RecipeError, RunError
 from psft_lite.guard import Guard
-from psft_lite.metrics import MetricsWriter, ProgressDisplay, StepStats, peak_memory_mb, truncate_metrics
-from psft_lite.objectives import OBJECTIVES, Objective, token_weights
+from psft_lite.metrics import MetricsWriter, ProgressDisplay, StepStats, peak_memory_mb, run_outcome, truncate_metrics
+from psft_lite.objectives import OBJECTIVES, Objective, method_name, token_weights
 from psft_lite.policy import OldPolicy, build_policy
 from psft_lite.recipe import ObjectiveSection, Recipe, TrainSection
 
@@ -223,7 +223,7 @@ def build(
         total_steps=total,
         optimizer=build_optimizer(modeling.trainable_parameters(model), t, device, console),
         policy=build_policy(recipe.objective, model, amp, data.batches, total),
-        guard=Guard(recipe.guard, total),
+        guard=Guard(recipe.guard, total, method_name(recipe.objective)),
         console=console,
         dist=dist,
         eval_examples=eval_examples,
@@ -556,6 +556,7 @@ def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, 
         "first": records[0] if records else None,
         "last": records[-1] if records else None,
         "main": dist.is_main,
+        **(run_outcome(run.run_dir / "metrics.jsonl") if dist.is_main else {}),
     }
     if recipe.output.save == "merged" and dist.is_main:
         from psft_lite.merge import merge

@@ -278,3 +278,19 @@ def test_hub_layout_data_set_config_and_split_on_the_command_line(tmp_path, tiny
     assert json.loads((tmp_path / "h.jsonl").read_text())["question"] == "What is 0 + 1?"  # the train split
     code, out, err = run_cli(capsys, "ddt", str(tiny_model_dir), *data, "--split", "dev")
     assert code == 2 and 'Unknown split "dev"' in err and "Traceback" not in err
+
+
+def test_train_ends_by_saying_how_much_entropy_it_kept_and_how_far_it_drifted(tmp_path, tiny_model_dir, capsys):
+    recipe = make_recipe(
+        tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "base"}, train={"lr": 5e-2, "max_steps": 6}
+    )
+    code, _, err = run_cli(capsys, "train", str(recipe))
+    assert code == 0, err
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = sum(r["entropy"] for r in steps[:5]) / 5
+    end = sum(r["entropy"] for r in steps[-5:]) / 5
+    assert (
+        f"entropy on trained tokens: {start:.3f} over the first steps → {end:.3f} over the last (kept "
+        f"{end / start:.0%})" in err
+    )
+    assert f"drift from the base: {steps[-1]['drift']:+.2f} nats at step 6" in err  # psft base: measured every step

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from rich.console import Console
 
 from psft_lite import train
 from psft_lite.errors import RunError
-from psft_lite.guard import Guard
+from psft_lite.guard import ADVICE, Guard
+from psft_lite.objectives import method_keys, methods
 from psft_lite.recipe import GuardSection, load_recipe
 
 from conftest import make_recipe
@@ -117,3 +119,29 @@ def test_psft_base_reports_drift_every_step_for_free(tmp_path, tiny_model_dir):
     train.prepare_run_dir(r)
     recs = train.train_loop(r)
     assert all(x["drift"] == -x["approx_kl"] for x in recs)
+
+
+@pytest.mark.parametrize("method", list(methods()))
+def test_advice_suggests_only_what_applies_to_the_running_method(method):
+    own = methods()[method]
+    reads = method_keys(method)
+    for event, per_method in ADVICE.items():
+        text = per_method[method]
+        for key, value in re.findall(r"objective\.(\w+)(?: = '(\w+)')?", text):
+            if key in ("kind", "old_policy"):  # a switch: never to what is already running
+                assert value and value != own.get(key), (event, text)
+                assert key != "kind" or own["kind"] != "psft", (event, text)  # never "try psft" to a psft run
+            else:
+                assert key in reads, (event, key, text)  # a knob this method actually reads
+
+
+def test_a_psft_snapshot_run_is_told_about_its_own_knobs():
+    g = Guard(GuardSection(trend_steps=1000), total_steps=100, method="psft-snapshot")
+    events = [
+        ev
+        for step, h in enumerate([0.8, 0.8, 0.8] + [0.1] * 30, 1)
+        for ev in g.observe({"step": step, "entropy": h, "nll": 1.0, "loss": 1.0, "grad_norm": 1.0}, None)
+    ]
+    (ev,) = [e for e in events if e["event"] == "entropy_warning"]
+    assert "refresh_every" in ev["message"] and "old_policy = 'base'" in ev["message"]
+    assert "kind = 'psft'" not in ev["message"]
