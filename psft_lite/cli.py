@@ -603,27 +603,50 @@ def study(
             "--report", help="Write tables.md and PNG figures here (default: the study folder).", show_default=False
         ),
     ] = None,
+    sweep: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--sweep",
+            help="Also vary recipe keys: KEY=V1,V2,... (repeatable; a grid). Keys joined by ':' move together: "
+            "train.lr:train.epochs=1e-4:12,1e-3:4.",
+            show_default=False,
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=1, help="Evaluate every N epochs (and always the last).")
+    ] = 1,
 ) -> None:
     """Train every objective for several epochs and seeds on one recipe, evaluate each epoch end, report.
 
-    Resumable: rerun the same command to continue; processes may share one study folder (one per --seeds value).
-    Runs on a real model with --set model.name=...
+    With --sweep, every method runs at every point of a grid of recipe values (keys a method does not read, such as
+    objective.refresh_every for sft, are not crossed with it). Resumable: rerun the same command to continue;
+    processes may share one study folder (one per --seeds value). Runs on a real model with --set model.name=...
 
     [dim]Example: psft-lite study recipes/study/arith.toml[/dim]
+    [dim]Example: psft-lite study recipes/study/arith.toml --methods sft,psft-base --sweep train.lr=3e-4,1e-3[/dim]
     """
     from psft_lite.errors import RecipeError
     from psft_lite.metrics import read_metrics
     from psft_lite.recipe import load_recipe
-    from psft_lite.study import latest_results, plot_study, report_tables, run_study
+    from psft_lite.study import latest_results, parse_sweep, plot_study, report_tables, run_study
 
     parsed = load_recipe(recipe, set_ or [])
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise RecipeError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
+    grid = parse_sweep(sweep or [])
     folder = out_dir or parsed.run_dir
     results_path = run_study(
-        parsed, [m.strip() for m in methods.split(",") if m.strip()], seed_list, folder, limit, max_new_tokens, err
+        parsed,
+        [m.strip() for m in methods.split(",") if m.strip()],
+        seed_list,
+        folder,
+        limit,
+        max_new_tokens,
+        err,
+        sweep=grid,
+        eval_every=eval_every,
     )
     results = latest_results(read_metrics(results_path))
     dest = report or folder

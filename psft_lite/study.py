@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,13 @@ from psft_lite.checkpoint import list_checkpoints
 from psft_lite.errors import RecipeError
 from psft_lite.logprobs import kl_divergence
 from psft_lite.metrics import read_metrics
-from psft_lite.objectives import methods
-from psft_lite.recipe import Recipe, recipe_from_dict
+from psft_lite.objectives import method_keys, methods
+from psft_lite.recipe import Recipe, parse_override, recipe_from_dict
 
 #: Each method is a set of objective.* settings (objectives.py's table); everything else (lr, batch, steps, seed) is
 #: shared.
 METHODS: dict[str, dict[str, Any]] = methods()
 PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to the base model
-
-
-def method_recipe(base: Recipe, method: str, seed: int, run_dir: Path, steps_per_epoch: int) -> Recipe:
-    raw = base.model_dump(mode="json", exclude_none=True)
-    raw["objective"] = {**raw["objective"], **METHODS[method]}
-    raw["train"].update(seed=seed, save_every=steps_per_epoch, keep_last=0)
-    raw["eval"]["every"] = 0
-    raw["output"] = {**raw["output"], "dir": str(run_dir)}
-    return recipe_from_dict(raw, source=f"study:{method}")
 
 
 @torch.no_grad()
@@ -80,12 +72,154 @@ def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_t
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The grid: methods × sweep cells × seeds. A sweep key a method does not read (e.g. objective.refresh_every for sft) is
+# dropped from that method's cells, so no identical run is trained twice.
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep for one method: recipe overrides as (dotted key, value) pairs, in sweep order."""
+
+    values: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """`lr=0.0001 refresh_every=4` (the key's last part; the whole key where two would read the same)."""
+        last = [k.rsplit(".", 1)[-1] for k, _ in self.values]
+        names = [k if last.count(k.rsplit(".", 1)[-1]) > 1 else k.rsplit(".", 1)[-1] for k, _ in self.values]
+        return " ".join(f"{n}={_fmt(v)}" for n, (_, v) in zip(names, self.values))
+
+    def run_name(self, method: str, seed: int) -> str:
+        return f"{method}-{self.label.replace(' ', ',')}-s{seed}" if self.values else f"{method}-s{seed}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+Sweep = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
+
+
+def parse_sweep(items: list[str]) -> Sweep:
+    """`--sweep train.lr=1e-4,1e-3` → [((train.lr,), [(1e-4,), (1e-3,)])]; keys joined by `:` move together:
+    `--sweep train.lr:train.epochs=1e-4:12,1e-3:4` (a low lr given more epochs). Values are TOML, as with --set."""
+    out, seen = [], set()
+    for item in items:
+        key_part, eq, value_part = item.partition("=")
+        keys = tuple(k.strip() for k in key_part.split(":"))
+        if not eq or not all(keys) or not all("." in k for k in keys):
+            raise RecipeError(f"--sweep {item!r}: expected SECTION.KEY=V1,V2,... e.g. --sweep train.lr=1e-4,3e-4,1e-3")
+        if {"objective.kind", "objective.old_policy"} & set(keys):
+            raise RecipeError(f"--sweep {item!r}: choose objectives and old policies with --methods, not --sweep.")
+        if seen & set(keys):
+            raise RecipeError(f"--sweep {item!r}: {sorted(seen & set(keys))[0]} is swept twice.")
+        seen |= set(keys)
+        groups = [g for g in value_part.split(",") if g.strip()]
+        if not groups:
+            raise RecipeError(f"--sweep {item!r}: no values to sweep; give at least one after '='.")
+        values = []
+        for g in groups:
+            parts = g.split(":")
+            if len(parts) != len(keys):
+                raise RecipeError(f"--sweep {item!r}: {g!r} has {len(parts)} value(s) for {len(keys)} key(s).")
+            values.append(tuple(parse_override(f"{k}={v}")[1] for k, v in zip(keys, parts)))
+        out.append((keys, values))
+    return out
+
+
+def grid(sweep: Sweep, method: str) -> list[Cell]:
+    """The distinct cells of `method`: the cross product of the sweeps, less the objective keys it does not read."""
+    reads = method_keys(method)
+    cells: list[Cell] = [Cell()]
+    for keys, values in sweep:
+        cells = [Cell(c.values + tuple(zip(keys, v))) for c in cells for v in values]
+    prefix = "objective."
+    kept = [
+        Cell(tuple((k, v) for k, v in c.values if not k.startswith(prefix) or k[len(prefix) :] in reads)) for c in cells
+    ]
+    return list(dict.fromkeys(kept))
+
+
+def cell_recipe(base: Recipe, method: str, cell: Cell, seed: int, run_dir: Path) -> Recipe:
+    """The recipe of one run of the study; a bad sweep key or value is reported under the sweep's name."""
+    raw = base.model_dump(mode="json", exclude_none=True)
+    raw["objective"] = {**raw["objective"], **METHODS[method]}
+    for key, value in cell.values:
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--sweep {key}: {part} is a value, not a section.")
+        node[last] = value
+    raw["train"].update(seed=seed, keep_last=0)
+    raw["eval"]["every"] = 0
+    raw["output"] = {**raw["output"], "dir": str(run_dir)}
+    return recipe_from_dict(raw, source=f"--sweep {cell.label}" if cell.values else f"study:{method}")
+
+
+@dataclass
+class Job:
+    """One training run of the study and the epochs at which it is evaluated."""
+
+    method: str
+    cell: Cell
+    seed: int
+    recipe: Recipe
+    steps_per_epoch: int
+    eval_epochs: list[int]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recipe.run_dir
+
+    def key(self, epoch: int) -> tuple[str, str, int, int]:
+        return (self.method, self.cell.label, self.seed, epoch)
+
+
+def plan_jobs(
+    recipe: Recipe, methods: list[str], seeds: list[int], sweep: Sweep, out: Path, eval_every: int, tokenizer: Any
+) -> list[Job]:
+    """Every run of the study, its recipe checked before anything trains and its epoch length counted."""
+    from psft_lite.data import load_examples
+
+    jobs, n_examples = [], {}
+    base_dir = recipe.path.parent if recipe.path else None
+    for method in methods:
+        for cell in grid(sweep, method):
+            for seed in seeds:
+                job_recipe = cell_recipe(recipe, method, cell, seed, out / cell.run_name(method, seed))
+                t, d = job_recipe.train, job_recipe.data
+                if t.max_steps is not None or int(t.epochs) != t.epochs:
+                    raise RecipeError(
+                        "a study trains whole epochs: set train.epochs to an integer and leave train.max_steps unset."
+                    )
+                data_key = d.model_dump_json()
+                if data_key not in n_examples:  # the data section decides how many examples an epoch has
+                    found, _ = load_examples(d.train, d, tokenizer, limit=d.limit, base_dir=base_dir)
+                    n_examples[data_key] = len(found)
+                steps = math.ceil(n_examples[data_key] / t.batch_size)
+                job_recipe.train.save_every = steps  # a checkpoint at every epoch end
+                epochs = int(t.epochs)
+                evals = sorted({e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs})
+                jobs.append(Job(method, cell, seed, job_recipe, steps, evals))
+    return jobs
+
+
 def run_study(
-    recipe: Recipe, methods: list[str], seeds: list[int], out: Path, limit: int, max_new_tokens: int, console: Console
+    recipe: Recipe,
+    methods: list[str],
+    seeds: list[int],
+    out: Path,
+    limit: int,
+    max_new_tokens: int,
+    console: Console,
+    sweep: Sweep | None = None,
+    eval_every: int = 1,
 ) -> Path:
     """Train and evaluate everything that is not done yet; returns OUT/results.jsonl."""
     from psft_lite import train
-    from psft_lite.data import load_examples
     from psft_lite.evaluate import eval_items
 
     unknown = [m for m in methods if m not in METHODS]
@@ -93,68 +227,55 @@ def run_study(
         raise RecipeError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
     if not recipe.eval.sets:
         raise RecipeError("the study recipe needs eval.sets (e.g. in_domain, ood and probe) to evaluate each epoch on.")
-    epochs = int(recipe.train.epochs)
-    if recipe.train.max_steps is not None or epochs != recipe.train.epochs:
-        raise RecipeError(
-            "a study trains whole epochs: set train.epochs to an integer and leave train.max_steps unset."
-        )
+    jobs = plan_jobs(recipe, methods, seeds, sweep or [], out, eval_every, modeling.load_tokenizer(recipe.model))
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {(rec["method"], rec["seed"], rec["epoch"]) for rec in _read(results_path)}
-    tokenizer = modeling.load_tokenizer(recipe.model)
+    done = {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["epoch"]) for rec in _read(results_path)}
     base_dir = recipe.path.parent if recipe.path else None
-    examples, _ = load_examples(recipe.data.train, recipe.data, tokenizer, limit=recipe.data.limit, base_dir=base_dir)
-    steps_per_epoch = math.ceil(len(examples) / recipe.train.batch_size)
     sets = {name: eval_items(src, recipe.data, base_dir=base_dir) for name, src in recipe.eval.sets.items()}
-    runs = [(m, s) for m in methods for s in seeds]
-    to_train = [(m, sd) for m, sd in runs if not _trained(out / f"{m}-s{sd}")]
-    n_steps = len(to_train) * epochs * steps_per_epoch  # an interrupted run counts whole: a rough upper bound
-    evals = {(m, sd, e) for m, sd in runs for e in range(1, epochs + 1)} | {("base", 0, 0)}
-    n_evals = len(evals - done)
-    plan = f"study: {len(methods)} method(s) × {len(seeds)} seed(s) × {epochs} epochs of {steps_per_epoch} steps"
-    if n_steps:
+    n_steps = sum(int(j.recipe.train.epochs) * j.steps_per_epoch for j in jobs if not _trained(j.run_dir))
+    base_key = ("base", "", 0, 0)
+    n_evals = len({j.key(e) for j in jobs for e in j.eval_epochs} | {base_key} - done)
+    cells = len({(j.method, j.cell) for j in jobs})
+    plan = f"study: {len(jobs)} runs ({cells} method × sweep cells × {len(seeds)} seed(s))"
+    if n_steps:  # an interrupted run counts whole: a rough upper bound
         t_step = _time_one_step(recipe, console)
         plan += f"; to do: {n_steps} steps at ~{t_step:.1f} s/step ≈ {n_steps * t_step * 1.15 / 60:.0f} min"
     console.print(
         plan + f"; {n_evals} evaluation(s) of {sum(min(len(v), limit) for v in sets.values())} problems to do"
     )
     t0 = time.perf_counter()
-    if ("base", 0, 0) not in done:
+    if base_key not in done:
+        scores = evaluate_model(recipe.model.name, sets, limit, max_new_tokens)
         _append(
-            results_path,
-            {
-                "method": "base",
-                "seed": 0,
-                "epoch": 0,
-                "step": 0,
-                **evaluate_model(recipe.model.name, sets, limit, max_new_tokens),
-            },
+            results_path, {"method": "base", "cell": {}, "cell_label": "", "seed": 0, "epoch": 0, "step": 0, **scores}
         )
-    for method, seed in runs:
-        run_dir = out / f"{method}-s{seed}"
-        run_recipe = method_recipe(recipe, method, seed, run_dir, steps_per_epoch)
-        if not _trained(run_dir):
-            resume = "latest" if list_checkpoints(run_dir) else None
-            console.print(f"[bold]{method}[/bold] seed {seed}: " + ("resuming" if resume else "training"))
-            train.run(run_recipe, console=console, overwrite=resume is None, resume=resume)
-        for step, ckpt in list_checkpoints(run_dir):
-            epoch = step // steps_per_epoch
-            if step % steps_per_epoch or (method, seed, epoch) in done:
+    for job in jobs:
+        what = f"[bold]{job.method}[/bold]" + (f" {job.cell.label}" if job.cell.values else "") + f" seed {job.seed}"
+        if not _trained(job.run_dir):
+            resume = "latest" if list_checkpoints(job.run_dir) else None
+            console.print(f"{what}: " + ("resuming" if resume else "training"))
+            train.run(job.recipe, console=console, overwrite=resume is None, resume=resume)
+        for step, ckpt in list_checkpoints(job.run_dir):
+            epoch, rest = divmod(step, job.steps_per_epoch)
+            if rest or epoch not in job.eval_epochs or job.key(epoch) in done:
                 continue
             scores = evaluate_model(ckpt, sets, limit, max_new_tokens)
             _append(
                 results_path,
                 {
-                    "method": method,
-                    "seed": seed,
+                    "method": job.method,
+                    "cell": dict(job.cell.values),
+                    "cell_label": job.cell.label,
+                    "seed": job.seed,
                     "epoch": epoch,
                     "step": step,
-                    "train_entropy": _train_entropy(run_dir, step, steps_per_epoch),
+                    **_train_stats(job.run_dir, step, job.steps_per_epoch),
                     **scores,
                 },
             )
-            done.add((method, seed, epoch))
-        console.print(f"  done {method} seed {seed} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
+            done.add(job.key(epoch))
+        console.print(f"  done {what} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
     return results_path
 
 
@@ -176,14 +297,19 @@ def _time_one_step(recipe: Recipe, console: Console) -> float:
     return time.perf_counter() - t0
 
 
-def _train_entropy(run_dir: Path, step: int, steps_per_epoch: int) -> float | None:
-    """Mean entropy on trained tokens over the epoch that ended at `step`."""
+def _train_stats(run_dir: Path, step: int, steps_per_epoch: int) -> dict[str, float | None]:
+    """Means over the epoch that ended at `step`, from the run's metrics: entropy and NLL of the trained tokens and
+    (psft) the clip fraction."""
     steps = [
         rec
         for rec in read_metrics(run_dir / "metrics.jsonl")
         if "event" not in rec and step - steps_per_epoch < rec["step"] <= step
     ]
-    return statistics.mean(rec["entropy"] for rec in steps) if steps else None
+    out: dict[str, float | None] = {}
+    for name, key in (("train_entropy", "entropy"), ("train_nll", "nll"), ("clip_frac", "clip_frac")):
+        values = [rec[key] for rec in steps if key in rec]
+        out[name] = statistics.mean(values) if values else None
+    return out
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -211,12 +337,28 @@ def _cell(values: list[float], pct: bool) -> str:
 
 
 def latest_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (method, seed, epoch), the last written (study processes run side by side may repeat one)."""
-    return list({(rec["method"], rec["seed"], rec["epoch"]): rec for rec in results}.values())
+    """One record per (method, cell, seed, epoch), the last written (processes side by side may repeat one)."""
+    return list(
+        {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["epoch"]): rec for rec in results}.values()
+    )
+
+
+def _runs(results: list[dict[str, Any]]) -> list[tuple[str, Cell]]:
+    """The (method, cell) pairs in the results, in table order (method order, then the sweep's order)."""
+    pairs = {(rec["method"], Cell(tuple(rec.get("cell", {}).items()))) for rec in results if rec["method"] != "base"}
+    order = list(METHODS)
+    return sorted(pairs, key=lambda mc: (order.index(mc[0]), [_sortable(v) for _, v in mc[1].values]))
+
+
+def _sortable(v: Any) -> tuple[int, Any]:
+    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
 
 
 def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
-    """One markdown table per epoch end: mean ± half-range over seeds."""
+    """Markdown tables, mean ± half-range over seeds: one per epoch end, or for a sweep one row per (method, cell) at
+    its final epoch plus the entropy trajectory of each."""
+    if any(rec.get("cell_label") for rec in results):
+        return sweep_tables(results, sets)
     epochs = sorted({rec["epoch"] for rec in results if rec["method"] != "base"})
     methods = ["base"] + [m for m in METHODS if any(rec["method"] == m for rec in results)]
     cols = [f"{s} acc %" for s in sets] + ["train entropy", f"{PROBE} NLL", f"{PROBE} KL to base"]
@@ -236,6 +378,50 @@ def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
     return "\n".join(out)
 
 
+def sweep_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
+    first = sets[0]
+    cols = [f"{s} acc %" for s in sets] + [
+        f"{first} gen. entropy",
+        "train NLL",
+        "train entropy",
+        "clip frac",
+        f"{PROBE} NLL",
+        f"{PROBE} KL to base",
+    ]
+    out = [
+        "#### Final epoch of each run\n",
+        "| method | cell | epoch | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    traj = [
+        "#### Entropy (and NLL) on trained tokens at each evaluated epoch\n",
+        "| method | cell | epoch: entropy (NLL) |",
+        "|---|---|---|",
+    ]
+    for method, cell in [("base", Cell()), *_runs(results)]:
+        mine = [rec for rec in results if rec["method"] == method and rec.get("cell_label", "") == cell.label]
+        if not mine:
+            continue
+        last = max(rec["epoch"] for rec in mine)
+        rows = [rec for rec in mine if rec["epoch"] == last]
+        cells = [_cell([rec[s]["accuracy"] for rec in rows if s in rec], True) for s in sets]
+        cells.append(_cell([rec[first]["mean_entropy"] for rec in rows if first in rec], False))
+        for key in ("train_nll", "train_entropy", "clip_frac"):
+            cells.append(_cell([rec[key] for rec in rows if rec.get(key) is not None], False))
+        cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
+        cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
+        out.append(f"| {method} | {cell.label or '—'} | {last} | " + " | ".join(cells) + " |")
+        if method != "base":
+            points = []
+            for epoch in sorted({rec["epoch"] for rec in mine}):
+                at = [rec for rec in mine if rec["epoch"] == epoch]
+                h = _cell([rec["train_entropy"] for rec in at if rec.get("train_entropy") is not None], False)
+                nll = _cell([rec["train_nll"] for rec in at if rec.get("train_nll") is not None], False)
+                points.append(f"{epoch}: {h} ({nll})")
+            traj.append(f"| {method} | {cell.label} | " + ", ".join(points) + " |")
+    return "\n".join(out + [""] + traj) + "\n"
+
+
 def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str]) -> list[Path]:
     """Entropy vs step (seed 0 of every method); accuracy per set and the probe's KL to base vs epoch (mean over
     seeds), as small PNGs."""
@@ -245,6 +431,8 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if any(rec.get("cell_label") for rec in results):
+        return plot_sweep(results, out_dir, run_root, sets, plt)
     paths = []
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for m in METHODS:
@@ -289,6 +477,82 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "study-accuracy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def _steps(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [rec for rec in read_metrics(path) if "event" not in rec] if path.exists() else []
+
+
+def plot_sweep(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str], plt: Any) -> list[Path]:
+    """A sweep's figures (lowest seed): entropy vs step, one panel per value of the keys every method shares (e.g. the
+    lr); entropy vs training NLL (is entropy kept at a matched fit?); final in-domain accuracy vs probe KL to base."""
+    seed = min(rec["seed"] for rec in results if rec["method"] != "base")
+    runs = _runs(results)
+    shared = lambda cell: Cell(tuple((k, v) for k, v in cell.values if not k.startswith("objective.")))  # noqa: E731
+    own = lambda cell: Cell(tuple((k, v) for k, v in cell.values if k.startswith("objective.")))  # noqa: E731
+    panels = list(dict.fromkeys(shared(c) for _, c in runs))
+    styles = {c: s for c, s in zip(dict.fromkeys(own(c) for _, c in runs), ["-", "--", ":", "-."] * 4)}
+    colour = {m: f"C{list(METHODS).index(m)}" for m in METHODS}
+    paths = []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    fig2, ax2 = plt.subplots(figsize=(6, 4))
+    for method, cell in runs:
+        steps = _steps(run_root / cell.run_name(method, seed))
+        if not steps:
+            continue
+        label = method + (f" {own(cell).label}" if own(cell).values else "")
+        ax = axes[0][panels.index(shared(cell))]
+        ax.plot(
+            [r["step"] for r in steps],
+            [r["entropy"] for r in steps],
+            styles[own(cell)],
+            color=colour[method],
+            linewidth=1,
+            label=label,
+        )
+        nll = [statistics.mean(r["nll"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
+        ent = [statistics.mean(r["entropy"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
+        ax2.plot(nll, ent, styles[own(cell)], color=colour[method], linewidth=1, label=f"{label} {shared(cell).label}")
+    for ax, cell in zip(axes[0], panels):
+        ax.set_title(cell.label or "all runs", fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("entropy on trained tokens (nats)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "study-entropy.png")
+    fig.savefig(paths[-1], dpi=100)
+    ax2.set_xscale("log")
+    ax2.invert_xaxis()
+    ax2.set_xlabel("training NLL of the targets (5-step mean; fitting goes right)")
+    ax2.set_ylabel("entropy on trained tokens (nats)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=6, ncol=2)
+    fig2.tight_layout()
+    paths.append(out_dir / "study-entropy-vs-nll.png")
+    fig2.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    plt.close(fig2)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    first = sets[0]
+    for method, cell in [("base", Cell()), *runs]:
+        mine = [r for r in results if r["method"] == method and r.get("cell_label", "") == cell.label]
+        if not mine or PROBE not in mine[0]:
+            continue
+        last = [r for r in mine if r["epoch"] == max(x["epoch"] for x in mine)]
+        x = statistics.mean(r[PROBE].get("kl_to_base", 0.0) for r in last)
+        y = statistics.mean(r[first]["accuracy"] * 100 for r in last)
+        ax.scatter([x], [y], color=colour.get(method, "black"), s=18)
+        ax.annotate(f"{method} {cell.label}".strip(), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel(f"{PROBE}: KL to base (nats/token; forgetting goes right)")
+    ax.set_ylabel(f"{first} accuracy (%), final epoch")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "study-tradeoff.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 from rich.console import Console
 
+from psft_lite.errors import RecipeError
 from psft_lite.metrics import read_metrics
 from psft_lite.recipe import load_recipe
-from psft_lite.study import plot_study, report_tables, run_study
+from psft_lite.study import grid, latest_results, parse_sweep, plot_study, report_tables, run_study
 
 from conftest import arith_rows, make_recipe, write_jsonl
 
@@ -58,4 +62,93 @@ def test_study_evaluates_every_epoch_resumes_and_reports(tmp_path, tiny_model_di
     assert "#### Epoch 1" in tables and "#### Epoch 2" in tables and "| psft-base |" in tables
     pngs = plot_study(results, tmp_path / "report", out, ["in_domain", "probe"])
     assert [p.name for p in pngs] == ["study-entropy.png", "study-accuracy.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_sweep_parsing_names_what_is_wrong():
+    assert parse_sweep(["train.lr=1e-4,3e-4", "objective.refresh_every=4,16"]) == [
+        (("train.lr",), [(1e-4,), (3e-4,)]),
+        (("objective.refresh_every",), [(4,), (16,)]),
+    ]
+    assert parse_sweep(["train.lr:train.epochs=1e-4:12,1e-3:4"]) == [
+        (("train.lr", "train.epochs"), [(1e-4, 12), (1e-3, 4)])
+    ]
+    for bad, says in [
+        ("lr=1e-4", "expected SECTION.KEY=V1,V2"),
+        ("train.lr=", "no values"),
+        ("train.lr:train.epochs=1e-4", "1 value(s) for 2 key(s)"),
+        ("objective.kind=sft,psft", "with --methods"),
+    ]:
+        with pytest.raises(RecipeError, match=re.escape(says)):
+            parse_sweep([bad])
+    with pytest.raises(RecipeError, match="swept twice"):
+        parse_sweep(["train.lr=1e-4", "train.lr:train.epochs=1e-3:4"])
+
+
+def test_grid_crosses_a_key_only_with_the_methods_that_read_it():
+    sweep = parse_sweep(["train.lr=1e-4,1e-3", "objective.refresh_every=4,16"])
+    labels = {m: [c.label for c in grid(sweep, m)] for m in ("sft", "psft-snapshot", "psft-base")}
+    assert labels["sft"] == ["lr=0.0001", "lr=0.001"]  # K does not change sft: not trained twice
+    assert labels["psft-base"] == ["lr=0.0001", "lr=0.001"]  # the base never refreshes
+    assert labels["psft-snapshot"] == [
+        "lr=0.0001 refresh_every=4",
+        "lr=0.0001 refresh_every=16",
+        "lr=0.001 refresh_every=4",
+        "lr=0.001 refresh_every=16",
+    ]
+    assert grid(sweep, "psft-snapshot")[0].run_name("psft-snapshot", 1) == "psft-snapshot-lr=0.0001,refresh_every=4-s1"
+
+
+def test_bad_sweep_keys_and_values_fail_before_training(tmp_path, tiny_model_dir):
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path, tiny_model_dir, train={"epochs": 1}, eval={"sets": {"in_domain": str(tmp_path / "train.jsonl")}}
+        ),
+        ["train.max_steps="],
+    )
+    for bad, says in [
+        ("trian.lr=1e-3", "trian: unknown key (did you mean 'train'?)"),
+        ("train.lr=-1", "train.lr: input should be greater than 0"),
+    ]:
+        with pytest.raises(RecipeError, match=re.escape(says)):
+            run_study(recipe, ["sft"], [0], tmp_path / "s", 2, 4, QUIET, sweep=parse_sweep([bad]))
+        assert not (tmp_path / "s").exists()  # nothing trained, nothing written
+
+
+def test_sweep_resumes_skipping_finished_cells_and_reports_per_cell(tmp_path, tiny_model_dir):
+    test = write_jsonl(tmp_path / "test.jsonl", arith_rows(2, "test"))
+    probe = write_jsonl(
+        tmp_path / "probe.jsonl",
+        [{"prompt": "What is the capital of France?", "completion": "Paris.", "answer": "Paris", "match": "contains"}],
+    )
+    path = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        train={"epochs": 2, "lr": 5e-3},
+        eval={"sets": {"in_domain": str(test), "probe": str(probe)}},
+    )
+    recipe = load_recipe(path, ["train.max_steps=", "data.limit=8"])
+    out = tmp_path / "sweep"
+    first = parse_sweep(["train.lr=5e-3", "objective.refresh_every=2"])
+    run_study(recipe, ["sft", "psft-snapshot"], [0], out, 2, 4, QUIET, sweep=first, eval_every=2)
+    done = out / "sft-lr=0.005-s0" / "metrics.jsonl"
+    before = done.read_text()
+    both = parse_sweep(["train.lr=5e-3,1e-2", "objective.refresh_every=2"])
+    run_study(recipe, ["sft", "psft-snapshot"], [0], out, 2, 4, QUIET, sweep=both, eval_every=2)
+    assert done.read_text() == before  # the finished cell was not trained again
+    results = latest_results(read_metrics(out / "results.jsonl"))
+    got = sorted((r["method"], r["cell_label"], r["epoch"]) for r in results)
+    assert got == [
+        ("base", "", 0),
+        ("psft-snapshot", "lr=0.005 refresh_every=2", 2),
+        ("psft-snapshot", "lr=0.01 refresh_every=2", 2),
+        ("sft", "lr=0.005", 2),
+        ("sft", "lr=0.01", 2),
+    ]
+    snap = next(r for r in results if r["method"] == "psft-snapshot" and r["cell"]["train.lr"] == 0.01)
+    assert snap["clip_frac"] is not None and snap["train_nll"] > 0 and snap["cell"]["objective.refresh_every"] == 2
+    tables = report_tables(results, ["in_domain", "probe"])
+    assert "| sft | lr=0.01 | 2 |" in tables and "| psft-snapshot | lr=0.005 refresh_every=2 | 2 |" in tables
+    pngs = plot_study(results, tmp_path / "report", out, ["in_domain", "probe"])
+    assert [p.name for p in pngs] == ["study-entropy.png", "study-entropy-vs-nll.png", "study-tradeoff.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
