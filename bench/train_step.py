@@ -238,7 +238,8 @@ def run_worker(name: str, length: int, warmup: int, steps: int) -> dict:
     return json.loads(lines[-1])
 
 
-def table(records: list[dict], base: dict) -> str:
+def table(records: list[dict], base: dict | None) -> str:
+    """The records as a table; ratios are against sft when it was measured (— otherwise)."""
     out = [f"{'configuration':<18} {'tokens/s':>9} {'step s':>8} {'peak MB':>9} {'step ×sft':>10} {'mem ×sft':>9}"]
     for r in records:
         if "error" in r:
@@ -246,7 +247,11 @@ def table(records: list[dict], base: dict) -> str:
             continue
         out.append(
             f"{r['name']:<18} {r['tokens_per_s']:>9.0f} {r['step_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
-            f"{r['step_s'] / base['step_s']:>10.2f} {r['peak_mem_mb'] / base['peak_mem_mb']:>9.2f}"
+            + (
+                f"{r['step_s'] / base['step_s']:>10.2f} {r['peak_mem_mb'] / base['peak_mem_mb']:>9.2f}"
+                if base
+                else f"{'—':>10} {'—':>9}"
+            )
         )
     return "\n".join(out)
 
@@ -286,15 +291,15 @@ def main() -> None:
             if name not in best or ("error" not in rec and rec["step_s"] < best[name].get("step_s", float("inf"))):
                 best[name] = rec
     records = [best[n] for n in names]
-    base = next(r for r in records if r["name"] == "sft" and "error" not in r)
-    dev = base.get("device", "?")
+    base = next((r for r in records if r["name"] == "sft" and "error" not in r), None)
+    ok = next((r for r in records if "error" not in r), {})
     print(
-        f"\nmicro batch {BATCH} × {args.length} tokens, LoRA r16 all-linear, {base.get('dtype')} on {dev} "
+        f"\nmicro batch {BATCH} × {args.length} tokens, LoRA r16 all-linear, {ok.get('dtype')} on {ok.get('device')} "
         f"({os.cpu_count()} cores); mean of {args.steps} steps after {args.warmup} warm-up steps\n"
     )
     print(table(records, base))
     trl = next((r for r in records if r["name"] == "trl-sft" and "error" not in r), None)
-    if trl:
+    if trl and base:
         print(
             f"\npsft-lite sft vs TRL SFTTrainer: {base['tokens_per_s'] / trl['tokens_per_s']:.2f}× tokens/s, "
             f"{base['peak_mem_mb'] / trl['peak_mem_mb']:.2f}× peak memory"
