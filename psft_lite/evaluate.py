@@ -150,11 +150,15 @@ def mean_nll(loaded: Loaded, examples: list[Example], batch_size: int = 8) -> fl
     return total / max(count, 1)
 
 
+def reference_examples(tokenizer: Any, items: list[EvalItem], max_length: int) -> list[Example]:
+    """Each problem with its reference response as the trained turn: what teacher-forced scores are computed on."""
+    convs = [(it.prompt + [{"role": "assistant", "content": it.reference}], it.where) for it in items]
+    return encode_all(tokenizer, convs, max_length, "truncate")[0]
+
+
 def reference_nll(loaded: Loaded, items: list[EvalItem], max_length: int = 2048) -> float:
     """Mean NLL per token of the reference responses under the model."""
-    convs = [(it.prompt + [{"role": "assistant", "content": it.reference}], it.where) for it in items]
-    examples, _ = encode_all(loaded.tokenizer, convs, max_length, "truncate")
-    return mean_nll(loaded, examples)
+    return mean_nll(loaded, reference_examples(loaded.tokenizer, items, max_length))
 
 
 def evaluate_set(

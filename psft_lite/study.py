@@ -37,12 +37,11 @@ PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to th
 def kl_to_base(loaded: Any, items: list[Any]) -> float:
     """Mean over reference tokens of KL(p_base ‖ p_model), teacher-forced on the probe's reference answers."""
     from psft_lite.data.batching import collate
-    from psft_lite.data.tokenize import encode_all
+    from psft_lite.evaluate import reference_examples
 
     if not loaded.has_adapter:
         return 0.0
-    convs = [(it.prompt + [{"role": "assistant", "content": it.reference}], it.where) for it in items]
-    examples, _ = encode_all(loaded.tokenizer, convs, 512, "truncate")
+    examples = reference_examples(loaded.tokenizer, items, 512)
     head = modeling.lm_head(loaded.model)
     total, count = 0.0, 0
     for start in range(0, len(examples), 8):
