@@ -716,6 +716,24 @@ def merge(
     out_console.print(f"merged: {report['out']}")
 
 
+@app.command("env")
+def env_(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON instead of markdown.")] = False,
+) -> None:
+    """Versions, hardware and whether 4-bit works here, as a markdown block to paste into a bug report.
+
+    Always exits 0; anything missing is said. Token values are never printed.
+
+    [dim]Example: psft-lite env[/dim]
+    """
+    import json
+
+    from psft_lite.environment import collect, markdown
+
+    info = collect()
+    out.print(json.dumps(info, indent=2) if as_json else markdown(info), highlight=False, soft_wrap=True)
+
+
 def _default_resume(argv: list[str]) -> None:
     """`--resume` given alone means `--resume latest` (click options cannot have an optional value)."""
     for i, arg in enumerate(argv):

@@ -294,3 +294,18 @@ def test_train_ends_by_saying_how_much_entropy_it_kept_and_how_far_it_drifted(tm
         f"{end / start:.0%})" in err
     )
     assert f"drift from the base: {steps[-1]['drift']:+.2f} nats at step 6" in err  # psft base: measured every step
+
+
+def test_env_reports_versions_hardware_and_4bit_without_leaking_tokens(capsys, monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    code, out, _ = run_cli(capsys, "env")
+    assert code == 0
+    assert f"- torch: {importlib.metadata.version('torch')}" in out
+    assert f"- transformers: {importlib.metadata.version('transformers')}" in out
+    assert "- 4-bit NF4 on cpu: works" in out  # bitsandbytes runs NF4 on this CPU (DESIGN.md)
+    assert "HF_TOKEN: set" in out and "hf_secret_value" not in out
+    code, out, _ = run_cli(capsys, "env", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["versions"]["peft"] == importlib.metadata.version("peft") and info["cores"] >= 1
