@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from psft_lite import __version__
 from psft_lite.errors import Interrupted, PsftError
@@ -67,6 +68,15 @@ def train(
             show_default=False,
         ),
     ] = None,
+    report_to: Annotated[
+        Optional[str],
+        typer.Option(
+            "--report-to",
+            help="Trackers to log to live, comma-separated: tensorboard, wandb, mlflow, trackio (or none); "
+            "the same as --set output.report_to=...",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune as the recipe says; writes the run directory (adapter/, metrics.jsonl, checkpoints/, recipe.toml).
 
@@ -78,7 +88,8 @@ def train(
     from psft_lite.recipe import load_recipe
     from psft_lite.train import run
 
-    summary = run(load_recipe(recipe, set_ or []), console=err, overwrite=overwrite, resume=resume)
+    overrides = (set_ or []) + ([f"output.report_to={report_to}"] if report_to is not None else [])
+    summary = run(load_recipe(recipe, overrides), console=err, overwrite=overwrite, resume=resume)
     if not summary["main"]:
         return  # other ranks of a distributed run stay quiet
     last = summary["last"] or {}
@@ -106,6 +117,8 @@ def train(
         )
     out.print(f"adapter: {summary['adapter']}")
     out.print(f"metrics: {summary['metrics']}")
+    for line in summary["trackers"]:
+        out.print(line, highlight=False)
 
 
 @app.command()
@@ -130,8 +143,10 @@ def validate(
     from psft_lite.data.sources import looks_local, resolve_local
     from psft_lite.errors import DataError
     from psft_lite.recipe import load_recipe
+    from psft_lite.trackers import require
 
     parsed = load_recipe(recipe, set_ or [])
+    require(parsed.output.report_to, f"{recipe}: output.report_to")
     base_dir = parsed.path.parent if parsed.path else None
     sources = [("data.train", parsed.data.train), ("data.eval", parsed.data.eval)] + [
         (f"eval.sets.{k}", v) for k, v in parsed.eval.sets.items()
@@ -754,7 +769,7 @@ def main() -> None:
         if debug:
             raise
         label = "[bold yellow]stopped:[/bold yellow]" if isinstance(e, Interrupted) else "[bold red]error:[/bold red]"
-        err.print(f"{label} {e}", highlight=False, soft_wrap=True)
+        err.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)  # `[wandb]` is text, not markup
         sys.exit(e.exit_code)
 
 

@@ -13,11 +13,13 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -77,17 +79,21 @@ def _round(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl, flushed at once (readable while the run goes on)."""
+    """Appends one JSON object per line to metrics.jsonl, flushed at once (readable while the run goes on), and hands
+    the same record to `forward` (the trackers, trackers.Reporter.record), so file and trackers cannot disagree."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, forward: Callable[[dict[str, Any]], None] | None = None):
         """`None`: a writer that writes nothing (ranks other than 0 of a distributed run)."""
         self.path = path
+        self.forward = forward if path is not None else None
         self._f: TextIO | None = open(path, "a", encoding="utf-8") if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:
             self._f.write(json.dumps({k: _round(v) for k, v in record.items()}) + "\n")
             self._f.flush()
+        if self.forward is not None:
+            self.forward(record)
 
     def close(self) -> None:
         if self._f is not None:
@@ -168,14 +174,17 @@ def run_outcome(path: Path, edge: int = 5) -> dict[str, Any]:
     return out
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (a resumed run rewrites the later ones) and drop a torn line, atomically."""
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps <= `step` (a resumed run rewrites the later ones) and drop a torn line, atomically.
+    Returns the last step the file had before (what the trackers were already sent)."""
     if not Path(path).exists():
-        return
-    keep = [line for line, rec, _ in _lines(path) if rec is not None and float(rec.get("step", 0)) <= step]
+        return 0
+    lines = [(line, rec) for line, rec, _ in _lines(path) if rec is not None]
+    keep = [line for line, rec in lines if float(rec.get("step", 0)) <= step]
     tmp = Path(path).with_suffix(".jsonl.tmp")
     tmp.write_bytes(b"".join(line + b"\n" for line in keep))
     os.replace(tmp, path)
+    return max((int(rec.get("step", 0)) for _, rec in lines), default=0)
 
 
 class ProgressDisplay:
@@ -231,7 +240,7 @@ class ProgressDisplay:
             self.console.print(f"step {step}/{self.total}  {self._fmt(rec)}  eta {eta:.0f}s", highlight=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
     def note(self, rec: dict[str, Any]) -> None:
         """An event line (eval results, warnings) above the progress bar."""

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from psft_lite.errors import RecipeError
 from psft_lite.objectives import OBJECTIVES
 from psft_lite.recipe_errors import did_you_mean, format_validation_error
+from psft_lite.trackers import BACKENDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -264,6 +265,22 @@ class OutputSection(Section):
     save: Literal["adapter", "merged"] = Field(
         "adapter", description="`adapter`: adapter only; `merged`: also fold it into the base (`merged/`)."
     )
+    report_to: list[Literal[tuple(BACKENDS)]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Trackers that get every metrics.jsonl record live: any of `tensorboard`, `wandb`, `mlflow`, "
+        "`trackio` (each an extra: `pip install 'psft-lite[wandb]'`). metrics.jsonl is always written.",
+    )
+    project: str = Field(
+        "psft-lite", description="Project name in the trackers (W&B project, MLflow experiment, trackio project)."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v: Any) -> Any:
+        """`"wandb"` or `"tensorboard,wandb"` mean the list; `"none"` means no tracker; each named once."""
+        if isinstance(v, str):
+            v = [] if v.strip() == "none" else [x.strip() for x in v.split(",") if x.strip()]
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
 
 class Recipe(Section):
@@ -431,6 +448,8 @@ RESUME_FREE = {
     "train.epochs",
     "output.dir",
     "output.save",
+    "output.report_to",
+    "output.project",
     "model.device",
     "model.gradient_checkpointing",
     "model.attn_implementation",

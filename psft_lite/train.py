@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
-from psft_lite import checkpoint, distributed, modeling
+from psft_lite import __version__, checkpoint, distributed, modeling
 from psft_lite.checkpoint import RUN_MARKER, TrainState
 from psft_lite.data import EncodeStats, Example, load_examples
 from psft_lite.data.batching import Batch, DataPlan, StepData, pack_examples
@@ -36,6 +37,7 @@ from psft_lite.metrics import MetricsWriter, ProgressDisplay, StepStats, peak_me
 from psft_lite.objectives import OBJECTIVES, Objective, method_name, token_weights
 from psft_lite.policy import OldPolicy, build_policy
 from psft_lite.recipe import ObjectiveSection, Recipe, TrainSection
+from psft_lite.trackers import Reporter, flat_config, open_reporter, require, where
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Schedules: pure functions of the step, so a resumed run needs no scheduler state
@@ -177,6 +179,7 @@ def build(
     """Load and check everything a run needs; nothing is written to the run directory yet."""
     dist = dist or Dist()
     t, m = recipe.train, recipe.model
+    require(recipe.output.report_to, f"{recipe.path}: output.report_to" if recipe.path else "output.report_to")
     if t.batch_size % (t.micro_batch_size * dist.world):
         raise RecipeError(
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) × "
@@ -420,14 +423,20 @@ def maybe_eval(run: Run, done: int, writer: MetricsWriter, display: ProgressDisp
     run.dist.barrier()
 
 
-def train_loop(run: Run, start: int = 0, should_stop: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
+def train_loop(
+    run: Run,
+    start: int = 0,
+    should_stop: Callable[[int], bool] | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Optimizer steps start..total-1. Checkpoints every `train.save_every` steps and at the end; on SIGINT/SIGTERM
     (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises `Interrupted`; a guard
-    event asking to stop saves a checkpoint and raises `RunError`."""
+    event asking to stop saves a checkpoint and raises `RunError`. Every metrics record also goes to `report` (the
+    trackers)."""
     t, d = run.recipe.train, run.dist
     records: list[dict[str, Any]] = []
     with (
-        MetricsWriter(run.run_dir / "metrics.jsonl" if d.is_main else None) as writer,
+        MetricsWriter(run.run_dir / "metrics.jsonl" if d.is_main else None, forward=report) as writer,
         ProgressDisplay(run.console, run.total_steps, start, every=t.log_every) as display,
         StopSignal() as stop,
     ):
@@ -468,8 +477,9 @@ def prepare_run_dir(run: Run) -> None:
     run.dist.barrier()
 
 
-def resume_point(run: Run, spec: str) -> int:
-    """Load the checkpoint `spec` names into the run; returns the number of steps it had completed."""
+def resume_point(run: Run, spec: str) -> tuple[int, int]:
+    """Load the checkpoint `spec` names into the run; returns the number of steps it had completed and the last step
+    the interrupted run had reported (its metrics.jsonl went further than the checkpoint if it was killed)."""
     path, warnings = checkpoint.open_resume(run.run_dir, spec, run.recipe, run.total_steps)
     state, policy_state = checkpoint.load_checkpoint(path, run.model, run.optimizer)
     if state.data and state.data != run.data.identity():
@@ -480,10 +490,11 @@ def resume_point(run: Run, spec: str) -> int:
         run.console.print(f"[yellow]warning:[/yellow] {w}")
     run.guard.load_state_dict(state.guard)
     run.dist.barrier()
+    reported = 0
     if run.dist.is_main:
-        truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
+        reported = truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
         (run.run_dir / RUN_MARKER).write_text(run.recipe.to_toml(), encoding="utf-8")
-    return state.step
+    return state.step, reported
 
 
 def adapter_meta(run: Run, step: int) -> dict[str, Any]:
@@ -522,19 +533,65 @@ def describe(run: Run) -> list[str]:
     ]
 
 
+def start_reporting(run: Run, start: int, reported: int) -> Reporter:
+    """The trackers of `output.report_to` (rank 0 only), given the resolved recipe and the data statistics."""
+    o = run.recipe.output
+    reporter = open_reporter(
+        o.report_to if run.dist.is_main else [],
+        o.project,
+        run.run_dir,
+        start,
+        reported,
+        warn=lambda message: run.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False),
+    )
+    if reporter.backends:
+        s = run.data_stats
+        facts = {
+            "data.examples": s.kept,
+            "data.rows": s.rows,
+            "data.trained_tokens": s.trained_tokens,
+            "data.total_tokens": s.total_tokens,
+            "data.longest": s.max_len,
+            "data.dropped_too_long": s.dropped_too_long,
+            "data.truncated": s.truncated,
+            "run.total_steps": run.total_steps,
+            "run.device": run.device.type,
+            "run.dtype": str(run.dtype).removeprefix("torch."),
+            "run.trainable_parameters": sum(p.numel() for p in modeling.trainable_parameters(run.model)),
+            "run.psft_lite_version": __version__,
+        }
+        reporter.start(flat_config(run.recipe.model_dump(mode="json", exclude_none=True), facts))
+    return reporter
+
+
 def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, dist: Dist) -> dict[str, Any]:
     t_start = time.perf_counter()
     run = build(recipe, console, overwrite=overwrite, resuming=resume is not None, dist=dist)
     for line in describe(run):
         console.print(line)
-    start = 0
+    start, reported = 0, 0
     if resume is not None:
-        start = resume_point(run, resume)
+        start, reported = resume_point(run, resume)
         console.print(f"resuming at step {start} of {run.total_steps}")
     else:
         prepare_run_dir(run)
+    reporter = start_reporting(run, start, reported)
+    status, summary = "failed", {}
+    try:
+        summary = _train_and_save(run, start, t_start, reporter)
+        status = "finished"
+        return summary
+    except Interrupted:
+        status = "interrupted"
+        raise
+    finally:
+        reporter.finish({k: v for k, v in summary.items() if k not in ("first", "last", "main", "trackers")}, status)
+
+
+def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) -> dict[str, Any]:
+    recipe, dist, console = run.recipe, run.dist, run.console
     t_loop = time.perf_counter()
-    records = train_loop(run, start)
+    records = train_loop(run, start, report=reporter.record)
     loop_s = time.perf_counter() - t_loop
     adapter = run.run_dir / "adapter"
     if dist.is_main:
@@ -557,7 +614,10 @@ def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, 
         "last": records[-1] if records else None,
         "main": dist.is_main,
         **(run_outcome(run.run_dir / "metrics.jsonl") if dist.is_main else {}),
+        "trackers": where(recipe.output.report_to, recipe.output.project, run.run_dir, reporter.state),
     }
+    if records and "nll" in records[-1]:
+        summary["final_nll"] = records[-1]["nll"]
     if recipe.output.save == "merged" and dist.is_main:
         from psft_lite.merge import merge
 

@@ -49,7 +49,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, 
         train.train_loop(cut, should_stop=lambda done: done == 2)
     assert [s for s, _ in list_checkpoints(cut.run_dir)] == [2]
     resumed = train.build(load_recipe(cut.run_dir / "recipe.toml"), QUIET, resuming=True)
-    start = train.resume_point(resumed, "latest")
+    start, _ = train.resume_point(resumed, "latest")
     assert start == 2
     got = _steps(train.train_loop(resumed, start))
     assert len(got) == 5
@@ -68,7 +68,7 @@ def test_resume_refuses_a_recipe_that_changes_the_math(tmp_path, tiny_model_dir)
     with pytest.raises(RecipeError, match=r"trained with lora.r = 8, but the recipe now says 4"):
         train.resume_point(changed, "latest")
     longer = train.build(load_recipe(path, ["train.max_steps=4"]), QUIET, resuming=True)
-    assert train.resume_point(longer, "latest") == 2  # extending a finished run is allowed
+    assert train.resume_point(longer, "latest")[0] == 2  # extending a finished run is allowed
     same = train.build(load_recipe(path), QUIET, resuming=True)
     with pytest.raises(RecipeError, match="raise train.max_steps"):
         train.resume_point(same, "latest")
@@ -105,7 +105,7 @@ def test_a_failed_checkpoint_write_stops_cleanly_and_keeps_the_last_good_one(tmp
     assert sorted(p.name for p in (r.run_dir / "checkpoints").iterdir()) == ["step-2"]  # no half-written folder
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     r2 = train.build(load_recipe(r.run_dir / "recipe.toml"), QUIET, resuming=True)
-    assert train.resume_point(r2, "latest") == 2
+    assert train.resume_point(r2, "latest")[0] == 2
 
 
 def test_too_little_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
@@ -192,7 +192,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
     assert any(".tmp-" in x.name for x in ckroot.iterdir())  # the torn save is there ...
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1, 2]  # ... and is not taken for a checkpoint
     r = train.build(load_recipe(tmp_path / "run" / "recipe.toml"), QUIET, resuming=True)
-    start = train.resume_point(r, "latest")
+    start, _ = train.resume_point(r, "latest")
     assert start == 2
     train.train_loop(r, start)
     assert [s for s, _ in list_checkpoints(r.run_dir)] == [1, 2, 3, 4, 5, 6][-5:]
