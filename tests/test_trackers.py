@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import tracker_readers as read
-from test_cli import run_cli
 
 from psft_lite import trackers
 
+import tracker_readers as read
 from conftest import ROOT, make_recipe
+from test_cli import run_cli
 
 BACKENDS = list(trackers.BACKENDS)
 TRAJECTORY = ["loss", "nll", "entropy", "grad_norm", "lr", "clip_frac", "ratio_mean", "approx_kl"]
