@@ -368,10 +368,48 @@ def eval_(
         str, typer.Option("--split", help="Split of hub data sets and data set folders given with --data.")
     ] = "test",
     dtype: DtypeOpt = None,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tasks",
+            help="lm-evaluation-harness tasks instead of --data, comma-separated (gsm8k,arc_easy,...); "
+            "needs pip install 'psft-lite[harness]'.",
+            show_default=False,
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        Optional[int],
+        typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples per prompt.", show_default=False),
+    ] = None,
+    include_path: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--include-path",
+            help="With --tasks: a folder of your own task YAML files (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    compare_base: Annotated[
+        bool,
+        typer.Option(
+            "--compare-base", help="With --tasks: also evaluate the base (adapter off); print the difference."
+        ),
+    ] = False,
+    chat_template: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="With --tasks: wrap prompts in the chat template the run trained with (default: when the tokenizer "
+            "has one); --no-chat-template for base-model tasks.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Math-answer accuracy (#### N and \\boxed{} answers), generation entropy and reference NLL per data set.
+    """Math-answer accuracy (#### N and \\boxed{} answers), generation entropy and reference NLL per data set; or,
+    with --tasks, standard benchmarks through lm-evaluation-harness.
 
     [dim]Example: psft-lite eval runs/quickstart -d in_domain=data/arith/test.jsonl -d ood=data/arith/ood.jsonl[/dim]
+    [dim]Example: psft-lite eval runs/quickstart --tasks arith_test --include-path recipes/harness --compare-base[/dim]
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -380,6 +418,24 @@ def eval_(
     from psft_lite.generate import load_model
     from psft_lite.recipe import RowFormat
 
+    if tasks is not None:
+        if data:
+            raise RecipeError("give --data (your own data) or --tasks (harness tasks), not both, in one eval.")
+        _harness(
+            model,
+            tasks,
+            out_dir,
+            limit,
+            num_fewshot,
+            include_path or [],
+            chat_template,
+            compare_base,
+            batch_size,
+            _dtype(dtype),
+        )
+        return
+    if num_fewshot is not None or include_path or compare_base or chat_template is not None:
+        raise RecipeError("--num-fewshot, --include-path, --compare-base and --chat-template go with --tasks.")
     if samples > 1 and temperature == 0:
         raise RecipeError("--samples > 1 needs --temperature > 0 (greedy answers are identical).")
     loaded = load_model(model, _dtype(dtype))
@@ -433,6 +489,48 @@ def eval_(
     if out_dir is not None:
         write_outputs(out_dir, summaries, predictions)
         out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'predictions.jsonl'}")
+
+
+def _harness(
+    model: str,
+    tasks: str,
+    out_dir: Path | None,
+    limit: int | None,
+    num_fewshot: int | None,
+    include_path: list[Path],
+    chat: bool | None,
+    compare_base: bool,
+    batch_size: int,
+    dtype: str | None,
+) -> None:
+    from psft_lite import harness
+    from psft_lite.errors import RecipeError
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise RecipeError("--tasks: no task named; e.g. --tasks gsm8k,arc_easy")
+    report = harness.run(
+        model,
+        names,
+        out_dir=out_dir,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        include_path=include_path,
+        chat=chat,
+        compare_base=compare_base,
+        batch_size=batch_size,
+        dtype=dtype,
+        console=err,
+    )
+    out.print(harness.table(report), highlight=False, markup=False)
+    seconds = report["model_scores"]["seconds"] + report.get("base_scores", {}).get("seconds", 0.0)
+    err.print(
+        f"harness: {', '.join(names)}"
+        + (f", limit {limit}" if limit else "")
+        + f", chat template {'on' if report['chat_template'] else 'off'}, {seconds:.0f} s"
+    )
+    for f in report.get("files", []):
+        out.print(f"wrote {f}", highlight=False)
 
 
 @app.command()
