@@ -164,6 +164,7 @@ class TrainState:
     epoch: float
     data: dict[str, Any] = field(default_factory=dict)  # n_examples, batch_size, seed: the data order's identity
     guard: dict[str, Any] = field(default_factory=dict)  # guard-rail running statistics
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16 loss scaler (scale, growth tracker); empty otherwise
 
 
 def rng_state() -> dict[str, Any]:
@@ -245,7 +246,13 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> tuple[TrainState,
     policy_state = torch.load(path / "policy.pt", map_location="cpu", weights_only=True)
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     raw = json.loads((path / STATE_FILE).read_text())
-    state = TrainState(step=raw["step"], epoch=raw["epoch"], data=raw.get("data", {}), guard=raw.get("guard", {}))
+    state = TrainState(
+        step=raw["step"],
+        epoch=raw["epoch"],
+        data=raw.get("data", {}),
+        guard=raw.get("guard", {}),
+        scaler=raw.get("scaler", {}),
+    )
     return state, policy_state
 
 

@@ -86,6 +86,7 @@ class Run:
     guard: Guard
     console: Console
     dist: Dist = field(default_factory=Dist)
+    scaler: Any = None  # torch.amp.GradScaler for fp16 (dynamic loss scaling); None for bf16/fp32
     eval_examples: list[Example] = field(default_factory=list)  # data.eval, tokenized (reference NLL)
     eval_items: list[Any] = field(default_factory=list)  # the first eval.samples problems (generation accuracy)
 
@@ -112,6 +113,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def loss_scaler(device: torch.device, dtype: torch.dtype) -> Any:
+    """fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's range): a GradScaler for fp16."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def build_optimizer(
@@ -229,6 +237,7 @@ def build(
         guard=Guard(recipe.guard, total, method_name(recipe.objective)),
         console=console,
         dist=dist,
+        scaler=loss_scaler(device, dtype),
         eval_examples=eval_examples,
         eval_items=eval_items,
     )
@@ -263,7 +272,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         # old log-probs None: the old policy is the current one (ratio 1)
         inputs = {"entropy": ent, "old_logp": logp.detach() if old is None else old, "lam": lam}
         loss, s = spec.loss(logp, mask=mask, weights=weights, **{k: inputs[k] for k in spec.inputs}, **params)
-        loss.backward()
+        (loss if run.scaler is None else run.scaler.scale(loss)).backward()
         m = mask.float()
         s = {**s, "nll": -(logp.detach() * m).sum() / m.sum(), "entropy": (ent * m).sum() / m.sum()}
         stats.add(s, b.n_trained, float(loss.detach()))
@@ -275,6 +284,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     if run.dist.enabled and run.recipe.guard.drift_watch:
         d = run.dist.all_reduce(torch.tensor([drift or 0.0, float(drift is not None)], dtype=torch.float64))
         drift = float(d[0] / d[1]) if d[1] > 0 else None
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip if t.grad_clip > 0 else float("inf")))
     record = {
         "step": step + 1,
@@ -291,11 +302,20 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         drift = -record["approx_kl"]  # free: the old policy is the base
     if drift is not None:
         record["drift"] = drift
-    skip = run.guard.check_step(record)
-    if skip is None:
+    # under fp16 an overflowing gradient is routine: the scaler skips that update and lowers the scale by itself
+    overflow = run.scaler is not None and not math.isfinite(grad_norm)
+    skip = run.guard.check_step({**record, "grad_norm": 0.0} if overflow else record)
+    if skip is None and run.scaler is not None:
+        run.scaler.step(run.optimizer)
+    elif skip is None:
         run.optimizer.step()
     else:
         record["skipped"] = skip
+    if run.scaler is not None:
+        run.scaler.update()
+        record["loss_scale"] = float(run.scaler.get_scale())
+        if overflow:
+            record["overflow"] = 1.0
     run.optimizer.zero_grad(set_to_none=True)
     return record
 
@@ -384,7 +404,11 @@ def save_state(run: Run, step: int) -> Path:
     path = run.run_dir / checkpoint.CHECKPOINTS / f"step-{step}"
     if run.dist.is_main:
         state = TrainState(
-            step=step, epoch=run.data.plan.epoch_of(step - 1), data=run.data.identity(), guard=run.guard.state_dict()
+            step=step,
+            epoch=run.data.plan.epoch_of(step - 1),
+            data=run.data.identity(),
+            guard=run.guard.state_dict(),
+            scaler=run.scaler.state_dict() if run.scaler is not None else {},
         )
         policy_state = run.policy.state_dict() if run.policy is not None else {}
         t = run.recipe.train
@@ -489,6 +513,8 @@ def resume_point(run: Run, spec: str) -> tuple[int, int]:
     for w in warnings:
         run.console.print(f"[yellow]warning:[/yellow] {w}")
     run.guard.load_state_dict(state.guard)
+    if run.scaler is not None and state.scaler:
+        run.scaler.load_state_dict(state.scaler)
     run.dist.barrier()
     reported = 0
     if run.dist.is_main:
