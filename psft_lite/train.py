@@ -203,6 +203,8 @@ def build(
     device = modeling.resolve_device(m.device)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda":  # peak_mem_mb is this run's, not the process's (a study trains many runs in one)
+        torch.cuda.reset_peak_memory_stats(device)
     dtype = modeling.resolve_dtype(m.dtype, device)
     if m.name == modeling.EMBEDDED_MODEL and not (modeling.home() / "models" / m.name / "config.json").exists():
         console.print(f"converting the embedded model into {modeling.home() / 'models'} (once, ~20 s)")

@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 
 from psft_lite import modeling, train
+from psft_lite.errors import Interrupted
 from psft_lite.recipe import load_recipe
 
 from conftest import make_recipe
@@ -52,7 +53,7 @@ def test_scaled_steps_equal_unscaled_ones_and_the_scale_survives_resume(tmp_path
     scaled = _run(
         tmp_path / "scaled", tiny_model_dir, torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
     )
-    with pytest.raises(train.Interrupted):
+    with pytest.raises(Interrupted):
         train.train_loop(scaled, should_stop=lambda done: done == 2)
     resumed = train.build(load_recipe(scaled.run_dir / "recipe.toml"), QUIET, resuming=True)
     resumed.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
