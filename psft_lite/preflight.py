@@ -52,6 +52,8 @@ class PreflightReport:
 
 def available_memory(device: torch.device) -> float | None:
     if device.type == "cuda":
+        if not torch.cuda.is_available():  # an estimate for a GPU this machine does not have (bench/what_fits.py)
+            return None
         free, _total = torch.cuda.mem_get_info(device)
         return float(free)
     try:
@@ -117,6 +119,10 @@ def estimate_memory(
     else:
         acts = b * s * layers * per_token_layer
     rows = min(b * response_len, 2**26 // cfg.vocab_size)
+    # psft snapshot keeps the old log-probs of one global batch on the device (its no-grad pass runs before the
+    # training forward and frees its activations, so it adds no peak); psft base caches per example in host memory
+    o = recipe.objective
+    old_lp = recipe.train.batch_size * response_len * 4 if o.kind == "psft" and o.old_policy == "snapshot" else 0
     head = rows * cfg.vocab_size * 4 * 3  # one float32 logits chunk: logits, softmax, gradient
     overhead = 0.5 * GB if device.type == "cuda" else 0.9 * GB  # CUDA context / python + torch + transformers
     parts = {
@@ -124,6 +130,7 @@ def estimate_memory(
         "lora + grads + optimizer": lora * (4 + 4 + opt_bytes),
         "activations": acts,
         "lm-head chunk": head,
+        **({"psft old log-probs": old_lp} if old_lp else {}),
         "runtime": overhead,
     }
     return MemoryEstimate(parts, available_memory(device), device.type)
