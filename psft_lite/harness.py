@@ -10,7 +10,6 @@ task whose data is missing fails at once, naming the data set to fetch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -80,7 +79,7 @@ def check_task_data(tm: Any, tasks: list[str]) -> None:
             ) from None
 
 
-def _progress_lm(loaded: Any, batch_size: int, console: Console) -> Any:
+def _progress_lm(loaded: Any, batch_size: int) -> Any:
     """lm-eval's HF model around psft-lite's loaded model, answering requests in chunks under one rich progress bar
     (and psft-lite's autocast, as `psft-lite eval` computes)."""
     from lm_eval.models.huggingface import HFLM
@@ -156,7 +155,7 @@ def evaluate(
     import lm_eval
 
     _quiet_lm_eval()
-    lm = _progress_lm(loaded, batch_size, console)
+    lm = _progress_lm(loaded, batch_size)
     t0 = time.perf_counter()
     with Progress(
         TextColumn(f"[bold]{label}[/bold] {{task.description}}"),
@@ -282,6 +281,4 @@ def write_report(report: dict[str, Any], out: Path) -> list[str]:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         files.append(str(path))
-    with contextlib.suppress(ValueError):
-        report["files"] = files
     return files

@@ -303,13 +303,20 @@ class Reporter:
     `reported_through`: the last step the backends already have from before a resume (W&B, MLflow and trackio skip
     records up to it; TensorBoard purged them and takes them again)."""
 
-    def __init__(self, backends: list[Backend], warn: Any, reported_through: int = 0, state_path: Path | None = None):
+    def __init__(
+        self,
+        backends: list[Backend],
+        warn: Any,
+        reported_through: int = 0,
+        state_path: Path | None = None,
+        state: dict[str, dict[str, Any]] | None = None,
+    ):
         self.backends = backends
         self.warn = warn
         self.reported_through = reported_through
         self.step = reported_through  # the last step seen
         self.state_path = state_path
-        self.state: dict[str, dict[str, Any]] = {}
+        self.state = state if state is not None else {}  # per backend: what resuming needs (run ids, store)
 
     def _call(self, backend: Backend, what: str, *args: Any) -> None:
         if backend not in self.backends:
@@ -370,7 +377,7 @@ def open_reporter(
     if start_step and path.is_file():
         with contextlib.suppress(json.JSONDecodeError, OSError):
             state = json.loads(path.read_text(encoding="utf-8"))
-    reporter = Reporter([], warn, reported_through, path)
+    reporter = Reporter([], warn, reported_through, path, state)
     for name in names:
         own = state.setdefault(name, {})
         try:
@@ -386,7 +393,6 @@ def open_reporter(
             warn(f"could not start reporting to {name} ({type(e).__name__}: {e}); training goes on without it.")
             continue
         reporter.backends.append(backend)
-    reporter.state = state
     return reporter
 
 
