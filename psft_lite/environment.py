@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors", "gguf")
+#: the extras: trackers (output.report_to) and lm-evaluation-harness (eval --tasks)
+OPTIONAL = ("tensorboard", "wandb", "mlflow", "trackio", "lm_eval")
 ENV_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES")
 
 
@@ -101,6 +103,7 @@ def collect() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch_build": build,
         "versions": {p: version(p) for p in PACKAGES},
+        "optional": {p: version(p) for p in OPTIONAL},
         "os": platform.platform(),
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -123,6 +126,7 @@ def markdown(info: dict[str, Any]) -> str:
         f"- Python: {info['python']}",
         f"- torch: {v['torch']} ({info['torch_build']} build)",
         *[f"- {p}: {v[p]}" for p in PACKAGES if p != "torch"],
+        "- extras: " + ", ".join(f"{p} {info['optional'][p]}" for p in OPTIONAL),
         f"- OS: {info['os']}",
         f"- CPU: {info['cpu']}, {info['cores']} cores, bf16 {'yes' if info['cpu_bf16'] else 'no (fp32 on CPU)'}",
     ]

@@ -306,6 +306,7 @@ def test_env_reports_versions_hardware_and_4bit_without_leaking_tokens(capsys, m
     assert f"- transformers: {importlib.metadata.version('transformers')}" in out
     assert "- 4-bit NF4 on cpu: works" in out  # bitsandbytes runs NF4 on this CPU (DESIGN.md)
     assert "HF_TOKEN: set" in out and "hf_secret_value" not in out
+    assert f"wandb {importlib.metadata.version('wandb')}" in out and "lm_eval " in out  # the extras, for tracker bugs
     code, out, _ = run_cli(capsys, "env", "--json")
     info = json.loads(out)
     assert code == 0 and info["versions"]["peft"] == importlib.metadata.version("peft") and info["cores"] >= 1
