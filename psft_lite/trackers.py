@@ -184,7 +184,6 @@ class Mlflow:
         self.run_dir, self.state = run_dir, state
         self.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", project)
         self.client: Any = None
-        self.events: list[str] = []
 
     def start(self, config: dict[str, Any]) -> None:
         import logging
@@ -218,8 +217,7 @@ class Mlflow:
         self.client.log_batch(self.state["run_id"], metrics=[Metric(k, v, ts, step) for k, v in values.items()])
 
     def text(self, tag: str, message: str, step: int) -> None:
-        self.events.append(f"step {step} [{tag}] {message}")
-        self.client.log_text(self.state["run_id"], "\n".join(self.events) + "\n", f"{tag}-{step}.txt")
+        self.client.log_text(self.state["run_id"], f"step {step}: {message}\n", f"events/{tag}-step-{step}.txt")
 
     def finish(self, summary: dict[str, Any], status: str, step: int) -> None:
         run_id = self.state["run_id"]
