@@ -25,7 +25,9 @@ QUIET = Console(quiet=True)
 
 CASES = {
     "sft": {"objective": {"kind": "sft"}, "lora": {"dropout": 0.1}},  # dropout: the torch RNG must be restored
-    "psft-snapshot": {"objective": {"kind": "psft", "refresh_every": 4}},  # stop mid-group: the cache is restored
+    "psft-snapshot": {
+        "objective": {"kind": "psft", "old_policy": "snapshot", "refresh_every": 4}
+    },  # stop mid-group: the cache is restored
     "psft-base": {"objective": {"kind": "psft", "old_policy": "base"}},
 }
 

@@ -28,7 +28,9 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_train_end_to_end_writes_exactly_the_run_layout(tmp_path, tiny_model_dir, capsys):
-    recipe = make_recipe(tmp_path, tiny_model_dir, objective={"kind": "psft", "refresh_every": 2})
+    recipe = make_recipe(
+        tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 2}
+    )
     code, out, err = run_cli(capsys, "train", str(recipe), "--set", "train.max_steps=4")
     assert code == 0, err
     run = tmp_path / "run"

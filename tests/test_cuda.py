@@ -145,7 +145,7 @@ def test_merge_of_a_4bit_cuda_run_is_exact(tmp_path, embedded_dir):
 def test_resume_on_cuda_continues_the_same_trajectory(tmp_path, embedded_dir):
     """Interrupted after step 2 and resumed equals uninterrupted (losses to 1e-4 relative: cuBLAS is deterministic
     for the same shapes, the tolerance covers atomics in 4-bit kernels)."""
-    sections = {"objective": {"kind": "psft", "refresh_every": 3}, "train": {"max_steps": 5}}
+    sections = {"objective": {"kind": "psft", "old_policy": "snapshot", "refresh_every": 3}, "train": {"max_steps": 5}}
     full = train.build(load_recipe(_recipe(tmp_path / "full", embedded_dir, **sections)), QUIET)
     train.prepare_run_dir(full)
     expected = train.train_loop(full)

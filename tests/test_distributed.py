@@ -30,7 +30,9 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "event" not in r]
 
 
-@pytest.mark.parametrize("objective", [{"kind": "sft"}, {"kind": "psft", "refresh_every": 2}], ids=["sft", "psft"])
+@pytest.mark.parametrize(
+    "objective", [{"kind": "sft"}, {"kind": "psft", "old_policy": "snapshot", "refresh_every": 2}], ids=["sft", "psft"]
+)
 def test_two_processes_follow_the_single_process_trajectory(tmp_path, tiny_model_dir, objective):
     recipe = make_recipe(tmp_path, tiny_model_dir, objective=objective, train=TRAIN)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -48,7 +50,9 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, tiny_model
 
 
 def test_resume_a_two_process_checkpoint_in_one_process(tmp_path, tiny_model_dir):
-    recipe = make_recipe(tmp_path, tiny_model_dir, objective={"kind": "psft", "refresh_every": 2}, train=TRAIN)
+    recipe = make_recipe(
+        tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 2}, train=TRAIN
+    )
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert launch(["train", str(recipe), "--set", f"output.dir={ref}"], 1).returncode == 0
     p = launch(["train", str(recipe), "--set", f"output.dir={cut}", "--set", "train.max_steps=2"], 2)

@@ -79,7 +79,9 @@ def test_overrides_are_typed_and_checked(tmp_path):
 
 
 def test_psft_with_k1_warns_and_run_dir_defaults_to_recipe_name(tmp_path):
-    r = recipe_from_dict({"data": {"train": "x.jsonl"}, "objective": {"kind": "psft", "refresh_every": 1}})
+    r = recipe_from_dict(
+        {"data": {"train": "x.jsonl"}, "objective": {"kind": "psft", "old_policy": "snapshot", "refresh_every": 1}}
+    )
     assert any("exactly SFT" in w for w in r.warnings())
     r = recipe_from_dict({"data": {"train": "x.jsonl"}, "objective": {"kind": "sft", "clip_high": 0.5}})
     assert any("objective.clip_high only applies to kind = 'psft'" in w for w in r.warnings())

@@ -37,7 +37,7 @@ def _recipe(tmp_path: Path, model: Path, **train) -> Path:
     return make_recipe(
         tmp_path,
         model,
-        objective={"kind": "psft", "refresh_every": 2},
+        objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 2},
         train={"max_steps": 6, "schedule": "constant", "save_every": 2, "keep_last": 0, **train},
         eval={"every": 3, "samples": 2, "max_new_tokens": 4},
         data={"eval": str(ROOT / "data" / "arith" / "test.jsonl"), "limit": 16},

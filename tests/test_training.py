@@ -76,7 +76,7 @@ def test_psft_snapshot_clips_within_a_group_and_ratio_is_one_at_refresh(tmp_path
     r = _build(
         tmp_path,
         embedded_dir,
-        objective={"kind": "psft", "refresh_every": 4},
+        objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 4},
         train={"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
         data={"limit": 16},
     )
@@ -98,7 +98,12 @@ def test_psft_snapshot_clips_within_a_group_and_ratio_is_one_at_refresh(tmp_path
 def test_psft_k1_is_exactly_sft(tmp_path, tiny_model_dir):
     common = {"train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2}}
     a = _build(tmp_path / "a", tiny_model_dir, objective={"kind": "sft"}, **common)
-    b = _build(tmp_path / "b", tiny_model_dir, objective={"kind": "psft", "refresh_every": 1}, **common)
+    b = _build(
+        tmp_path / "b",
+        tiny_model_dir,
+        objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 1},
+        **common,
+    )
     ra, rb = train.train_loop(a), train.train_loop(b)
     for x, y in zip(ra, rb):
         assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-6)
