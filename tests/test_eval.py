@@ -176,9 +176,9 @@ def test_in_training_eval_logs_events_and_leaves_the_trajectory_unchanged(tmp_pa
 def test_plot_overlays_runs(tmp_path, tiny_model_dir):
     from psft_lite.plot import plot_runs
 
-    for kind in ("sft", "psft"):
+    for kind, objective in (("sft", {"kind": "sft"}), ("psft", {"kind": "psft", "old_policy": "snapshot"})):
         r = train.build(
-            load_recipe(make_recipe(tmp_path / kind, tiny_model_dir, objective={"kind": kind}, train={"max_steps": 3})),
+            load_recipe(make_recipe(tmp_path / kind, tiny_model_dir, objective=objective, train={"max_steps": 3})),
             QUIET,
         )
         train.prepare_run_dir(r)
