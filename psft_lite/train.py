@@ -307,12 +307,12 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     # under fp16 an overflowing gradient is routine: the scaler skips that update and lowers the scale by itself
     overflow = run.scaler is not None and not math.isfinite(grad_norm)
     skip = run.guard.check_step({**record, "grad_norm": 0.0} if overflow else record)
-    if skip is None and run.scaler is not None:
-        run.scaler.step(run.optimizer)
-    elif skip is None:
-        run.optimizer.step()
-    else:
+    if skip is not None:
         record["skipped"] = skip
+    elif run.scaler is not None:
+        run.scaler.step(run.optimizer)
+    else:
+        run.optimizer.step()
     if run.scaler is not None:
         run.scaler.update()
         record["loss_scale"] = float(run.scaler.get_scale())
