@@ -117,6 +117,10 @@ def train(
         )
     out.print(f"adapter: {summary['adapter']}")
     out.print(f"metrics: {summary['metrics']}")
+    if "merged" in summary:
+        out.print(f"merged: {summary['merged']}")
+    for path in summary.get("gguf", []):
+        out.print(f"gguf: {path}")
     for line in summary["trackers"]:
         out.print(line, highlight=False)
 
@@ -827,6 +831,54 @@ def merge(
         source, out=out, base=base, dtype=_dtype(dtype), verify=not no_verify, from_original=from_original, console=err
     )
     out_console.print(f"merged: {report['out']}")
+
+
+@app.command()
+def export(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Run directory, its adapter/ or a checkpoints/step-N folder, or a model folder (e.g. RUN/merged).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            help="GGUF file to write (several quant types: NAME-<quant>.gguf beside it). Default: RUN/gguf/.",
+            show_default=False,
+        ),
+    ] = None,
+    quant: Annotated[
+        str,
+        typer.Option(
+            "--quant", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k; a comma list writes several."
+        ),
+    ] = "q8_0",
+    adapter_only: Annotated[
+        bool,
+        typer.Option(
+            "--adapter-only", help="Write the LoRA adapter as a llama.cpp LoRA GGUF (llama.cpp --lora, Ollama ADAPTER)."
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the check in llama.cpp (tokenizer, logits, end-of-turn).")
+    ] = False,
+) -> None:
+    """Write the fine-tune as GGUF for llama.cpp, Ollama and LM Studio, with a Modelfile and a model card; checks in
+    llama.cpp that it tokenizes and computes like the merged model.
+
+    [dim]Example: psft-lite export runs/quickstart --quant q8_0,q4_k_m[/dim]
+    """
+    from psft_lite.export import export as do_export
+
+    report = do_export(
+        source, out=out, quant=quant, adapter_only=adapter_only, overwrite=overwrite, verify=not no_verify, console=err
+    )
+    for f in report["files"]:
+        out_console.print(f"gguf: {f['path']}")
 
 
 @app.command("env")

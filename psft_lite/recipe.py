@@ -265,8 +265,16 @@ class GuardSection(Section):
 
 class OutputSection(Section):
     dir: str | None = Field(None, description="Run directory. Default: `runs/<recipe file name>`.")
-    save: Literal["adapter", "merged"] = Field(
-        "adapter", description="`adapter`: adapter only; `merged`: also fold it into the base (`merged/`)."
+    save: list[Literal["adapter", "merged", "gguf"]] = Field(
+        default_factory=lambda: ["adapter"],
+        description="What the run writes at the end: `adapter` (always written); `merged`: also fold it into the base "
+        "(`merged/`); `gguf`: also export GGUF for llama.cpp/Ollama (`gguf/`, checked in llama.cpp; needs "
+        '`pip install \'psft-lite[gguf]\'`). A list takes several: `["merged", "gguf"]`.',
+    )
+    gguf_quant: str = Field(
+        "q8_0",
+        description='GGUF type(s) for `save = "gguf"`: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, or a comma '
+        "list (as `psft-lite export --quant`).",
     )
     report_to: list[Literal[tuple(BACKENDS)]] = Field(  # type: ignore[valid-type]
         default_factory=list,
@@ -276,6 +284,24 @@ class OutputSection(Section):
     project: str = Field(
         "psft-lite", description="Project name in the trackers (W&B project, MLflow experiment, trackio project)."
     )
+
+    @field_validator("save", mode="before")
+    @classmethod
+    def _save_list(cls, v: Any) -> Any:
+        """`"merged"` or `"merged,gguf"` mean the list; each named once."""
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
+
+    @field_validator("gguf_quant")
+    @classmethod
+    def _gguf_quant(cls, v: str) -> str:
+        from psft_lite.gguf_convert import parse_quants
+
+        try:
+            return ",".join(q.name for q in parse_quants(v))
+        except Exception as e:
+            raise ValueError(str(e).replace("--quant", "output.gguf_quant")) from None
 
     @field_validator("report_to", mode="before")
     @classmethod

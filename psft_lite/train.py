@@ -188,6 +188,10 @@ def build(
     dist = dist or Dist()
     t, m = recipe.train, recipe.model
     require(recipe.output.report_to, f"{recipe.path}: output.report_to" if recipe.path else "output.report_to")
+    if "gguf" in recipe.output.save:  # fail now, not after hours of training
+        from psft_lite import gguf_check
+
+        gguf_check.require(f"{recipe.path or 'the recipe'}: output.save = 'gguf' (the export's check in llama.cpp)")
     if t.batch_size % (t.micro_batch_size * dist.world):
         raise RecipeError(
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) × "
@@ -646,10 +650,16 @@ def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) ->
     }
     if records and "nll" in records[-1]:
         summary["final_nll"] = records[-1]["nll"]
-    if recipe.output.save == "merged" and dist.is_main:
+    if dist.is_main and ("merged" in recipe.output.save or "gguf" in recipe.output.save):
+        del run.model, run.optimizer
+    if "merged" in recipe.output.save and dist.is_main:
         from psft_lite.merge import merge
 
-        del run.model, run.optimizer
         report = merge(adapter, out=run.run_dir / "merged", console=console)
         summary["merged"] = str(report["out"])
+    if "gguf" in recipe.output.save and dist.is_main:
+        from psft_lite.export import export
+
+        report = export(run.run_dir, quant=recipe.output.gguf_quant, overwrite=True, console=console)
+        summary["gguf"] = [f["path"] for f in report["files"]]
     return summary
