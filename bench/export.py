@@ -65,7 +65,7 @@ def psft_speed(run: Path, prompts: list[list[dict[str, str]]], max_new: int) -> 
     generate(loaded, prompts[:1], max_new_tokens=4, batch_size=1)  # warm-up
     t0 = time.perf_counter()
     outs = generate(loaded, prompts, max_new_tokens=max_new, batch_size=1)
-    return sum(o.tokens for o in outs), time.perf_counter() - t0, str(loaded.dtype).removeprefix("torch.")
+    return sum(o.n_tokens for o in outs), time.perf_counter() - t0, str(loaded.dtype).removeprefix("torch.")
 
 
 def main() -> None:

@@ -117,14 +117,15 @@ def _go(text: str) -> str:
 
 def go_template(fmt: ChatFormat) -> str:
     """The Ollama (Go text/template) rendering of `fmt`, on one logical line so no `{{-` trimming eats newlines.
-    Ollama's runtime adds the BOS token itself, so a BOS the Jinja template writes is left out."""
+    Ollama's runtime adds the BOS token itself, so a BOS the Jinja template writes is left out. Ollama joins every
+    system message (and the Modelfile's SYSTEM when the request has none) into `.System` but also leaves them in
+    `.Messages`, so system turns are written once, from `.System`, as Ollama's own templates do."""
     sp, ss = map(_go, fmt.system)
     up, us = map(_go, fmt.user)
     ap, as_ = map(_go, fmt.assistant)
     return (
         f"{{{{ if .System }}}}{sp}{{{{ .System }}}}{ss}{{{{ end }}}}"
-        f'{{{{ range .Messages }}}}{{{{ if eq .Role "system" }}}}{sp}{{{{ .Content }}}}{ss}'
-        f'{{{{ else if eq .Role "user" }}}}{up}{{{{ .Content }}}}{us}'
+        f'{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{up}{{{{ .Content }}}}{us}'
         f'{{{{ else if eq .Role "assistant" }}}}{ap}{{{{ .Content }}}}{as_}{{{{ end }}}}{{{{ end }}}}'
         f"{_go(fmt.gen_prompt)}"
     )

@@ -209,6 +209,52 @@ def test_recipe_save_gguf_exports_at_the_end_of_training(tmp_path, tiny_model_di
     assert _field(gguf.GGUFReader(path), "general.file_type") == int(gguf.LlamaFileType.MOSTLY_F16)
 
 
+def _ollama_render(template: str, messages: list[dict[str, str]], default_system: str | None) -> str:
+    """What Ollama's Template.Execute makes of our template: every system message (or, when there is none, the
+    Modelfile's SYSTEM) joined into .System, and — as Ollama's collate does — still present in .Messages."""
+    import re
+
+    head, body, tail = re.fullmatch(
+        r"\{\{ if \.System \}\}(.*?)\{\{ end \}\}\{\{ range \.Messages \}\}(.*)\{\{ end \}\}\{\{ end \}\}(.*)",
+        template,
+        re.S,
+    ).groups()
+    branches = dict(
+        (role, (pre, post))
+        for role, pre, post in re.findall(
+            r'(?:if|else if) eq \.Role "(\w+)" \}\}(.*?)\{\{ \.Content \}\}(.*?)\{\{ (?=else|end)',
+            body + "{{ end }}",
+            re.S,
+        )
+    )
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or default_system or ""
+    out = head.replace("{{ .System }}", system) if system else ""
+    for m in messages:
+        if m["role"] in branches:
+            pre, post = branches[m["role"]]
+            out += pre + m["content"] + post
+    return out + tail
+
+
+def test_ollama_template_renders_the_prompt_the_run_trained_with(tokenizer):
+    """The Modelfile's TEMPLATE, as Ollama fills it, gives the same prompt as the tokenizer's own chat template —
+    with a system message (written once, not twice) and without one (the Modelfile's SYSTEM stands in for the
+    template's default system prompt)."""
+    fmt = ollama.chat_format(tokenizer)
+    template = ollama.go_template(fmt)
+    convs = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3?"},
+        ],
+    ]
+    for conv in convs:
+        want = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert _ollama_render(template, conv, fmt.default_system) == want
+
+
 def test_chat_format_reproduces_chatml_and_llama3_templates(tokenizer):
     tok = tokenizer
     fmt = ollama.chat_format(tok)
