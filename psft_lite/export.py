@@ -438,6 +438,12 @@ def _write_side_files(
     _write_text(folder / "README.md", model_card(src, report, fmt, adapter))
 
 
+def _describe_source(src: Any) -> str:
+    """`data/train.jsonl` or `openai/gsm8k (config main, split train)` for the card."""
+    extra = [f"{k} {v}" for k, v in (("config", src.config), ("split", src.split), ("revision", src.revision)) if v]
+    return src.path if Path(src.path).exists() or extra == ["split train"] else f"{src.path} ({', '.join(extra)})"
+
+
 def _print_usage(
     console: Console, src: Source, gguf_path: Path, folder: Path, fmt: Any, adapter: Path | None = None
 ) -> None:
@@ -469,7 +475,7 @@ def model_card(src: Source, report: dict[str, Any], fmt: Any, adapter: Path | No
             obj = r.objective.kind + (f" (old policy: {r.objective.old_policy})" if r.objective.kind == "psft" else "")
             lines += [
                 f"- objective: {obj}; LoRA r {r.lora.r}, alpha {r.lora.alpha}; lr {r.train.lr}",
-                f"- data: `{r.data.train}`",
+                f"- data: `{_describe_source(r.data.train)}`",
             ]
         except Exception:
             pass

@@ -462,6 +462,13 @@ def write_lora_gguf(
         alpha *= math.sqrt(r)  # peft scales by alpha/sqrt(r); llama.cpp by alpha/r
     if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
         raise ModelError("GGUF export: adapters with per-module rank or alpha patterns are not supported.")
+    extra = sorted(k for k in adapter_state if ".lora_A." not in k and ".lora_B." not in k)
+    if adapter_config.get("modules_to_save") or extra:
+        raise ModelError(
+            "GGUF export: the adapter also trains whole modules (modules_to_save"
+            + (f", e.g. {extra[0]}" if extra else "")
+            + "), which a llama.cpp LoRA file cannot carry; export the merged model instead (without --adapter-only)."
+        )
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == fam.arch)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     n_head, n_kv = _heads(config)

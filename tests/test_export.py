@@ -332,3 +332,30 @@ def test_pre_tokenizer_is_named_from_what_tokenizer_json_says_it_does():
     assert gguf_convert.bpe_pre_tokenizer(seq(digits, {"type": "ByteLevel", "use_regex": True}), "x") == "smollm"
     with pytest.raises(ModelError, match="does not recognise this tokenizer's pre-tokenizer"):
         gguf_convert.bpe_pre_tokenizer(seq(split(r"\w+"), byte_level), "models/x")
+
+
+def test_lora_gguf_refuses_what_a_llama_cpp_lora_cannot_carry(tmp_path):
+    """DoRA, rank patterns and whole trained modules would be dropped silently; they are refused, nothing written."""
+    from transformers import LlamaConfig
+
+    from psft_lite.errors import ModelError
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    state = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 16),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(16, 4),
+    }
+    base = {"r": 4, "lora_alpha": 8}
+    cases = [
+        ({**base, "use_dora": True}, state, "DoRA"),
+        ({**base, "rank_pattern": {"q_proj": 8}}, state, "rank"),
+        ({**base, "modules_to_save": ["lm_head"]}, state, "modules_to_save"),
+        (base, {**state, "base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(64, 16)}, "lm_head"),
+    ]
+    for i, (adapter_cfg, weights, word) in enumerate(cases):
+        path = tmp_path / f"a{i}.gguf"
+        with pytest.raises(ModelError, match=word):
+            gguf_convert.write_lora_gguf(path, weights, adapter_cfg, cfg, {})
+        assert not path.exists()
+    n = gguf_convert.write_lora_gguf(tmp_path / "ok.gguf", state, base, cfg, {})
+    assert n == 1 and len(gguf.GGUFReader(tmp_path / "ok.gguf").tensors) == 2
