@@ -129,19 +129,16 @@ def _merged_state(src: Source) -> tuple[Any, str]:
         return AutoModelForCausalLM.from_pretrained(src.model_dir, dtype=torch.float32), "model folder"
     info = src.info
     device = torch.device("cpu")
-    train_dtype = getattr(torch, info.dtype) if info.dtype else modeling.resolve_dtype(info.base.dtype, device)
     how = "dequantized 4-bit base + adapter" if info.base.load_in_4bit else "base + adapter"
-    return merged_model(info, device, train_dtype, torch.float32, False), how
+    return merged_model(info, device, info.train_dtype(device), torch.float32, False), how
 
 
 def _base_state(src: Source) -> Any:
     """The base weights the adapter was trained on, float32 (a 4-bit base dequantized, as in the merge)."""
-    info = src.info
+    from psft_lite.merge import base_as_trained
+
     device = torch.device("cpu")
-    if info.base.load_in_4bit:
-        train_dtype = getattr(torch, info.dtype) if info.dtype else modeling.resolve_dtype(info.base.dtype, device)
-        return modeling.load_base_model(info.base, device, train_dtype).dequantize().to(torch.float32)
-    return modeling.load_base_model(info.base, device, torch.float32)
+    return base_as_trained(src.info, device, src.info.train_dtype(device), torch.float32, False)
 
 
 def _tokenizer_meta(src: Source) -> gguf_convert.TokenizerMeta:

@@ -55,11 +55,7 @@ def load_model(spec: str | Path, dtype: str | None = None, device: str = "auto")
 
         info = resolve_adapter(path)
         dev = modeling.resolve_device(device if device != "auto" else info.base.device)
-        dt = (
-            modeling.DTYPES[dtype]
-            if dtype
-            else (getattr(torch, info.dtype) if info.dtype else modeling.resolve_dtype(info.base.dtype, dev))
-        )
+        dt = modeling.DTYPES[dtype] if dtype else info.train_dtype(dev)
         model = with_adapter(modeling.load_base_model(info.base, dev, dt), info)
         tok_dir = info.path if (info.path / "tokenizer_config.json").is_file() else None
         tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else modeling.load_tokenizer(info.base)

@@ -40,6 +40,10 @@ class AdapterInfo:
     dtype: str | None  # training dtype as resolved (bfloat16 / float32 / float16)
     run_dir: Path | None
 
+    def train_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the adapter was trained in: as recorded, else what the base section resolves to on `device`."""
+        return getattr(torch, self.dtype) if self.dtype else modeling.resolve_dtype(self.base.dtype, device)
+
 
 def resolve_adapter(path: Path, base_override: str | None = None) -> AdapterInfo:
     """A run dir, an adapter folder or a checkpoint folder → the adapter and how its base was loaded."""
@@ -136,14 +140,23 @@ def _adapter_logits(
     return logits
 
 
-def merged_model(
+def base_as_trained(
     info: AdapterInfo, device: torch.device, train_dtype: torch.dtype, out_dtype: torch.dtype, from_original: bool
 ) -> Any:
+    """The base weights the adapter applies to, in `out_dtype`: a 4-bit base loaded in 4-bit and dequantized (what
+    training saw), or with `from_original` (and for any other base) the full-precision weights."""
     if info.base.load_in_4bit and not from_original:
         base = modeling.load_base_model(info.base, device, train_dtype).dequantize()
     else:
         base = modeling.load_base_model(info.base.model_copy(update={"load_in_4bit": False}), device, out_dtype)
-    merged = with_adapter(base.to(out_dtype), info).merge_and_unload()
+    return base.to(out_dtype)
+
+
+def merged_model(
+    info: AdapterInfo, device: torch.device, train_dtype: torch.dtype, out_dtype: torch.dtype, from_original: bool
+) -> Any:
+    base = base_as_trained(info, device, train_dtype, out_dtype, from_original)
+    merged = with_adapter(base, info).merge_and_unload()
     merged.config.use_cache = True
     return merged
 
@@ -164,7 +177,7 @@ def merge(
     modeling.quiet_transformers()
     info = resolve_adapter(adapter, base)
     device = modeling.resolve_device(info.base.device)
-    train_dtype = getattr(torch, info.dtype) if info.dtype else modeling.resolve_dtype(info.base.dtype, device)
+    train_dtype = info.train_dtype(device)
     out_dtype = modeling.DTYPES[dtype] if dtype else train_dtype
     if out_dtype == torch.float16 and device.type == "cpu":
         console.print(
