@@ -58,6 +58,8 @@ class Guard:
         self.entropy_ema: float | None = None
         self.ema_history: list[float] = []
         self.nll_ema: float | None = None
+        self.drift_ema: float | None = None
+        self.drift_step = 0
         self.bad = 0  # consecutive skipped steps
         self.fired: set[str] = set()
 
@@ -103,6 +105,12 @@ class Guard:
         if ent is not None and self.cfg.entropy_watch:
             events += self._entropy(step, ent)
         drift = rec.get("drift")
+        if drift is not None:
+            # Smoothed like the entropy, per step elapsed (drift is sampled every step in psft base mode, every
+            # guard.drift_every steps otherwise): one noisy batch above the threshold is not the model's state.
+            w = a ** (step - self.drift_step) if self.drift_ema is not None else 0.0
+            self.drift_ema = drift if self.drift_ema is None else w * self.drift_ema + (1 - w) * drift
+            self.drift_step, drift = step, self.drift_ema
         if drift is not None and self.cfg.drift_watch and drift > self.cfg.drift_max and "drift" not in self.fired:
             self.fired.add("drift")
             events.append(
@@ -137,15 +145,20 @@ class Guard:
         reason = None
         if self.entropy_ema < floor:
             reason = f"it fell to {self.entropy_ema / self.baseline:.0%} of its starting value"
-        elif len(self.ema_history) >= c.trend_steps and step < self.total:
+        elif len(self.ema_history) >= c.trend_steps and step < self.total and self.entropy_ema > 0:
+            # Log-linear (entropy falls by a factor, not an amount), and no further ahead than half the steps run
+            # so far: extrapolating the first steep drop over the whole run warned every psft base run that then
+            # levelled off at ~25 % of its start (docs/study.md, "Entropy watch").
             window = self.ema_history[-c.trend_steps :]
-            slope = (window[-1] - window[0]) / (len(window) - 1)
-            projected = self.entropy_ema + slope * (self.total - step)
-            if slope < 0 and projected < c.collapse_fraction * self.baseline:
-                reason = (
-                    f"at its current rate it would fall to {max(projected, 0) / self.baseline:.0%} of its starting "
-                    "value by the end of the run"
-                )
+            if min(window) > 0:
+                slope = (math.log(window[-1]) - math.log(window[0])) / (len(window) - 1)
+                horizon = min(self.total - step, step // 2)
+                projected = self.entropy_ema * math.exp(slope * horizon)
+                if slope < 0 and projected < c.collapse_fraction * self.baseline:
+                    reason = (
+                        f"at its current rate it would fall to {projected / self.baseline:.0%} of its starting "
+                        f"value within {horizon} more steps"
+                    )
         if reason is None:
             return []
         self.fired.add("entropy")
@@ -173,6 +186,8 @@ class Guard:
             "entropy_ema": self.entropy_ema,
             "ema_history": self.ema_history[-self.cfg.trend_steps :],
             "nll_ema": self.nll_ema,
+            "drift_ema": self.drift_ema,
+            "drift_step": self.drift_step,
             "bad": self.bad,
             "fired": sorted(self.fired),
         }
@@ -180,4 +195,5 @@ class Guard:
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.baseline, self.first, self.entropy_ema = s.get("baseline"), list(s.get("first", [])), s.get("entropy_ema")
         self.ema_history, self.nll_ema = list(s.get("ema_history", [])), s.get("nll_ema")
+        self.drift_ema, self.drift_step = s.get("drift_ema"), int(s.get("drift_step", 0))
         self.bad, self.fired = int(s.get("bad", 0)), set(s.get("fired", []))

@@ -228,15 +228,25 @@ class GuardSection(Section):
         True, description="Warn when the entropy on trained tokens collapses (EMA vs its value at the start)."
     )
     entropy_floor: float = Field(
-        0.5, gt=0, lt=1, description="Warn when the entropy EMA falls below this fraction of the start."
+        0.15,
+        gt=0,
+        lt=1,
+        description="Warn when the entropy EMA falls below this fraction of the start (psft base levelled off at "
+        "24-27 % in docs/study.md, sft and the snapshot fell to 2-5 %).",
     )
     collapse_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Also warn when its trend would take it below this fraction by the end of the run."
+        0.1,
+        gt=0,
+        lt=1,
+        description="Also warn when its trend (log-linear over `trend_steps`) would take it below this fraction "
+        "within half as many steps again as have run.",
     )
     trend_steps: int = Field(20, ge=2, description="Steps over which the entropy trend is measured.")
     baseline_steps: int = Field(3, ge=1, description="First steps whose mean entropy is the starting value.")
     drift_watch: bool = Field(
-        True, description="Warn when the mean log-ratio to the base model on trained tokens exceeds `drift_max`."
+        True,
+        description="Warn when the running mean (EMA) of the mean log-ratio to the base model on trained tokens "
+        "exceeds `drift_max`.",
     )
     drift_max: float = Field(
         1.0, gt=0, description="Drift threshold in nats (1.0: data tokens e× likelier than under the base)."

@@ -1,0 +1,44 @@
+"""Replay finished runs' metrics.jsonl through today's guard: when (if ever) would each warning fire?
+
+    python bench/guard_replay.py runs/study16/*/ runs/quickstart
+    python bench/guard_replay.py runs/quickstart --set entropy_floor=0.25
+
+Tuning the entropy watch against real trajectories (docs/study.md, "Entropy watch"): per run it prints the entropy
+EMA as a fraction of its start every 20 steps, and the step and message of each warning the current `[guard]`
+settings (or the ones given with --set) would give. The recorded `drift` values feed the drift watch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from psft_lite.guard import Guard
+from psft_lite.recipe import GuardSection
+
+
+def replay(run: Path, cfg: GuardSection) -> tuple[list[float], list[dict]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "event" not in r and "entropy" in r]
+    guard, events = Guard(cfg, total_steps=len(steps), method="psft-base"), []  # the method only picks the advice
+    for r in steps:
+        events += guard.observe(r, None)
+    return [e / guard.baseline for e in guard.ema_history] if guard.baseline else [], events
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--set", action="append", default=[], help="guard.KEY=VALUE override (repeatable)")
+    args = ap.parse_args()
+    cfg = GuardSection(**{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    for run in args.runs:
+        trajectory, events = replay(run, cfg)
+        print(f"{run}: entropy EMA / start every 20 steps: " + " ".join(f"{x:.2f}" for x in trajectory[::20]))
+        for e in events or [{"step": "—", "message": "no warning"}]:
+            print(f"    {e['message'][:170]}")
+
+
+if __name__ == "__main__":
+    main()
