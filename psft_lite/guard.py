@@ -19,9 +19,9 @@ Event = dict[str, Any]
 #: never the method itself. docs/study.md has the measurements behind each suggestion.
 ADVICE: dict[str, dict[str, str]] = {  # each suggestion with what docs/study.md measured for it
     "entropy": {
-        "sft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (in docs/study.md it kept 0.21 of 0.78 "
-        "nats where sft fell to 0.03, for ~12 points less in-domain accuracy), or fewer epochs (a lower train.lr only "
-        "delayed the collapse there).",
+        "sft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (in docs/study.md, at lr 3e-4 over 8 "
+        "epochs, it kept 0.25 of 0.94 nats where sft fell to 0.018, at sft's in-domain accuracy: 45.0 vs 46.2 %, two "
+        "seeds), or fewer epochs (a lower train.lr only delayed the collapse there).",
         "dft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (in docs/study.md it kept 0.21 of 0.78 "
         "nats where dft fell to 0.03), or fewer epochs.",
         "idft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (in docs/study.md it kept 0.21 of 0.78 "
@@ -34,7 +34,8 @@ ADVICE: dict[str, dict[str, str]] = {  # each suggestion with what docs/study.md
     },
     "drift": {
         "sft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (in docs/study.md its KL to the base on "
-        "general questions was 0.63 vs sft's 1.55), or fewer epochs.",
+        "general questions was 0.38 vs sft's 1.39 at the same in-domain accuracy, lr 3e-4, 8 epochs, two seeds), or "
+        "fewer epochs.",
         "dft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (KL to the base 0.63 vs dft's 2.70 in "
         "docs/study.md), or fewer epochs.",
         "idft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (KL to the base 0.63 vs idft's 2.29 in "
