@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/ruff check psft_lite tests bench
 
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
