@@ -27,7 +27,7 @@ ADVICE: dict[str, dict[str, str]] = {  # each suggestion with what docs/study.md
         "idft": "Try objective.kind = 'psft' with objective.old_policy = 'base' (in docs/study.md it kept 0.21 of 0.78 "
         "nats where idft fell to 0.03), or fewer epochs.",
         "psft-snapshot": "In docs/study.md only objective.old_policy = 'base' kept entropy (0.21 vs 0.03 of 0.78 nats "
-        "at lr 1e-3, two seeds); a lower train.lr (3e-4), a larger objective.refresh_every (16) or a tighter "
+        "at lr 1e-3, two seeds); a lower train.lr (3e-4 or 1e-4), a larger objective.refresh_every (16) or a tighter "
         "objective.clip_high (0.1) did not (0.014-0.019 nats over the last of 8 epochs; sft 0.019).",
         "psft-base": "Try a tighter objective.clip_high (in docs/study.md 0.1 kept 0.32 of 0.84 nats at lr 3e-4), or "
         "fewer epochs.",
