@@ -15,13 +15,16 @@ import json
 from pathlib import Path
 
 from psft_lite.guard import Guard
-from psft_lite.recipe import GuardSection
+from psft_lite.metrics import read_metrics
+from psft_lite.objectives import method_name
+from psft_lite.recipe import GuardSection, ObjectiveSection, tomllib  # tomli on Python 3.10
 
 
 def replay(run: Path, cfg: GuardSection) -> tuple[list[float], list[dict]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "event" not in r and "entropy" in r]
-    guard, events = Guard(cfg, total_steps=len(steps), method="psft-base"), []  # the method only picks the advice
+    """The entropy EMA as a fraction of its start, per step, and the guard's events, for the run's own method."""
+    objective = ObjectiveSection(**tomllib.loads((run / "recipe.toml").read_text())["objective"])
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "event" not in r and "entropy" in r]
+    guard, events = Guard(cfg, total_steps=len(steps), method=method_name(objective)), []
     for r in steps:
         events += guard.observe(r, None)
     return [e / guard.baseline for e in guard.ema_history] if guard.baseline else [], events

@@ -109,9 +109,10 @@ class Guard:
         if drift is not None:
             # Smoothed like the entropy, per step elapsed (drift is sampled every step in psft base mode, every
             # guard.drift_every steps otherwise): one noisy batch above the threshold is not the model's state.
-            w = a ** (step - self.drift_step) if self.drift_ema is not None else 0.0
-            self.drift_ema = drift if self.drift_ema is None else w * self.drift_ema + (1 - w) * drift
-            self.drift_step, drift = step, self.drift_ema
+            if self.drift_ema is not None:
+                w = a ** (step - self.drift_step)
+                drift = w * self.drift_ema + (1 - w) * drift
+            self.drift_ema, self.drift_step = drift, step
         if drift is not None and self.cfg.drift_watch and drift > self.cfg.drift_max and "drift" not in self.fired:
             self.fired.add("drift")
             events.append(
@@ -146,7 +147,7 @@ class Guard:
         reason = None
         if self.entropy_ema < floor:
             reason = f"it fell to {self.entropy_ema / self.baseline:.0%} of its starting value"
-        elif len(self.ema_history) >= c.trend_steps and step < self.total and self.entropy_ema > 0:
+        elif len(self.ema_history) >= c.trend_steps and step < self.total:
             # Log-linear (entropy falls by a factor, not an amount), and no further ahead than half the steps run
             # so far: extrapolating the first steep drop over the whole run warned every psft base run that then
             # levelled off at ~25 % of its start (docs/study.md, "Entropy watch").
