@@ -1,6 +1,6 @@
 """Replay finished runs' metrics.jsonl through today's guard: when (if ever) would each warning fire?
 
-    python bench/guard_replay.py runs/study16/*/ runs/quickstart
+    python bench/guard_replay.py runs/*/                  # run folders, and the runs inside study folders
     python bench/guard_replay.py runs/quickstart --set entropy_floor=0.25
 
 Tuning the entropy watch against real trajectories (docs/study.md, "Entropy watch"): per run it prints the entropy
@@ -36,7 +36,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="guard.KEY=VALUE override (repeatable)")
     args = ap.parse_args()
     cfg = GuardSection(**{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)})
-    for run in args.runs:
+    # a run folder, or a study folder holding runs
+    runs = [r for a in args.runs for r in ([a] if (a / "metrics.jsonl").is_file() else sorted(a.glob("*/")))]
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file() or not (run / "recipe.toml").is_file():
+            print(f"{run}: no metrics.jsonl and recipe.toml here: not a run folder, skipped")
+            continue
         trajectory, events = replay(run, cfg)
         print(f"{run}: entropy EMA / start every 20 steps: " + " ".join(f"{x:.2f}" for x in trajectory[::20]))
         for e in events or [{"step": "—", "message": "no warning"}]:
