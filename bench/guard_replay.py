@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from psft_lite.guard import Guard
@@ -35,7 +36,14 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--set", action="append", default=[], help="guard.KEY=VALUE override (repeatable)")
     args = ap.parse_args()
-    cfg = GuardSection(**{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    try:
+        cfg = GuardSection(**{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError; so is a bad JSON value
+        print(
+            f"--set {' '.join(args.set)}: {e}\nUse guard keys with JSON values, e.g. entropy_floor=0.25.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     # a run folder, or a study folder holding runs
     runs = [r for a in args.runs for r in ([a] if (a / "metrics.jsonl").is_file() else sorted(a.glob("*/")))]
     for run in runs:
