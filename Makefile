@@ -49,7 +49,7 @@ data-gsm8k: setup
 	$(BIN)/python -m psft_lite.data.gsm8k --out data/gsm8k
 
 docs: setup
-	$(BIN)/python -m psft_lite.recipe --update-readme README.md
+	$(BIN)/python -m psft_lite.recipe.schema --update-readme README.md
 
 bench: setup
 	$(BIN)/python -m pip install -q 'trl>=1.0'

@@ -27,8 +27,16 @@ def _depth(node: ast.AST, level: int = 0) -> int:
     return deepest
 
 
+def _body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of the body after the signature and docstring (for a CLI command: its logic, not its options)."""
+    body = fn.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return fn.end_lineno - body[0].lineno + 1
+
+
 def functions(root: Path):
-    """(qualified name, lines, nesting depth) for every function and method under `root`."""
+    """(qualified name, lines, nesting depth, body lines) for every function and method under `root`."""
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         rel = path.relative_to(root.parent).with_suffix("").as_posix().replace("/", ".")
@@ -39,7 +47,7 @@ def functions(root: Path):
                 if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
                     name = f"{prefix}.{child.name}"
                     lines = child.end_lineno - child.lineno + 1
-                    yield name, lines, _depth(child)
+                    yield name, lines, _depth(child), _body_lines(child)
                     stack.append((child, name))
                 elif isinstance(child, ast.ClassDef):
                     stack.append((child, f"{prefix}.{child.name}"))
@@ -55,12 +63,16 @@ def main() -> None:
     rows = list(functions(root))
     print(f"{len(rows)} functions in {root.name}/")
     print("\nlongest (lines incl. signature and docstring):")
-    for name, lines, depth in sorted(rows, key=lambda r: (-r[1], r[0]))[: args.top]:
-        print(f"  {lines:4d}  {name}")
+    for name, lines, _, body in sorted(rows, key=lambda r: (-r[1], r[0]))[: args.top]:
+        print(f"  {lines:4d}  {name} (body {body})")
     print("\ndeepest (nested blocks):")
-    for name, lines, depth in sorted(rows, key=lambda r: (-r[2], -r[1], r[0]))[: args.top]:
+    for name, lines, depth, _ in sorted(rows, key=lambda r: (-r[2], -r[1], r[0]))[: args.top]:
         print(f"  {depth:4d}  {name} ({lines} lines)")
     print(f"\nover 60 lines: {sum(r[1] > 60 for r in rows)}; nested deeper than 4: {sum(r[2] > 4 for r in rows)}")
+    cli = [r for r in rows if r[0].startswith(f"{root.name}.cli.")]
+    if cli:
+        body, name = max((r[3], r[0]) for r in cli)
+        print(f"CLI: longest body {body} lines ({name}), mean {sum(r[3] for r in cli) / len(cli):.0f}")
     if args.modules:
         print("\nmodules:")
         for path in sorted(root.rglob("*.py")):

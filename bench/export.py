@@ -37,7 +37,7 @@ def export_once(run: Path, quant: str, out: Path, verify: bool) -> float:
 
 def prompts_from(run: Path, n: int) -> list[list[dict[str, str]]]:
     from psft_lite.data import load_conversations
-    from psft_lite.recipe import load_recipe
+    from psft_lite.recipe.schema import load_recipe
 
     recipe = load_recipe(run / "recipe.toml")
     convs = load_conversations(recipe.data.train, recipe.data, limit=n)
@@ -45,7 +45,7 @@ def prompts_from(run: Path, n: int) -> list[list[dict[str, str]]]:
 
 
 def llama_cpp_speed(path: Path, prompts: list[list[int]], max_new: int, eos: set[int]) -> tuple[int, float]:
-    from psft_lite.gguf_check import open_llama
+    from psft_lite.export.gguf_check import open_llama
 
     tokens, t0 = 0, None
     with open_llama(path, n_ctx=1024) as llm:
@@ -59,7 +59,7 @@ def llama_cpp_speed(path: Path, prompts: list[list[int]], max_new: int, eos: set
 
 
 def psft_speed(run: Path, prompts: list[list[dict[str, str]]], max_new: int) -> tuple[int, float, str]:
-    from psft_lite.generate import generate, load_model
+    from psft_lite.inference.generate import generate, load_model
 
     loaded = load_model(run)
     generate(loaded, prompts[:1], max_new_tokens=4, batch_size=1)  # warm-up
@@ -75,9 +75,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     a = ap.parse_args()
-    from psft_lite import modeling
-    from psft_lite.export import resolve
-    from psft_lite.gguf_convert import end_of_turn_id
+    from psft_lite.export.gguf import resolve
+    from psft_lite.model import modeling
+    from psft_lite.model.chat import end_of_turn_id
 
     print(f"CPU: {os.cpu_count()} cores, avx512_bf16 {'yes' if modeling.cpu_has_bf16() else 'no'}")
     src = resolve(a.run)

@@ -15,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from psft_lite.guard import Guard
-from psft_lite.metrics import read_metrics
-from psft_lite.objectives import method_name
-from psft_lite.recipe import GuardSection, ObjectiveSection, tomllib  # tomli on Python 3.10
+from psft_lite.recipe.schema import GuardSection, ObjectiveSection, tomllib  # tomli on Python 3.10
+from psft_lite.tracking.metrics import read_metrics
+from psft_lite.training.guard import Guard
+from psft_lite.training.objectives import method_name
 
 
 def replay(run: Path, cfg: GuardSection) -> tuple[list[float], list[dict]]:

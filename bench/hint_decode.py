@@ -22,11 +22,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     args = ap.parse_args()
 
-    from psft_lite import hinted
-    from psft_lite.generate import load_model
+    from psft_lite.inference import hinted
+    from psft_lite.inference.generate import load_model
 
     loaded = load_model("smollm2-135m-instruct", args.dtype)
-    hinted._eos_ids = lambda loaded: []  # decode the full length on both paths
+    hinted.eos_ids = lambda loaded: []  # decode the full length on both paths
     q = [
         {
             "role": "user",

@@ -94,8 +94,10 @@ def worker_psft_lite(name: str, length: int, warmup: int, steps: int, workdir: P
     import torch
     from rich.console import Console
 
-    from psft_lite import modeling, train
-    from psft_lite.recipe import recipe_from_dict
+    from psft_lite.model import modeling
+    from psft_lite.recipe.schema import recipe_from_dict
+    from psft_lite.training.build import build
+    from psft_lite.training.step import train_step
 
     torch.manual_seed(0)
     tok = modeling.load_tokenizer(modeling.ModelSection())
@@ -114,12 +116,12 @@ def worker_psft_lite(name: str, length: int, warmup: int, steps: int, workdir: P
             "output": {"dir": str(workdir / name)},
         }
     )
-    r = train.build(recipe, Console(quiet=True), overwrite=True)
+    r = build(recipe, Console(quiet=True), overwrite=True)
     reset_peak()
     times, tokens = [], []
     for step in range(n_steps):
         t0 = time.perf_counter()
-        rec = train.train_step(r, step)
+        rec = train_step(r, step)
         if r.device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:
@@ -144,7 +146,7 @@ def worker_trl(length: int, warmup: int, steps: int, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from psft_lite import modeling
+    from psft_lite.model import modeling
 
     path = modeling.embedded_model_dir()
     device = modeling.resolve_device("auto")

@@ -56,9 +56,9 @@ def estimate(folder: Path, four_bit: bool, length: int, micro: int, gc: bool, ob
     """(estimated peak GB on a GPU, parameter count)."""
     import torch
 
-    from psft_lite import modeling
-    from psft_lite.preflight import GB, count_parameters, estimate_memory
-    from psft_lite.recipe import recipe_from_dict
+    from psft_lite.model import modeling
+    from psft_lite.recipe.schema import recipe_from_dict
+    from psft_lite.training.preflight import GB, count_parameters, estimate_memory
 
     recipe = recipe_from_dict(
         {

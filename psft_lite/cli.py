@@ -5,7 +5,6 @@ Exit codes: 0 success, 1 run failed, 2 bad input (recipe, data, arguments, model
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from psft_lite import __version__
-from psft_lite.errors import Interrupted, PsftError
+from psft_lite.core.errors import Interrupted, PsftError
 
 app = typer.Typer(
     name="psft-lite",
@@ -85,43 +84,17 @@ def train(
     [dim]Example: psft-lite train recipes/quickstart.toml --set train.max_steps=20[/dim]
     [dim]Example: psft-lite train runs/quickstart/recipe.toml --resume[/dim]
     """
-    from psft_lite.recipe import load_recipe
-    from psft_lite.train import run
+    from psft_lite.recipe.schema import load_recipe
+    from psft_lite.training.trainer import end_lines, run
 
     overrides = (set_ or []) + ([f"output.report_to={report_to}"] if report_to is not None else [])
     summary = run(load_recipe(recipe, overrides), console=err, overwrite=overwrite, resume=resume)
     if not summary["main"]:
         return  # other ranks of a distributed run stay quiet
-    last = summary["last"] or {}
-    err.print(
-        f"[green]done[/green] in {summary['total_s']:.0f} s ({summary['steps']} steps, "
-        f"{summary['steps'] / max(summary['train_s'], 1e-9):.2f} steps/s, peak memory {summary['peak_mem_mb']:.0f} "
-        "MB)" + (f"; final nll {last['nll']:.3f}" if "nll" in last else "")
-    )
-    if "entropy_start" in summary:
-        kept = summary["entropy_kept"]
-        err.print(
-            f"entropy on trained tokens: {summary['entropy_start']:.3f} over the first steps → "
-            f"{summary['entropy_end']:.3f} over the last" + (f" (kept {kept:.0%})" if kept is not None else "")
-        )
-    if "drift" in summary:
-        d = summary["drift"]
-        err.print(
-            f"drift from the base: {d:+.2f} nats at step {summary['drift_step']} (the training tokens are "
-            f"{math.exp(d):.1f}× as likely as under the base model)"
-        )
-    else:
-        err.print(
-            "drift from the base: not measured (guard.drift_watch is off, or the run was shorter than "
-            "guard.drift_every)"
-        )
-    out.print(f"adapter: {summary['adapter']}")
-    out.print(f"metrics: {summary['metrics']}")
-    if "merged" in summary:
-        out.print(f"merged: {summary['merged']}")
-    for path in summary.get("gguf", []):
-        out.print(f"gguf: {path}")
-    for line in summary["trackers"]:
+    notes, where = end_lines(summary)
+    for line in notes:
+        err.print(line)
+    for line in where:
         out.print(line, highlight=False)
 
 
@@ -141,78 +114,9 @@ def validate(
     [dim]Example: psft-lite validate recipes/quickstart.toml[/dim]
     [dim]Example: psft-lite validate recipes/math.toml --deep[/dim]
     """
-    from psft_lite.modeling import offline
+    from psft_lite.training.validate import validate as run_validate
 
-    offline()
-    from psft_lite.data.sources import looks_local, resolve_local
-    from psft_lite.errors import DataError
-    from psft_lite.recipe import load_recipe
-    from psft_lite.trackers import require
-
-    parsed = load_recipe(recipe, set_ or [])
-    require(parsed.output.report_to, f"{recipe}: output.report_to")
-    base_dir = parsed.path.parent if parsed.path else None
-    sources = [("data.train", parsed.data.train), ("data.eval", parsed.data.eval)] + [
-        (f"eval.sets.{k}", v) for k, v in parsed.eval.sets.items()
-    ]
-    for name, src in sources:
-        if src is not None and resolve_local(src.path, base_dir) is None and looks_local(src.path):
-            raise DataError(
-                f"{recipe}: {name}: file {src.path!r} not found (relative paths are read from the working directory)."
-            )
-    for w in parsed.warnings():
-        err.print(f"[yellow]warning:[/yellow] {w}")
-    o, t = parsed.objective, parsed.train
-    out.print(f"[green]ok[/green] {recipe}")
-    out.print(
-        f"  model     {parsed.model.name}"
-        + (" (4-bit NF4)" if parsed.model.load_in_4bit else "")
-        + f", dtype {parsed.model.dtype}"
-    )
-    out.print(f"  lora      r={parsed.lora.r} alpha={parsed.lora.alpha:g} targets={parsed.lora.target_modules}")
-    out.print(
-        f"  data      {parsed.data.train.path}"
-        + (f" [{parsed.data.train.config}]" if parsed.data.train.config else "")
-        + f" split={parsed.data.train.split} format={parsed.data.format} max_length={parsed.data.max_length}"
-    )
-    out.print(
-        f"  objective {o.kind}"
-        + (
-            f" old_policy={o.old_policy} refresh_every={o.refresh_every} clip_high={o.clip_high}"
-            if o.kind == "psft"
-            else ""
-        )
-    )
-    steps = f"max_steps={t.max_steps}" if t.max_steps else f"epochs={t.epochs:g}"
-    out.print(f"  train     lr={t.lr:g} {steps} batch={t.batch_size} micro={t.micro_batch_size} seed={t.seed}")
-    out.print(f"  output    {parsed.run_dir}")
-    if no_preflight:
-        return
-    from psft_lite.preflight import GB, run_preflight
-
-    rep = run_preflight(parsed, out, deep=deep)
-    st = rep.stats
-    if "examples" in st:
-        out.print(
-            f"  examples  {st['examples']} of {st['rows']} rows; {st['trained_tokens']:,} trained of "
-            f"{st['total_tokens']:,} tokens ({st['trained_share']:.0%}); longest {st['longest']}; "
-            f"{st['dropped_too_long']} dropped, {st['truncated']} truncated"
-        )
-    if rep.memory is not None:
-        m = rep.memory
-        parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in m.parts.items())
-        avail = f" of {m.available / GB:.1f} GB available" if m.available else ""
-        flag = "" if m.fits is not False else "  [bold red]does not fit[/bold red]"
-        out.print(f"  memory    ~{m.total / GB:.1f} GB peak on {m.device}{avail} ({parts}){flag}")
-    if "deep_step_s" in st:
-        out.print(
-            f"  deep      one micro-step {st['deep_step_s']:.2f} s, peak {st['deep_peak_mem_mb']:.0f} MB, "
-            f"{st['trainable_parameters']:,} trainable parameters"
-        )
-    for n in rep.notes:
-        err.print(f"note: {n}")
-    for w in rep.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+    run_validate(recipe, set_ or [], deep=deep, preflight=not no_preflight, out=out, err=err)
 
 
 ModelArg = Annotated[
@@ -233,13 +137,13 @@ DataConfigOpt = Annotated[
 
 def _source(path: str, config: str | None, split: str) -> Any:
     """A `--data` value as a data source (the split and configuration matter for hub ids and folders)."""
-    from psft_lite.recipe import Source
+    from psft_lite.recipe.schema import Source
 
     return Source(path=path, config=config, split=split)
 
 
 def _dtype(d: str | None) -> str | None:
-    from psft_lite.errors import RecipeError
+    from psft_lite.core.errors import RecipeError
 
     if d is not None and d not in ("bf16", "fp16", "fp32"):
         raise RecipeError(f"--dtype {d!r}: choose bf16, fp16 or fp32.")
@@ -273,9 +177,9 @@ def generate(
     """
     import json
 
-    from psft_lite.errors import RecipeError
-    from psft_lite.generate import generate as do_generate
-    from psft_lite.generate import load_model, read_prompts
+    from psft_lite.core.errors import RecipeError
+    from psft_lite.inference.generate import generate as do_generate
+    from psft_lite.inference.generate import load_model, read_prompts
 
     if bool(prompt) == bool(file):
         raise RecipeError("give either --prompt TEXT (repeatable) or --file prompts.jsonl.")
@@ -313,33 +217,11 @@ def chat(
 
     [dim]Example: psft-lite chat runs/quickstart --temperature 0[/dim]
     """
-    from transformers import TextStreamer
-
-    from psft_lite.generate import chat_reply, load_model
+    from psft_lite.inference.generate import chat_loop, load_model
 
     loaded = load_model(model, _dtype(dtype))
-    history = [{"role": "system", "content": system}] if system else []
-    messages = list(history)
     err.print(f"chatting with {loaded.label} — /reset, /exit")
-    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            err.print("")
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            messages = list(history)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        sys.stdout.write("model> ")
-        sys.stdout.flush()
-        reply = chat_reply(loaded, messages, max_new_tokens, temperature, top_p, stream=streamer)
-        messages.append({"role": "assistant", "content": reply})
+    chat_loop(loaded, system, max_new_tokens, temperature, top_p, console=err)
 
 
 @app.command("eval")
@@ -415,83 +297,31 @@ def eval_(
     [dim]Example: psft-lite eval runs/quickstart -d in_domain=data/arith/test.jsonl -d ood=data/arith/ood.jsonl[/dim]
     [dim]Example: psft-lite eval runs/quickstart --tasks arith_test --include-path recipes/harness --compare-base[/dim]
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from psft_lite.core.errors import RecipeError
 
-    from psft_lite.errors import RecipeError
-    from psft_lite.evaluate import eval_items, evaluate_set, write_outputs
-    from psft_lite.generate import load_model
-    from psft_lite.recipe import RowFormat
-
+    harness_only = num_fewshot is not None or include_path or compare_base or chat_template is not None
+    if tasks is not None and data:
+        raise RecipeError("give --data (your own data) or --tasks (harness tasks), not both, in one eval.")
     if tasks is not None:
-        if data:
-            raise RecipeError("give --data (your own data) or --tasks (harness tasks), not both, in one eval.")
         _harness(
-            model,
-            tasks,
-            out_dir,
-            limit,
-            num_fewshot,
-            include_path or [],
-            chat_template,
-            compare_base,
-            batch_size,
-            _dtype(dtype),
+            model, tasks, out_dir, limit, num_fewshot, include_path, chat_template, compare_base, batch_size, dtype
         )
         return
-    if num_fewshot is not None or include_path or compare_base or chat_template is not None:
+    if harness_only:
         raise RecipeError("--num-fewshot, --include-path, --compare-base and --chat-template go with --tasks.")
     if samples > 1 and temperature == 0:
         raise RecipeError("--samples > 1 needs --temperature > 0 (greedy answers are identical).")
+    from psft_lite.inference import evaluate as ev
+    from psft_lite.inference.generate import load_model
+
     loaded = load_model(model, _dtype(dtype))
-    sets: dict[str, Any] = {}
-    base_data = loaded.recipe.data if loaded.recipe else None
-    if data:
-        for item in data:
-            name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
-            sets[name] = (
-                _source(path, data_config, split),
-                RowFormat(max_length=base_data.max_length if base_data else 4096),
-            )
-    elif loaded.recipe is not None and (loaded.recipe.eval.sets or loaded.recipe.data.eval):
-        named = loaded.recipe.eval.sets or {"eval": loaded.recipe.data.eval}
-        sets = {k: (v, loaded.recipe.data) for k, v in named.items()}
-    else:
-        raise RecipeError(
-            "no data to evaluate: pass --data FILE (or NAME=FILE), or a run whose recipe has data.eval or eval.sets."
-        )
-    items = {name: eval_items(src, sec, limit=limit) for name, (src, sec) in sets.items()}
-    summaries, predictions = {}, {}
-    total = sum(len(v) for v in items.values()) * samples
-    with Progress(
-        TextColumn("[bold]eval[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("", total=total)
-        for name, its in items.items():
-            progress.update(task, description=name)
-            summaries[name], predictions[name] = evaluate_set(
-                loaded,
-                its,
-                samples,
-                temperature,
-                top_p,
-                max_new_tokens,
-                batch_size,
-                progress=lambda n: progress.advance(task, n),
-            )
-    metric = "pass@1" if samples == 1 else f"avg@{samples}"
-    for name, sm in summaries.items():
-        out.print(
-            f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   reference "
-            f"NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}",
-            highlight=False,
-        )
+    sets = ev.named_sets(loaded, data, data_config, split, limit)
+    kw = dict(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    summaries, predictions = ev.evaluate_sets(loaded, sets, **kw, batch_size=batch_size, console=err)
+    for line in ev.summary_lines(summaries, samples):
+        out.print(line, highlight=False)
     if out_dir is not None:
-        write_outputs(out_dir, summaries, predictions)
+        ev.write_outputs(out_dir, summaries, predictions)
         out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'predictions.jsonl'}")
 
 
@@ -501,40 +331,24 @@ def _harness(
     out_dir: Path | None,
     limit: int | None,
     num_fewshot: int | None,
-    include_path: list[Path],
+    include_path: list[Path] | None,
     chat: bool | None,
     compare_base: bool,
     batch_size: int,
     dtype: str | None,
 ) -> None:
-    from psft_lite import harness
-    from psft_lite.errors import RecipeError
+    from psft_lite.inference import harness
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not names:
-        raise RecipeError("--tasks: no task named; e.g. --tasks gsm8k,arc_easy")
+    names = harness.parse_tasks(tasks)
+    kw = dict(out_dir=out_dir, limit=limit, num_fewshot=num_fewshot, include_path=include_path or [], chat=chat)
     report = harness.run(
-        model,
-        names,
-        out_dir=out_dir,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        include_path=include_path,
-        chat=chat,
-        compare_base=compare_base,
-        batch_size=batch_size,
-        dtype=dtype,
-        console=err,
+        model, names, **kw, compare_base=compare_base, batch_size=batch_size, dtype=_dtype(dtype), console=err
     )
-    out.print(harness.table(report), highlight=False, markup=False)
-    seconds = report["model_scores"]["seconds"] + report.get("base_scores", {}).get("seconds", 0.0)
-    err.print(
-        f"harness: {', '.join(names)}"
-        + (f", limit {limit}" if limit else "")
-        + f", chat template {'on' if report['chat_template'] else 'off'}, {seconds:.0f} s"
-    )
-    for f in report.get("files", []):
-        out.print(f"wrote {f}", highlight=False)
+    table, note, files = harness.report_lines(report)
+    out.print(table, highlight=False, markup=False)
+    err.print(note)
+    for line in files:
+        out.print(line, highlight=False)
 
 
 @app.command()
@@ -555,41 +369,27 @@ def ddt(
     split: Annotated[str, typer.Option("--split", help="Split of a hub data set or data set folder.")] = "train",
     dtype: DtypeOpt = None,
 ) -> None:
-    """How in-distribution a data set is for a model: φ = log p + H per response token (METHODS.md §3).
+    """How in-distribution a data set is for a model: φ = log p + H per response token (docs/METHODS.md §3).
 
     [dim]Example: psft-lite ddt smollm2-135m-instruct --data data/arith/train.jsonl --limit 200[/dim]
     """
     import json
 
     from psft_lite.data import load_examples
-    from psft_lite.ddt import BINS, summarize, token_phi
-    from psft_lite.generate import load_model
-    from psft_lite.recipe import RowFormat
+    from psft_lite.inference.ddt import report_lines, summarize, token_phi
+    from psft_lite.inference.generate import load_model
+    from psft_lite.recipe.schema import RowFormat
 
     loaded = load_model(model, _dtype(dtype))
     rows = RowFormat(max_length=max_length, truncation="truncate")
     examples, _ = load_examples(_source(data, data_config, split), rows, loaded.tokenizer, limit=limit)
-    phis = token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype)
-    stats = summarize(phis)
+    stats = summarize(token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype))
     stats.update(model=str(model), data=data)
     if as_json:
         out.print(json.dumps(stats), highlight=False, soft_wrap=True)
         return
-    out.print(f"DDT of {data} under {model}: {stats['examples']} examples, {stats['tokens']:,} response tokens")
-    out.print(
-        f"  mean φ {stats['mean_phi']:+.4f}  (per sequence {stats['mean_phi_per_sequence']:+.4f}, std "
-        f"{stats['std_phi']:.3f})"
-    )
-    out.print(
-        f"  share φ > 0: {stats['share_phi_gt_0']:.1%}   > −1: {stats['share_phi_gt_-1']:.1%}   > −3: "
-        f"{stats['share_phi_gt_-3']:.1%}   > −5: {stats['share_phi_gt_-5']:.1%}"
-    )
-    counts = stats["histogram"]["counts"]
-    edges = ["−∞", *[f"{b:g}" for b in BINS], "∞"]
-    top = max(counts) or 1
-    for i, c in enumerate(counts):
-        out.print(f"  [{edges[i]:>4}, {edges[i + 1]:>4})  {'█' * round(30 * c / top):<30} {c}", highlight=False)
-    out.print(f"  verdict: {stats['verdict']}")
+    for line in report_lines(stats, str(model), data):
+        out.print(line, highlight=False)
 
 
 @app.command()
@@ -652,52 +452,24 @@ def hint(
 
     [dim]Example: psft-lite hint smollm2-135m-instruct -d data/arith/train.jsonl -o runs/hinted.jsonl --limit 30[/dim]
     """
-    from psft_lite.errors import RecipeError
-    from psft_lite.generate import load_model
-    from psft_lite.hinted import HintConfig, run
-    from psft_lite.recipe import FORMATS, RowFormat
+    from psft_lite.core.errors import RecipeError
+    from psft_lite.inference.generate import load_model
+    from psft_lite.inference.hinted import HintConfig, run, summary_lines
+    from psft_lite.recipe.schema import FORMATS, RowFormat
 
     if fmt not in FORMATS:
         raise RecipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     if keep not in ("correct", "all"):
         raise RecipeError(f"--keep {keep!r}: choose correct or all.")
-    loaded = load_model(model, _dtype(dtype))
     cfg = HintConfig(
-        beta=beta,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        answer_marker=answer_marker,
-        seed=seed,
-        cot_fallback=cot_fallback,
+        beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, answer_marker=answer_marker
     )
-    s = run(
-        loaded,
-        _source(data, data_config, split),
-        RowFormat(format=fmt),
-        out_file,
-        cfg,
-        keep,
-        min_phi,
-        limit,
-        console=err,
-    )
-    acc = s["correct"] / s["decoded"] if s["decoded"] else float("nan")
-    out.print(
-        f"hint: {s['kept']} of {s['examples']} kept; dropped {s['no_cot']} without # CoT, {s['unfinished']} "
-        f"unfinished (length/repetition), {s['wrong_answer']} wrong answer, {s['low_phi']} below --min-phi "
-        f"({s['skipped_done']} were done before this run)"
-    )
-    if s["decoded"]:
-        out.print(
-            f"  answer accuracy of the rewrites {acc:.0%} ({s['correct']}/{s['decoded']}); mean φ reference "
-            f"{s['mean_phi_reference']:+.3f} → rewrites {s['mean_phi_hinted']:+.3f}"
-        )
-    if s["kept"]:
-        out.print(
-            f"  kept rewrites: mean φ {s['mean_phi_kept']:+.3f} (their references {s['mean_phi_reference_kept']:+.3f})"
-        )
-    out.print(f'  wrote {s["out"]} (train on it directly: data.train = "{s["out"]}") and {s["dropped_file"]}')
+    cfg.seed, cfg.cot_fallback = seed, cot_fallback
+    loaded = load_model(model, _dtype(dtype))
+    src = _source(data, data_config, split)
+    summary = run(loaded, src, RowFormat(format=fmt), out_file, cfg, keep, min_phi, limit, console=err)
+    for line in summary_lines(summary):
+        out.print(line)
 
 
 @app.command()
@@ -742,36 +514,14 @@ def study(
     [dim]Example: psft-lite study recipes/study/arith.toml[/dim]
     [dim]Example: psft-lite study recipes/study/arith.toml --methods sft,psft-base --sweep train.lr=3e-4,1e-3[/dim]
     """
-    from psft_lite.errors import RecipeError
-    from psft_lite.metrics import read_metrics
-    from psft_lite.recipe import load_recipe
-    from psft_lite.study import latest_results, parse_sweep, plot_study, report_tables, run_study
+    from psft_lite.recipe.schema import load_recipe
+    from psft_lite.study.runner import study as run_study
 
     parsed = load_recipe(recipe, set_ or [])
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        raise RecipeError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
-    grid = parse_sweep(sweep or [])
-    folder = out_dir or parsed.run_dir
-    results_path = run_study(
-        parsed,
-        [m.strip() for m in methods.split(",") if m.strip()],
-        seed_list,
-        folder,
-        limit,
-        max_new_tokens,
-        err,
-        sweep=grid,
-        eval_every=eval_every,
+    results, tables, pngs = run_study(
+        parsed, methods, seeds, out_dir, limit, max_new_tokens, report, sweep or [], eval_every, err
     )
-    results = latest_results(read_metrics(results_path))
-    dest = report or folder
-    dest.mkdir(parents=True, exist_ok=True)
-    sets = list(parsed.eval.sets)
-    (dest / "tables.md").write_text(report_tables(results, sets), encoding="utf-8")
-    pngs = plot_study(results, dest, folder, sets)
-    out.print(f"results: {results_path}\ntables: {dest / 'tables.md'}\nfigures: {', '.join(map(str, pngs))}")
+    out.print(f"results: {results}\ntables: {tables}\nfigures: {', '.join(map(str, pngs))}")
 
 
 @app.command()
@@ -786,7 +536,7 @@ def plot(
 
     [dim]Example: psft-lite plot runs/sft runs/psft --out sft-vs-psft.png[/dim]
     """
-    from psft_lite.plot import plot_runs
+    from psft_lite.study.plot import plot_runs
 
     report = plot_runs(runs, out_file, smooth)
     out.print(f"wrote {report['out']}")
@@ -825,7 +575,7 @@ def merge(
 
     [dim]Example: psft-lite merge runs/quickstart --out models/quickstart-merged[/dim]
     """
-    from psft_lite.merge import merge as do_merge
+    from psft_lite.export.merge import merge as do_merge
 
     report = do_merge(
         source, out=out, base=base, dtype=_dtype(dtype), verify=not no_verify, from_original=from_original, console=err
@@ -872,7 +622,7 @@ def export(
 
     [dim]Example: psft-lite export runs/quickstart --quant q8_0,q4_k_m[/dim]
     """
-    from psft_lite.export import export as do_export
+    from psft_lite.export.gguf import export as do_export
 
     report = do_export(
         source, out=out, quant=quant, adapter_only=adapter_only, overwrite=overwrite, verify=not no_verify, console=err
@@ -893,7 +643,7 @@ def env_(
     """
     import json
 
-    from psft_lite.environment import collect, markdown
+    from psft_lite.model.environment import collect, markdown
 
     info = collect()
     out.print(json.dumps(info, indent=2) if as_json else markdown(info), highlight=False, soft_wrap=True)

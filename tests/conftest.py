@@ -18,15 +18,15 @@ ARITH = ROOT / "data" / "arith"
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from psft_lite import modeling
+    from psft_lite.model import modeling
 
     return modeling.embedded_model_dir()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
-    from psft_lite import modeling
-    from psft_lite.recipe import ModelSection
+    from psft_lite.model import modeling
+    from psft_lite.recipe.schema import ModelSection
 
     return modeling.load_tokenizer(ModelSection(name=str(embedded_dir)))
 
@@ -85,3 +85,18 @@ def make_recipe(tmp_path: Path, model_path: str | Path, **sections: dict) -> Pat
     path = tmp_path / "recipe.toml"
     path.write_text(tomli_w.dumps(raw), encoding="utf-8")
     return path
+
+
+# Tests that train or run the real embedded model (directly or through a fixture built on it), and the multi-process
+# tests, are `slow`: `make test-fast` leaves them out. The marker is applied here so no such test can miss it.
+REAL_MODEL_FIXTURES = {"embedded_dir", "embedded_run", "exported"}
+SLOW_MODULES = {"test_distributed.py", "test_harness.py"}  # torchrun processes; lm-evaluation-harness
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        direct = set(inspect.signature(item.function).parameters) if hasattr(item, "function") else set()
+        if direct & REAL_MODEL_FIXTURES or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -14,10 +14,13 @@ import time
 import pytest
 from rich.console import Console
 
-from psft_lite import checkpoint, train
-from psft_lite.checkpoint import list_checkpoints
-from psft_lite.errors import Interrupted, RecipeError, RunError
-from psft_lite.recipe import load_recipe
+from psft_lite.core import rundir
+from psft_lite.core.errors import Interrupted, RecipeError, RunError
+from psft_lite.core.rundir import list_checkpoints
+from psft_lite.recipe.schema import load_recipe
+from psft_lite.training import trainer
+from psft_lite.training.build import build
+from psft_lite.training.loop import train_loop
 
 from conftest import make_recipe
 
@@ -40,20 +43,20 @@ def _steps(recs):
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, case):
     sections = {**CASES[case], "train": {"max_steps": 7, "batch_size": 4, "micro_batch_size": 2, "lr": 2e-2}}
     # uninterrupted
-    full = train.build(load_recipe(make_recipe(tmp_path / "full", tiny_model_dir, **sections)), QUIET)
-    train.prepare_run_dir(full)
-    expected = _steps(train.train_loop(full))
+    full = build(load_recipe(make_recipe(tmp_path / "full", tiny_model_dir, **sections)), QUIET)
+    trainer.prepare_run_dir(full)
+    expected = _steps(train_loop(full))
     # interrupted after step 2, then resumed by a fresh process-like build from the run's own recipe
     recipe_path = make_recipe(tmp_path / "cut", tiny_model_dir, **sections)
-    cut = train.build(load_recipe(recipe_path), QUIET)
-    train.prepare_run_dir(cut)
+    cut = build(load_recipe(recipe_path), QUIET)
+    trainer.prepare_run_dir(cut)
     with pytest.raises(Interrupted, match="--resume"):
-        train.train_loop(cut, should_stop=lambda done: done == 2)
+        train_loop(cut, should_stop=lambda done: done == 2)
     assert [s for s, _ in list_checkpoints(cut.run_dir)] == [2]
-    resumed = train.build(load_recipe(cut.run_dir / "recipe.toml"), QUIET, resuming=True)
-    start, _ = train.resume_point(resumed, "latest")
+    resumed = build(load_recipe(cut.run_dir / "recipe.toml"), QUIET, resuming=True)
+    start, _ = trainer.resume_point(resumed, "latest")
     assert start == 2
-    got = _steps(train.train_loop(resumed, start))
+    got = _steps(train_loop(resumed, start))
     assert len(got) == 5
     for (s1, l1, g1), (s2, l2, g2) in zip(expected[2:], got):
         assert s1 == s2 and math.isclose(l1, l2, rel_tol=1e-5, abs_tol=1e-7) and math.isclose(g1, g2, rel_tol=1e-5)
@@ -63,36 +66,36 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, 
 
 def test_resume_refuses_a_recipe_that_changes_the_math(tmp_path, tiny_model_dir):
     path = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 2})
-    r = train.build(load_recipe(path), QUIET)
-    train.prepare_run_dir(r)
-    train.train_loop(r)
-    changed = train.build(load_recipe(path, ["lora.r=4", "train.max_steps=4"]), QUIET, resuming=True)
+    r = build(load_recipe(path), QUIET)
+    trainer.prepare_run_dir(r)
+    train_loop(r)
+    changed = build(load_recipe(path, ["lora.r=4", "train.max_steps=4"]), QUIET, resuming=True)
     with pytest.raises(RecipeError, match=r"trained with lora.r = 8, but the recipe now says 4"):
-        train.resume_point(changed, "latest")
-    longer = train.build(load_recipe(path, ["train.max_steps=4"]), QUIET, resuming=True)
-    assert train.resume_point(longer, "latest")[0] == 2  # extending a finished run is allowed
-    same = train.build(load_recipe(path), QUIET, resuming=True)
+        trainer.resume_point(changed, "latest")
+    longer = build(load_recipe(path, ["train.max_steps=4"]), QUIET, resuming=True)
+    assert trainer.resume_point(longer, "latest")[0] == 2  # extending a finished run is allowed
+    same = build(load_recipe(path), QUIET, resuming=True)
     with pytest.raises(RecipeError, match="raise train.max_steps"):
-        train.resume_point(same, "latest")
+        trainer.resume_point(same, "latest")
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path, tiny_model_dir):
-    r = train.build(
+    r = build(
         load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 5, "save_every": 1, "keep_last": 2})),
         QUIET,
     )
-    train.prepare_run_dir(r)
-    train.train_loop(r)
+    trainer.prepare_run_dir(r)
+    train_loop(r)
     assert [s for s, _ in list_checkpoints(r.run_dir)] == [4, 5]
 
 
 def test_a_failed_checkpoint_write_stops_cleanly_and_keeps_the_last_good_one(tmp_path, tiny_model_dir, monkeypatch):
     import errno
 
-    import psft_lite.checkpoint as ckpt
+    import psft_lite.training.checkpoint as ckpt
 
-    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 4, "save_every": 2})), QUIET)
-    train.prepare_run_dir(r)
+    r = build(load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 4, "save_every": 2})), QUIET)
+    trainer.prepare_run_dir(r)
     real_save, calls = ckpt.torch.save, []
 
     def disk_full_on_second_checkpoint(obj, path, *a, **kw):
@@ -103,21 +106,21 @@ def test_a_failed_checkpoint_write_stops_cleanly_and_keeps_the_last_good_one(tmp
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full_on_second_checkpoint)
     with pytest.raises(RunError, match=r"step-4 .*No space left on device.*step-2, is intact.*--resume"):
-        train.train_loop(r)
+        train_loop(r)
     assert sorted(p.name for p in (r.run_dir / "checkpoints").iterdir()) == ["step-2"]  # no half-written folder
     monkeypatch.setattr(ckpt.torch, "save", real_save)
-    r2 = train.build(load_recipe(r.run_dir / "recipe.toml"), QUIET, resuming=True)
-    assert train.resume_point(r2, "latest")[0] == 2
+    r2 = build(load_recipe(r.run_dir / "recipe.toml"), QUIET, resuming=True)
+    assert trainer.resume_point(r2, "latest")[0] == 2
 
 
 def test_too_little_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
     from collections import namedtuple
 
-    r = train.build(load_recipe(make_recipe(tmp_path, tiny_model_dir)), QUIET)
+    r = build(load_recipe(make_recipe(tmp_path, tiny_model_dir)), QUIET)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
     with pytest.raises(RecipeError, match=r"1 MB free.*lower train.keep_last"):
-        train.prepare_run_dir(r)
+        trainer.prepare_run_dir(r)
     assert not r.run_dir.exists()  # nothing left behind that looks like a run
 
 
@@ -140,6 +143,7 @@ def _wait_for(predicate, timeout=120):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
     recipe = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 400, "batch_size": 4, "micro_batch_size": 4})
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -162,7 +166,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir)
 KILL_DURING_SAVE = textwrap.dedent(
     """
     import pathlib, sys, time, torch
-    import psft_lite.checkpoint as ck
+    import psft_lite.training.checkpoint as ck
     marker, recipe = sys.argv[1], sys.argv[2]
     real_save = torch.save
     def slow_save(obj, f, *a, **k):
@@ -178,6 +182,7 @@ KILL_DURING_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_model_dir):
     recipe = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 6, "save_every": 1, "keep_last": 5})
     marker = tmp_path / "saving"
@@ -193,9 +198,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
     ckroot = tmp_path / "run" / "checkpoints"
     assert any(".tmp-" in x.name for x in ckroot.iterdir())  # the torn save is there ...
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [1, 2]  # ... and is not taken for a checkpoint
-    r = train.build(load_recipe(tmp_path / "run" / "recipe.toml"), QUIET, resuming=True)
-    start, _ = train.resume_point(r, "latest")
+    r = build(load_recipe(tmp_path / "run" / "recipe.toml"), QUIET, resuming=True)
+    start, _ = trainer.resume_point(r, "latest")
     assert start == 2
-    train.train_loop(r, start)
+    train_loop(r, start)
     assert [s for s, _ in list_checkpoints(r.run_dir)] == [1, 2, 3, 4, 5, 6][-5:]
     assert not any(".tmp-" in x.name for x in ckroot.iterdir())  # leftovers cleaned by the next save

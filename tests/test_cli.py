@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -117,7 +119,7 @@ BAD_CASES = {
     "missing model path": (lambda t, m: ["train", str(make_recipe(t, "./no/such/model"))], "no such model folder"),
     "hub model offline": (
         lambda t, m: ["train", str(make_recipe(t, "nobody/no-such-model-xyz"))],
-        "cannot load model 'nobody/no-such-model-xyz'",
+        "model.name 'nobody/no-such-model-xyz' is not a local folder or file and not in the local Hugging Face cache",
     ),
     "bad target modules": (
         lambda t, m: ["train", str(make_recipe(t, m)), "--set", 'lora.target_modules=["nope"]'],
@@ -197,11 +199,17 @@ def test_existing_run_dir_is_refused_then_replaced_with_overwrite(tmp_path, tiny
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     (tmp_path / "run" / "notes.txt").unlink()
     assert run_cli(capsys, "train", str(recipe))[0] == 0
+    (tmp_path / "run" / "leftover.txt").write_text("from the first run")
     code, _, err = run_cli(capsys, "train", str(recipe))
     assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "run" / "leftover.txt").exists()  # refused: nothing touched
     assert run_cli(capsys, "train", str(recipe), "--overwrite")[0] == 0
+    assert not (tmp_path / "run" / "leftover.txt").exists()  # replaced, not mixed into
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "event" not in r] == [1]
 
 
+@pytest.mark.slow
 def test_hint_end_to_end_and_a_rerun_reports_every_example(tmp_path, tiny_model_dir, capsys):
     from conftest import arith_rows
 
@@ -306,9 +314,75 @@ def test_env_reports_versions_hardware_and_4bit_without_leaking_tokens(capsys, m
     assert code == 0
     assert f"- torch: {importlib.metadata.version('torch')}" in out
     assert f"- transformers: {importlib.metadata.version('transformers')}" in out
-    assert "- 4-bit NF4 on cpu: works" in out  # bitsandbytes runs NF4 on this CPU (DESIGN.md)
+    assert "- 4-bit NF4 on cpu: works" in out  # bitsandbytes runs NF4 on the CPU
     assert "HF_TOKEN: set" in out and "hf_secret_value" not in out
     assert f"wandb {importlib.metadata.version('wandb')}" in out and "lm_eval " in out  # the extras, for tracker bugs
     code, out, _ = run_cli(capsys, "env", "--json")
     info = json.loads(out)
-    assert code == 0 and info["versions"]["peft"] == importlib.metadata.version("peft") and info["cores"] >= 1
+    assert (
+        code == 0 and info["versions"]["peft"] == importlib.metadata.version("peft") and info["cores"] == os.cpu_count()
+    )
+
+
+def test_generate_file_writes_one_json_line_per_prompt(tmp_path, tiny_model_dir, capsys):
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"prompt": "What is 2 + 2?"}, {"messages": [{"role": "user", "content": "Say hi."}]}],
+    )
+    code, out, err = run_cli(
+        capsys, "generate", str(tiny_model_dir), "--file", str(prompts), "--max-new-tokens", "4", "--dtype", "fp32"
+    )
+    assert code == 0, err
+    rows = [json.loads(x) for x in out.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == ["What is 2 + 2?", "Say hi."]
+    assert all(isinstance(r["generation"], str) and isinstance(r["finished"], bool) for r in rows)
+    code, _, err = run_cli(capsys, "generate", str(tiny_model_dir), "--file", str(prompts), "-p", "both")
+    assert code == 2 and "either --prompt" in err
+
+
+def test_chat_keeps_the_conversation_resets_it_and_exits(tiny_model_dir, capsys, monkeypatch):
+    from psft_lite.inference import generate as gen
+
+    seen: list[list[dict]] = []
+
+    def reply(loaded, messages, *a, **k):
+        seen.append([dict(m) for m in messages])
+        return f"reply {len(seen)}"
+
+    monkeypatch.setattr(gen, "chat_reply", reply)
+    lines = iter(["hello", "again", "  ", "/reset", "fresh", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, _, err = run_cli(capsys, "chat", str(tiny_model_dir), "--system", "Be brief.", "--dtype", "fp32")
+    assert code == 0 and "chatting with" in err
+    assert [m["content"] for m in seen[1]] == ["Be brief.", "hello", "reply 1", "again"]  # the history is kept
+    assert [m["content"] for m in seen[2]] == ["Be brief.", "fresh"]  # /reset keeps only the system message
+    assert len(seen) == 3 and next(lines) == "never read"  # the blank line asked nothing; /exit ended the loop
+
+
+def test_validate_deep_loads_the_model_and_times_one_step(tmp_path, tiny_model_dir, capsys):
+    recipe = make_recipe(tmp_path, tiny_model_dir)
+    code, out, err = run_cli(capsys, "validate", str(recipe), "--deep")
+    assert code == 0, err
+    deep = next(line for line in out.splitlines() if line.strip().startswith("deep"))
+    assert re.search(r"one micro-step [\d.]+ s, peak \d+ MB, [\d,]+ trainable parameters", deep), deep
+    assert "memory    ~" in out and not (tmp_path / "run").exists()  # validate writes nothing
+
+
+def test_an_unreachable_hub_is_one_message_within_seconds(tmp_path, capsys, monkeypatch):
+    """No retries with back-off: the hub's host is asked once, briefly, and the error says what to do."""
+    import time
+
+    from psft_lite.core import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    for var in hub.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    hub.unreachable_reason.cache_clear()
+    recipe = make_recipe(tmp_path, "someone/not-cached-model")
+    t0 = time.perf_counter()
+    code, _, err = run_cli(capsys, "train", str(recipe))
+    hub.unreachable_reason.cache_clear()
+    assert code == 2 and time.perf_counter() - t0 < 15
+    assert "not in the local Hugging Face cache" in err and "hub.invalid is not reachable" in err
+    assert "Retry" not in err and "Traceback" not in err and err.count("error:") == 1

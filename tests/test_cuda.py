@@ -15,9 +15,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from psft_lite import checkpoint, modeling, train
-from psft_lite.errors import Interrupted
-from psft_lite.recipe import load_recipe
+from psft_lite.core.errors import Interrupted
+from psft_lite.model import modeling
+from psft_lite.recipe.schema import load_recipe
+from psft_lite.training import checkpoint, trainer
+from psft_lite.training.build import build
+from psft_lite.training.loop import train_loop
+from psft_lite.training.step import train_step
 
 from conftest import ROOT, make_recipe
 
@@ -39,10 +43,10 @@ def _recipe(tmp_path, embedded_dir, model=None, **sections):
 
 
 def _train(tmp_path, embedded_dir, **sections):
-    run = train.build(load_recipe(_recipe(tmp_path, embedded_dir, **sections)), QUIET)
-    train.prepare_run_dir(run)
+    run = build(load_recipe(_recipe(tmp_path, embedded_dir, **sections)), QUIET)
+    trainer.prepare_run_dir(run)
     before = [p.detach().clone() for p in modeling.trainable_parameters(run.model)]
-    records = train.train_loop(run)
+    records = train_loop(run)
     moved = max(float((p.detach() - b).abs().max()) for p, b in zip(modeling.trainable_parameters(run.model), before))
     return run, records, moved
 
@@ -102,15 +106,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, embe
     out = []
     for gc in (False, True):
         keys = {"dtype": "fp32", "load_in_4bit": False, "gradient_checkpointing": gc}
-        run = train.build(load_recipe(_recipe(tmp_path / str(gc), embedded_dir, model=keys)), QUIET)
-        out.append(train.train_step(run, 0))
+        run = build(load_recipe(_recipe(tmp_path / str(gc), embedded_dir, model=keys)), QUIET)
+        out.append(train_step(run, 0))
     assert math.isclose(out[0]["loss"], out[1]["loss"], rel_tol=1e-5)
     assert math.isclose(out[0]["grad_norm"], out[1]["grad_norm"], rel_tol=1e-4)
 
 
 def test_chunked_head_matches_naive_on_cuda_with_gradients():
     """The chunked LM head (response positions only, float32 chunks) against full logits, on CUDA, fp32 and bf16."""
-    from psft_lite.logprobs import logprobs_from_logits, target_logprobs
+    from psft_lite.model.logprobs import logprobs_from_logits, target_logprobs
 
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
@@ -131,10 +135,10 @@ def test_chunked_head_matches_naive_on_cuda_with_gradients():
 
 def test_merge_of_a_4bit_cuda_run_is_exact(tmp_path, embedded_dir):
     """Dequantize-then-merge on a CUDA QLoRA run: the merge's own check passes with full greedy agreement."""
-    from psft_lite.merge import merge
+    from psft_lite.export.merge import merge
 
     run, _, _ = _train(tmp_path, embedded_dir, train={"max_steps": 3})
-    checkpoint.save_adapter(run.model, run.tokenizer, run.run_dir / "adapter", train.adapter_meta(run, 3))
+    checkpoint.save_adapter(run.model, run.tokenizer, run.run_dir / "adapter", trainer.adapter_meta(run, 3))
     del run
     torch.cuda.empty_cache()
     report = merge(tmp_path / "run" / "adapter", out=tmp_path / "merged", console=QUIET)
@@ -146,17 +150,17 @@ def test_resume_on_cuda_continues_the_same_trajectory(tmp_path, embedded_dir):
     """Interrupted after step 2 and resumed equals uninterrupted (losses to 1e-4 relative: cuBLAS is deterministic
     for the same shapes, the tolerance covers atomics in 4-bit kernels)."""
     sections = {"objective": {"kind": "psft", "old_policy": "snapshot", "refresh_every": 3}, "train": {"max_steps": 5}}
-    full = train.build(load_recipe(_recipe(tmp_path / "full", embedded_dir, **sections)), QUIET)
-    train.prepare_run_dir(full)
-    expected = train.train_loop(full)
+    full = build(load_recipe(_recipe(tmp_path / "full", embedded_dir, **sections)), QUIET)
+    trainer.prepare_run_dir(full)
+    expected = train_loop(full)
     del full
-    cut = train.build(load_recipe(_recipe(tmp_path / "cut", embedded_dir, **sections)), QUIET)
-    train.prepare_run_dir(cut)
+    cut = build(load_recipe(_recipe(tmp_path / "cut", embedded_dir, **sections)), QUIET)
+    trainer.prepare_run_dir(cut)
     with pytest.raises(Interrupted):
-        train.train_loop(cut, should_stop=lambda done: done == 2)
-    resumed = train.build(load_recipe(cut.run_dir / "recipe.toml"), QUIET, resuming=True)
-    start, _ = train.resume_point(resumed, "latest")
-    got = train.train_loop(resumed, start)
+        train_loop(cut, should_stop=lambda done: done == 2)
+    resumed = build(load_recipe(cut.run_dir / "recipe.toml"), QUIET, resuming=True)
+    start, _ = trainer.resume_point(resumed, "latest")
+    got = train_loop(resumed, start)
     for e, g in zip(expected[2:], got):
         assert e["step"] == g["step"] and math.isclose(e["loss"], g["loss"], rel_tol=1e-4)
 
@@ -164,7 +168,7 @@ def test_resume_on_cuda_continues_the_same_trajectory(tmp_path, embedded_dir):
 def test_peak_memory_against_the_preflight_estimate(tmp_path, embedded_dir):
     """The preflight estimate is for planning: the measured peak allocated memory must not exceed it by more than
     25 %, and must reach at least 20 % of its non-runtime part (else the estimate is uselessly loose)."""
-    from psft_lite.preflight import estimate_memory
+    from psft_lite.training.preflight import estimate_memory
 
     run, recs, _ = _train(tmp_path, embedded_dir, train={"max_steps": 3})
     longest = max(run.examples, key=len)

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from psft_lite.core.errors import DataError
 from psft_lite.data import load_conversations, load_examples
 from psft_lite.data.batching import DataPlan, collate
-from psft_lite.errors import DataError
-from psft_lite.recipe import DataSection
+from psft_lite.recipe.schema import DataSection
 
 from conftest import write_jsonl
 

@@ -30,15 +30,27 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if "event" not in r]
 
 
-@pytest.mark.parametrize(
-    "objective", [{"kind": "sft"}, {"kind": "psft", "old_policy": "snapshot", "refresh_every": 2}], ids=["sft", "psft"]
-)
-def test_two_processes_follow_the_single_process_trajectory(tmp_path, tiny_model_dir, objective):
-    recipe = make_recipe(tmp_path, tiny_model_dir, objective=objective, train=TRAIN)
-    one, two = tmp_path / "one", tmp_path / "two"
-    p1 = launch(["train", str(recipe), "--set", f"output.dir={one}"], 1)
+OBJECTIVES = {"sft": {"kind": "sft"}, "psft": {"kind": "psft", "old_policy": "snapshot", "refresh_every": 2}}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
+    """Each objective's recipe and its one-process reference run, trained once for the module's tests."""
+    out = {}
+    for name, objective in OBJECTIVES.items():
+        tmp = tmp_path_factory.mktemp(f"single-{name}")
+        recipe = make_recipe(tmp, tiny_model_dir, objective=objective, train=TRAIN)
+        p = launch(["train", str(recipe), "--set", f"output.dir={tmp / 'one'}"], 1)
+        assert p.returncode == 0, p.stderr
+        out[name] = (recipe, tmp / "one")
+    return out
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_two_processes_follow_the_single_process_trajectory(tmp_path, single_process, objective):
+    recipe, one = single_process[objective]
+    two = tmp_path / "two"
     p2 = launch(["train", str(recipe), "--set", f"output.dir={two}"], 2)
-    assert p1.returncode == 0, p1.stderr
     assert p2.returncode == 0, p2.stderr[-2000:]
     a, b = losses(one), losses(two)
     assert [s for s, _, _ in b] == [1, 2, 3, 4]  # one metrics line per step: only rank 0 writes
@@ -49,12 +61,9 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, tiny_model
     assert "data-parallel over 2 processes" in p2.stderr
 
 
-def test_resume_a_two_process_checkpoint_in_one_process(tmp_path, tiny_model_dir):
-    recipe = make_recipe(
-        tmp_path, tiny_model_dir, objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 2}, train=TRAIN
-    )
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert launch(["train", str(recipe), "--set", f"output.dir={ref}"], 1).returncode == 0
+def test_resume_a_two_process_checkpoint_in_one_process(tmp_path, single_process):
+    recipe, ref = single_process["psft"]  # the uninterrupted one-process trajectory
+    cut = tmp_path / "cut"
     p = launch(["train", str(recipe), "--set", f"output.dir={cut}", "--set", "train.max_steps=2"], 2)
     assert p.returncode == 0, p.stderr[-2000:]
     p = launch(["train", str(cut / "recipe.toml"), "--resume", "--set", "train.max_steps=4"], 1)

@@ -10,12 +10,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from psft_lite import train
 from psft_lite.data.tokenize import Example
-from psft_lite.ddt import summarize, token_phi
-from psft_lite.evaluate import answers_match, eval_items, evaluate_set, extract_answer, normalize
-from psft_lite.generate import generate, load_model
-from psft_lite.recipe import DataSection, load_recipe
+from psft_lite.inference.ddt import summarize, token_phi
+from psft_lite.inference.evaluate import answers_match, eval_items, evaluate_set, extract_answer, normalize
+from psft_lite.inference.generate import generate, load_model
+from psft_lite.recipe.schema import DataSection, load_recipe
+from psft_lite.training import trainer
+from psft_lite.training.build import build
+from psft_lite.training.loop import train_loop
 
 from conftest import ARITH, make_recipe, write_jsonl
 
@@ -61,14 +63,38 @@ def test_gold_answers_come_from_the_answer_column_or_the_reference(tmp_path):
     assert it.gold == "4" and it.prompt == [{"role": "user", "content": "2+2?"}]
 
 
+def test_a_right_answer_scores_right_and_a_wrong_one_wrong_end_to_end(tiny_model_dir, monkeypatch):
+    """Through evaluate_sets as every caller uses it: the model's answers (replaced by known texts) are extracted,
+    compared with the gold answers and counted; the reference NLL still comes from the model."""
+    from psft_lite.inference import evaluate as ev
+    from psft_lite.inference.generate import Generation
+
+    loaded = load_model(tiny_model_dir, "fp32")
+    d = DataSection(train=str(ARITH / "test.jsonl"))
+    items = eval_items(d.train, d, limit=4)
+    answers = [
+        items[0].reference,  # the reference solution itself: right
+        f"The answer is \\boxed{{{items[1].gold}}}.",  # right, in the other answer format
+        f"#### {int(items[2].gold) + 1}",  # off by one: wrong
+        "I do not know.",  # no answer: wrong
+    ]
+    fake = iter([Generation(a, 5, True, 0.5) for a in answers])
+    monkeypatch.setattr(ev, "generate", lambda loaded, prompts, *a, **k: [next(fake) for _ in prompts])
+    summaries, preds = ev.evaluate_sets(loaded, {"arith": items}, max_new_tokens=8)
+    assert [p["correct"] for p in preds["arith"]] == [True, True, False, False]
+    assert summaries["arith"]["accuracy"] == 0.5 and preds["arith"][3]["extracted"] is None
+    assert math.isfinite(summaries["arith"]["mean_nll"])
+
+
 def test_eval_end_to_end_writes_summary_and_predictions(tmp_path, tiny_model_dir):
-    from psft_lite.evaluate import write_outputs
+    from psft_lite.inference.evaluate import write_outputs
 
     loaded = load_model(tiny_model_dir, "fp32")
     d = DataSection(train=str(ARITH / "test.jsonl"))
     items = eval_items(d.train, d, limit=3)
     summary, preds = evaluate_set(loaded, items, max_new_tokens=8, batch_size=2)
-    assert summary["n"] == 3 and 0 <= summary["accuracy"] <= 1 and summary["mean_entropy"] > 0
+    assert summary["n"] == 3 and summary["accuracy"] == sum(p["correct"] for p in preds) / 3
+    assert summary["mean_entropy"] > 0
     assert math.isfinite(summary["mean_nll"]) and summary["mean_nll"] > 0
     write_outputs(tmp_path / "ev", {"test": summary}, {"test": preds})
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["test"]["n"] == 3
@@ -77,10 +103,10 @@ def test_eval_end_to_end_writes_summary_and_predictions(tmp_path, tiny_model_dir
 
 
 def test_generate_agrees_for_run_dir_and_merged_folder(tmp_path, tiny_model_dir):
-    from psft_lite.merge import merge
+    from psft_lite.export.merge import merge
 
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 3, "lr": 5e-2}))
-    train.run(recipe, console=QUIET)
+    trainer.run(recipe, console=QUIET)
     merge(tmp_path / "run", console=QUIET)
     prompt = [[{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}]]
     via_run = generate(load_model(tmp_path / "run"), prompt, max_new_tokens=10)[0]
@@ -144,16 +170,15 @@ def test_ddt_phi_is_zero_on_own_samples_and_negative_on_shuffled_text(embedded_d
     assert own["verdict"].startswith(("in-distribution", "near")) and off["verdict"].startswith("off-distribution")
 
 
+@pytest.mark.slow
 def test_in_training_eval_logs_events_and_leaves_the_trajectory_unchanged(tmp_path, tiny_model_dir):
     common = {"train": {"max_steps": 4, "lr": 2e-2}, "lora": {"dropout": 0.1}}
     test_file = str(ARITH / "test.jsonl")
     # build + train one run after the other: dropout draws from the global torch RNG, which build() seeds
-    plain = train.build(
-        load_recipe(make_recipe(tmp_path / "a", tiny_model_dir, data={"eval": test_file}, **common)), QUIET
-    )
-    train.prepare_run_dir(plain)
-    a = train.train_loop(plain)
-    with_eval = train.build(
+    plain = build(load_recipe(make_recipe(tmp_path / "a", tiny_model_dir, data={"eval": test_file}, **common)), QUIET)
+    trainer.prepare_run_dir(plain)
+    a = train_loop(plain)
+    with_eval = build(
         load_recipe(
             make_recipe(
                 tmp_path / "b",
@@ -165,8 +190,8 @@ def test_in_training_eval_logs_events_and_leaves_the_trajectory_unchanged(tmp_pa
         ),
         QUIET,
     )
-    train.prepare_run_dir(with_eval)
-    b = train.train_loop(with_eval)
+    trainer.prepare_run_dir(with_eval)
+    b = train_loop(with_eval)
     assert [x["loss"] for x in a] == [x["loss"] for x in b]  # eval (generation, eval mode) did not disturb training
     events = [json.loads(x) for x in (with_eval.run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
     assert [e["step"] for e in events] == [2, 4]
@@ -174,15 +199,15 @@ def test_in_training_eval_logs_events_and_leaves_the_trajectory_unchanged(tmp_pa
 
 
 def test_plot_overlays_runs(tmp_path, tiny_model_dir):
-    from psft_lite.plot import plot_runs
+    from psft_lite.study.plot import plot_runs
 
     for kind, objective in (("sft", {"kind": "sft"}), ("psft", {"kind": "psft", "old_policy": "snapshot"})):
-        r = train.build(
+        r = build(
             load_recipe(make_recipe(tmp_path / kind, tiny_model_dir, objective=objective, train={"max_steps": 3})),
             QUIET,
         )
-        train.prepare_run_dir(r)
-        train.train_loop(r)
+        trainer.prepare_run_dir(r)
+        train_loop(r)
     report = plot_runs([tmp_path / "sft" / "run", tmp_path / "psft" / "run"], tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     series = report["series"]
@@ -193,8 +218,8 @@ def test_plot_overlays_runs(tmp_path, tiny_model_dir):
 
 
 def test_preflight_flags_pad_eos_and_a_recipe_that_trains_nothing(tmp_path, tiny_model_dir):
-    from psft_lite.errors import DataError
-    from psft_lite.preflight import run_preflight
+    from psft_lite.core.errors import DataError
+    from psft_lite.training.preflight import run_preflight
 
     console = Console(record=True, width=200)
     rep = run_preflight(load_recipe(make_recipe(tmp_path, tiny_model_dir)), console)

@@ -11,10 +11,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from psft_lite import export as export_mod
-from psft_lite import gguf_check, gguf_convert, modeling, ollama, train
-from psft_lite.errors import RunError
-from psft_lite.recipe import load_recipe
+from psft_lite.core import extras
+from psft_lite.core.errors import RunError
+from psft_lite.export import gguf as export_mod
+from psft_lite.export import gguf_check, gguf_convert, ollama
+from psft_lite.model import modeling
+from psft_lite.recipe.schema import load_recipe
+from psft_lite.training import trainer
 
 from conftest import make_recipe
 from test_cli import run_cli
@@ -33,7 +36,7 @@ def embedded_run(tmp_path_factory):
     recipe = load_recipe(
         make_recipe(tmp, modeling.EMBEDDED_MODEL, train={"max_steps": 2, "lr": 1e-3}, lora={"r": 4, "alpha": 8})
     )
-    train.run(recipe, console=QUIET)
+    trainer.run(recipe, console=QUIET)
     return tmp / "run"
 
 
@@ -121,10 +124,13 @@ def test_adapter_gguf_on_its_base_matches_the_merged_gguf(exported, embedded_run
     assert np.abs(applied - bare).max() > 1e-3  # the adapter does something in llama.cpp
 
 
-def test_exported_gguf_loads_back_as_a_base_and_trains(exported, tmp_path):
-    folder, _ = exported
-    recipe = load_recipe(make_recipe(tmp_path, folder / "m-q8_0.gguf", train={"max_steps": 2, "lr": 1e-3}))
-    summary = train.run(recipe, console=QUIET)
+@pytest.mark.slow
+def test_exported_gguf_loads_back_as_a_base_and_trains(tmp_path, tiny_model_dir):
+    """A q8_0 GGUF psft-lite wrote is a model psft-lite can train again (transformers dequantizes it on load)."""
+    out = tmp_path / "gguf" / "m.gguf"
+    export_mod.export(tiny_model_dir, out=out, quant="q8_0", console=QUIET)
+    recipe = load_recipe(make_recipe(tmp_path, out, train={"max_steps": 2, "lr": 1e-3}))
+    summary = trainer.run(recipe, console=QUIET)
     assert summary["steps"] == 2 and np.isfinite(summary["last"]["loss"])
 
 
@@ -199,11 +205,12 @@ def test_a_converter_layout_error_fails_the_check_and_writes_nothing(tmp_path, t
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_recipe_save_gguf_exports_at_the_end_of_training(tmp_path, tiny_model_dir):
     recipe = load_recipe(
         make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 2}, output={"save": "gguf", "gguf_quant": "f16"})
     )
-    summary = train.run(recipe, console=QUIET)
+    summary = trainer.run(recipe, console=QUIET)
     [path] = summary["gguf"]
     assert path.endswith("run-f16.gguf")
     assert _field(gguf.GGUFReader(path), "general.file_type") == int(gguf.LlamaFileType.MOSTLY_F16)
@@ -276,11 +283,12 @@ def test_chat_format_reproduces_chatml_and_llama3_templates(tokenizer):
         tok.chat_template = old
 
 
+@pytest.mark.slow
 def test_bad_export_inputs_exit_2_with_nothing_written(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 1}))
-    train.run(recipe, console=QUIET)
+    trainer.run(recipe, console=QUIET)
     run = tmp_path / "run"
     before = sorted(p.name for p in run.iterdir())
 
@@ -303,7 +311,7 @@ def test_bad_export_inputs_exit_2_with_nothing_written(tmp_path, tiny_model_dir,
     code, _, err = run_cli(capsys, "export", str(run), "--out", str(blocker / "m.gguf"), "--quant", "f16")
     assert code == 2 and "cannot write to" in err
 
-    monkeypatch.setattr(gguf_check, "available", lambda: False)
+    monkeypatch.setattr(extras, "installed", lambda module: module != "llama_cpp")
     code, _, err = run_cli(capsys, "export", str(run), "--quant", "q4_k_m", "--no-verify")
     assert code == 2 and "pip install 'psft-lite[gguf]'" in err and "q4_k_m" in err
     code, _, err = run_cli(capsys, "export", str(run), "--quant", "f16")
@@ -317,7 +325,7 @@ def test_bad_export_inputs_exit_2_with_nothing_written(tmp_path, tiny_model_dir,
 
 
 def test_pre_tokenizer_is_named_from_what_tokenizer_json_says_it_does():
-    from psft_lite.errors import ModelError
+    from psft_lite.core.errors import ModelError
 
     def seq(*parts):
         return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": list(parts)}}
@@ -338,7 +346,7 @@ def test_lora_gguf_refuses_what_a_llama_cpp_lora_cannot_carry(tmp_path):
     """DoRA, rank patterns and whole trained modules would be dropped silently; they are refused, nothing written."""
     from transformers import LlamaConfig
 
-    from psft_lite.errors import ModelError
+    from psft_lite.core.errors import ModelError
 
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     state = {
@@ -359,3 +367,32 @@ def test_lora_gguf_refuses_what_a_llama_cpp_lora_cannot_carry(tmp_path):
         assert not path.exists()
     n = gguf_convert.write_lora_gguf(tmp_path / "ok.gguf", state, base, cfg, {})
     assert n == 1 and len(gguf.GGUFReader(tmp_path / "ok.gguf").tensors) == 2
+
+
+def test_llama3_rope_factors_match_transformers_own_scaling():
+    """Llama 3.1's `rope_freqs` factors are what transformers divides the default inverse frequencies by."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_theta": 500000.0,
+        },
+    )
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    base = gguf_convert._rope_theta(cfg)
+    plain = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
+    expected = (plain / scaled.double()).numpy()
+    got = gguf_convert.llama3_rope_factors(cfg)
+    assert got.shape == (dim // 2,) and got.min() == 1.0 and got.max() == 8.0  # both ends of the ramp are hit
+    np.testing.assert_allclose(got, expected, rtol=1e-5)

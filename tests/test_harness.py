@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from psft_lite import harness
+from psft_lite.core import extras
 
 from conftest import ROOT, arith_rows, make_recipe, write_jsonl
 from test_cli import run_cli
@@ -58,20 +58,22 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A trained tiny run (sft, lr high enough that the adapter clearly moves the model)."""
     from rich.console import Console
 
-    from psft_lite import train
-    from psft_lite.recipe import load_recipe
+    from psft_lite.recipe.schema import load_recipe
+    from psft_lite.training import trainer
 
     tmp = tmp_path_factory.mktemp("harness-run")
     recipe = make_recipe(tmp, tiny_model_dir, train={"max_steps": 4, "lr": 1e-2})
-    train.run(load_recipe(recipe), console=Console(quiet=True))
+    trainer.run(load_recipe(recipe), console=Console(quiet=True))
     return tmp / "run"
 
 
 @pytest.mark.slow
 def test_harness_accuracy_equals_psft_lite_eval_on_the_same_rows(tmp_path, capsys):
-    """The cross-check users can rerun: the embedded model, the same 8 problems, through the harness (the shipped
+    """The cross-check users can rerun: the embedded model, the same 4 problems, through the harness (the shipped
     example task) and through `psft-lite eval --data`; greedy, chat template, the same length limit, no padding."""
-    rows = arith_rows(8, "test")
+    # four held-out problems whose greedy answers finish well inside the limit, two right and two wrong (measured:
+    # of the first eight, the base model gets rows 4 and 7 right): short generations keep this check quick
+    rows = [arith_rows(8, "test")[i] for i in (1, 4, 5, 7)]
     data = local_arith_task(tmp_path / "tasks", rows, max_gen_toks=96)
     args = ["smollm2-135m-instruct", "--batch-size", "1"]
     code, out, err = run_cli(
@@ -94,14 +96,14 @@ def test_harness_accuracy_equals_psft_lite_eval_on_the_same_rows(tmp_path, capsy
     )
     assert code == 0, err
     own = json.loads((tmp_path / "e" / "summary.json").read_text())["mine"]
-    assert own["n"] == 8 and report["model_scores"]["n"]["arith_local"]["effective"] == 8
+    assert own["n"] == 4 and report["model_scores"]["n"]["arith_local"]["effective"] == 4
     assert harness_acc == pytest.approx(own["accuracy"]), (harness_acc, own["accuracy"])
     assert 0 < own["accuracy"] < 1  # a check that can fail: some right, some wrong
 
 
 @pytest.mark.slow
 def test_adapter_on_its_base_agrees_with_the_merged_folder_and_compare_base_differs(tiny_run, tmp_path, capsys):
-    from psft_lite.merge import merge
+    from psft_lite.export.merge import merge
 
     tasks = rolling_task(tmp_path / "tasks")
     merged = merge(tiny_run / "adapter", out=tmp_path / "merged", dtype="fp32")["out"]
@@ -127,7 +129,7 @@ def test_adapter_on_its_base_agrees_with_the_merged_folder_and_compare_base_diff
 
 
 def test_missing_harness_is_exit_2_naming_the_extra(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(harness, "installed", lambda module: False)
+    monkeypatch.setattr(extras, "installed", lambda module: False)
     code, _, err = run_cli(capsys, "eval", "smollm2-135m-instruct", "--tasks", "gsm8k", "--out", str(tmp_path / "o"))
     assert code == 2 and "pip install 'psft-lite[harness]'" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()

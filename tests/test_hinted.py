@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from psft_lite.data import load_examples
-from psft_lite.generate import load_model
-from psft_lite.hinted import (
+from psft_lite.inference.generate import load_model
+from psft_lite.inference.hinted import (
     HintConfig,
     StopAtCoT,
     cut_at_cot,
@@ -23,7 +23,7 @@ from psft_lite.hinted import (
     run,
     sample,
 )
-from psft_lite.recipe import DataSection
+from psft_lite.recipe.schema import DataSection
 
 from conftest import arith_rows, write_jsonl
 
@@ -203,8 +203,8 @@ def test_no_cot_heading_drops_or_falls_back():
 
 
 def test_resume_never_truncates_a_file_it_did_not_write_and_ends_a_line_that_lost_its_newline(tmp_path):
-    from psft_lite.errors import DataError
-    from psft_lite.hinted import read_done
+    from psft_lite.core.errors import DataError
+    from psft_lite.inference.hinted import read_done
 
     foreign = tmp_path / "mine.jsonl"
     foreign.write_text('{"prompt": "x", "completion": "y"}\n')

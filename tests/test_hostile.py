@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psft_lite import cli
+from psft_lite.core.errors import DataError, RecipeError
 from psft_lite.data import load_examples
-from psft_lite.errors import DataError, RecipeError
-from psft_lite.recipe import FORMAT_FIELDS, Recipe, load_recipe
+from psft_lite.recipe.schema import FORMAT_FIELDS, Recipe, load_recipe
 
 from conftest import make_recipe
 
@@ -167,7 +167,7 @@ def test_recipe_loader_on_arbitrary_bytes(blob):
 def test_every_data_format_loads_or_names_file_and_row(
     tokenizer, items, suffix, fmt, max_length, truncation, cut, garbage
 ):
-    from psft_lite.recipe import DataSection
+    from psft_lite.recipe.schema import DataSection
 
     with tempfile.TemporaryDirectory() as tmp:
         f = write_rows(Path(tmp), suffix, items, cut, garbage)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from psft_lite import merge as merge_mod
-from psft_lite import train
-from psft_lite.errors import ModelError, RunError
-from psft_lite.recipe import load_recipe
+from psft_lite.core.errors import ModelError, RunError
+from psft_lite.export import merge as merge_mod
+from psft_lite.recipe.schema import load_recipe
+from psft_lite.training import trainer
 
 from conftest import make_recipe
 
@@ -24,7 +24,7 @@ PROMPT = "Tom has 12 apples and buys 7 more. How many apples does he have?"
 
 def _trained_run(tmp_path, model_dir, **model):
     recipe = load_recipe(make_recipe(tmp_path, model_dir, model=model, train={"max_steps": 3, "lr": 2e-2}))
-    summary = train.run(recipe, console=QUIET)
+    summary = trainer.run(recipe, console=QUIET)
     return tmp_path / "run", summary
 
 
@@ -72,6 +72,7 @@ def _adapter_greedy(run_dir, model_dir, load_in_4bit):
     return out[0, ids.shape[1] :].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
 def test_merge_is_exact_and_loads_without_psft_lite(tmp_path, tiny_model_dir, load_in_4bit):
     run_dir, _ = _trained_run(tmp_path, tiny_model_dir, load_in_4bit=load_in_4bit)
@@ -99,7 +100,7 @@ def test_naive_merge_into_4bit_weights_would_have_failed_the_check(tmp_path, tin
     run_dir, _ = _trained_run(tmp_path, tiny_model_dir, load_in_4bit=True)
     from peft import PeftModel
 
-    from psft_lite import modeling
+    from psft_lite.model import modeling
 
     def naive(info, device, train_dtype, out_dtype, from_original):
         base = modeling.load_base_model(info.base, device, train_dtype)
@@ -116,7 +117,7 @@ def test_naive_merge_into_4bit_weights_would_have_failed_the_check(tmp_path, tin
 
 def test_recipe_save_merged_merges_at_the_end_of_training(tmp_path, tiny_model_dir):
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 2}, output={"save": "merged"}))
-    summary = train.run(recipe, console=QUIET)
+    summary = trainer.run(recipe, console=QUIET)
     merged = tmp_path / "run" / "merged"
     assert summary["merged"] == str(merged)
     meta = json.loads((merged / "psft_lite.json").read_text())

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from psft_lite.logprobs import logprobs_from_logits, target_logprobs
-from psft_lite.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
+from psft_lite.model.logprobs import logprobs_from_logits, target_logprobs
+from psft_lite.training.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
 
 REF = json.loads((Path(__file__).parent / "data" / "objectives_reference.json").read_text())
 PSFT_DEFAULTS = {"clip_high": 0.28, "clip_low": 0.2}  # METHODS.md §2

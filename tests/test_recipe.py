@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from psft_lite.errors import RecipeError
-from psft_lite.recipe import load_recipe, parse_override, recipe_from_dict, reference_markdown
+from psft_lite.core.errors import RecipeError
+from psft_lite.recipe.schema import load_recipe, parse_override, recipe_from_dict, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 

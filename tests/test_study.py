@@ -7,10 +7,10 @@ import re
 import pytest
 from rich.console import Console
 
-from psft_lite.errors import RecipeError
-from psft_lite.metrics import read_metrics
-from psft_lite.recipe import load_recipe
-from psft_lite.study import grid, latest_results, parse_sweep, plot_study, report_tables, run_study
+from psft_lite.core.errors import RecipeError
+from psft_lite.recipe.schema import load_recipe
+from psft_lite.study.runner import grid, latest_results, parse_sweep, plot_study, report_tables, run_study
+from psft_lite.tracking.metrics import read_metrics
 
 from conftest import arith_rows, make_recipe, write_jsonl
 
@@ -115,6 +115,7 @@ def test_bad_sweep_keys_and_values_fail_before_training(tmp_path, tiny_model_dir
         assert not (tmp_path / "s").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_sweep_resumes_skipping_finished_cells_and_reports_per_cell(tmp_path, tiny_model_dir):
     test = write_jsonl(tmp_path / "test.jsonl", arith_rows(2, "test"))
     probe = write_jsonl(
@@ -152,3 +153,25 @@ def test_sweep_resumes_skipping_finished_cells_and_reports_per_cell(tmp_path, ti
     pngs = plot_study(results, tmp_path / "report", out, ["in_domain", "probe"])
     assert [p.name for p in pngs] == ["study-entropy.png", "study-entropy-vs-nll.png", "study-tradeoff.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+@pytest.mark.slow
+def test_an_interrupted_study_resumes_its_run_and_evaluates_each_epoch_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Ctrl-C in the middle of a run's second epoch: the rerun resumes that run from its checkpoint (no step trained
+    twice or skipped) and evaluates each epoch once."""
+    from psft_lite.core.errors import Interrupted
+    from psft_lite.training import trainer
+    from psft_lite.training.loop import train_loop
+
+    test = write_jsonl(tmp_path / "test.jsonl", arith_rows(2, "test"))
+    path = make_recipe(tmp_path, tiny_model_dir, train={"epochs": 2}, eval={"sets": {"in_domain": str(test)}})
+    recipe = load_recipe(path, ["train.max_steps=", "data.limit=8", "train.save_every=1"])
+    out = tmp_path / "study"
+    monkeypatch.setattr(trainer, "train_loop", lambda run, start=0, **k: train_loop(run, start, lambda d: d == 3, **k))
+    with pytest.raises(Interrupted):
+        run_study(recipe, ["sft"], [0], out, limit=2, max_new_tokens=4, console=QUIET)
+    monkeypatch.undo()
+    results = read_metrics(run_study(recipe, ["sft"], [0], out, limit=2, max_new_tokens=4, console=QUIET))
+    assert sorted((r["method"], r["epoch"]) for r in results) == [("base", 0), ("sft", 1), ("sft", 2)]
+    steps = [r["step"] for r in read_metrics(out / "sft-s0" / "metrics.jsonl") if "event" not in r]
+    assert steps == [1, 2, 3, 4]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from psft_lite import trackers
+from psft_lite.core import extras
+from psft_lite.tracking import trackers
 
 import tracker_readers as read
 from conftest import ROOT, make_recipe
@@ -149,6 +150,7 @@ def test_events_become_markers_and_text(tmp_path):
 
     class Fake:
         name = "fake"
+        replays_resumed_steps = False
 
         def scalars(self, values, step):
             calls.append(("scalars", values, step))
@@ -171,9 +173,10 @@ def test_events_become_markers_and_text(tmp_path):
 def test_a_resumed_reporter_skips_what_was_already_sent_except_to_tensorboard():
     got = []
 
-    class Fake:
+    class Fake:  # a backend that continues its run (W&B-like) and one that replays resumed steps (TensorBoard-like)
         def __init__(self, name):
             self.name = name
+            self.replays_resumed_steps = name == "tensorboard"
 
         def scalars(self, values, step):
             got.append((self.name, step))
@@ -187,8 +190,8 @@ def test_a_resumed_reporter_skips_what_was_already_sent_except_to_tensorboard():
 def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny_model_dir, monkeypatch):
     from rich.console import Console
 
-    from psft_lite import train
-    from psft_lite.recipe import load_recipe
+    from psft_lite.recipe.schema import load_recipe
+    from psft_lite.training import trainer
 
     def disk_full(self, values, step):
         raise OSError(28, "No space left on device")
@@ -196,7 +199,7 @@ def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny
     monkeypatch.setattr(trackers.TensorBoard, "scalars", disk_full)
     recipe = make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 3}, output={"report_to": ["tensorboard"]})
     console = Console(record=True, width=200)
-    summary = train.run(load_recipe(recipe), console=console)
+    summary = trainer.run(load_recipe(recipe), console=console)
     text = console.export_text()
     assert text.count("reporting to tensorboard failed (OSError: [Errno 28] No space left on device)") == 1
     assert "metrics.jsonl stays complete" in text
@@ -208,9 +211,9 @@ def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny
 def test_missing_tracker_package_is_exit_2_before_any_model_loads(
     tmp_path, tiny_model_dir, capsys, monkeypatch, command
 ):
-    from psft_lite import modeling
+    from psft_lite.model import modeling
 
-    monkeypatch.setattr(trackers, "installed", lambda module: module != "wandb")
+    monkeypatch.setattr(extras, "installed", lambda module: module != "wandb")
     monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
     recipe = make_recipe(tmp_path, tiny_model_dir)
     code, out, err = run_cli(capsys, command, str(recipe), "--set", 'output.report_to=["tensorboard", "wandb"]')
@@ -221,7 +224,7 @@ def test_missing_tracker_package_is_exit_2_before_any_model_loads(
 
 
 def test_report_to_from_the_command_line_and_bad_names(tmp_path, tiny_model_dir, capsys):
-    from psft_lite.recipe import load_recipe
+    from psft_lite.recipe.schema import load_recipe
 
     recipe = make_recipe(tmp_path, tiny_model_dir)
     assert load_recipe(recipe, ["output.report_to=tensorboard,mlflow"]).output.report_to == ["tensorboard", "mlflow"]

@@ -9,10 +9,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from psft_lite import checkpoint, modeling, train
+from psft_lite.core.errors import RunError
 from psft_lite.data.batching import collate
-from psft_lite.errors import RunError
-from psft_lite.recipe import load_recipe
+from psft_lite.model import modeling
+from psft_lite.recipe.schema import load_recipe
+from psft_lite.training import checkpoint, trainer
+from psft_lite.training.build import build
+from psft_lite.training.loop import train_loop
 
 from conftest import make_recipe
 
@@ -21,8 +24,8 @@ QUIET = Console(quiet=True)
 
 def _build(tmp_path, model_path, **sections):
     recipe = load_recipe(make_recipe(tmp_path, model_path, **sections))
-    r = train.build(recipe, QUIET)
-    train.prepare_run_dir(r)
+    r = build(recipe, QUIET)
+    trainer.prepare_run_dir(r)
     return r
 
 
@@ -42,7 +45,7 @@ def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedde
         data={"limit": 8},
     )
     before = _lora_state(r.model)
-    records = train.train_loop(r)
+    records = train_loop(r)
     assert len(records) == 8 and (r.run_dir / "metrics.jsonl").read_text().count("\n") == 8
     first = records[0]["nll"] + records[1]["nll"]  # epoch 1 (8 examples = 2 steps)
     last = records[-2]["nll"] + records[-1]["nll"]  # epoch 4, same examples
@@ -60,7 +63,7 @@ def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedde
             base_logits = r.model(input_ids=batch.input_ids).logits
     assert (tuned - base_logits).abs().max() > 0.5
 
-    adapter = checkpoint.save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", train.adapter_meta(r, 8))
+    adapter = checkpoint.save_adapter(r.model, r.tokenizer, r.run_dir / "adapter", trainer.adapter_meta(r, 8))
     assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "psft_lite.json"} <= {
         p.name for p in adapter.iterdir()
     }
@@ -87,7 +90,7 @@ def test_psft_snapshot_clips_within_a_group_and_ratio_is_one_at_refresh(tmp_path
         logp, _ = modeling.response_logprobs(r.model, b)
     assert torch.equal(old[b.target_mask], logp.detach()[b.target_mask])
 
-    recs = train.train_loop(r)
+    recs = train_loop(r)
     assert recs[0]["ratio_mean"] == 1.0 and recs[0]["clip_frac"] == 0.0 and recs[0]["approx_kl"] == 0.0
     later = recs[1:]
     assert all(x["ratio_mean"] != 1.0 for x in later)
@@ -104,7 +107,7 @@ def test_psft_k1_is_exactly_sft(tmp_path, tiny_model_dir):
         objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 1},
         **common,
     )
-    ra, rb = train.train_loop(a), train.train_loop(b)
+    ra, rb = train_loop(a), train_loop(b)
     for x, y in zip(ra, rb):
         assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-6)
         assert y["clip_frac"] == 0 and y["ratio_mean"] == 1.0
@@ -117,7 +120,7 @@ def test_idft_lambda0_is_dft(tmp_path, tiny_model_dir):
     common = {"train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2}}
     a = _build(tmp_path / "a", tiny_model_dir, objective={"kind": "dft"}, **common)
     b = _build(tmp_path / "b", tiny_model_dir, objective={"kind": "idft", "lambda_warmup": 1.0}, **common)
-    ra, rb = train.train_loop(a), train.train_loop(b)
+    ra, rb = train_loop(a), train_loop(b)
     for x, y in zip(ra, rb):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6) and math.isclose(
             x["grad_norm"], y["grad_norm"], rel_tol=1e-6
@@ -140,7 +143,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, n
         objective=obj,
         train={"max_steps": 3, "batch_size": 4, "micro_batch_size": 1, "lr": 1e-2},
     )
-    rb, ra = train.train_loop(big), train.train_loop(acc)
+    rb, ra = train_loop(big), train_loop(acc)
     for x, y in zip(rb, ra):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5), (x["loss"], y["loss"])
         assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4)
@@ -155,7 +158,7 @@ def test_base_old_policy_is_the_adapter_disabled_model_and_is_cached(tmp_path, t
         objective={"kind": "psft", "old_policy": "base"},
         train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 5e-2},
     )
-    recs = train.train_loop(r)  # 16 examples, 4 per step: 2 epochs
+    recs = train_loop(r)  # 16 examples, 4 per step: 2 epochs
     assert r.policy.scored == 16  # each example scored once, never again in epoch 2
     assert recs[-1]["approx_kl"] != 0  # the adapter drifted from the base
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -173,7 +176,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, ti
         r.objective, loss=lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k))
     )
     with pytest.raises(RunError, match="2 in a row, patience 2 reached") as e:
-        train.train_loop(r)
+        train_loop(r)
     assert "checkpoint saved to" in str(e.value)
     after = _lora_state(r.model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN update reached the weights
@@ -182,7 +185,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, ti
 
 
 def test_qlora_eval_forward_does_not_drop_gradients(tmp_path, embedded_dir):
-    """DESIGN.md trap: an eval no-grad forward must not repack 4-bit weights and silently kill gradients."""
+    """The bitsandbytes CPU trap: an eval no-grad forward must not repack 4-bit weights and silently kill gradients."""
 
     def lowest_lora_grad(eval_first: bool) -> torch.Tensor:
         torch.manual_seed(0)
@@ -207,7 +210,7 @@ def test_qlora_eval_forward_does_not_drop_gradients(tmp_path, embedded_dir):
 
 def test_packed_rows_score_every_example_as_if_it_were_alone(tmp_path, tiny_model_dir):
     from psft_lite.data.batching import pack_examples, pack_groups
-    from psft_lite.objectives import token_weights
+    from psft_lite.training.objectives import token_weights
 
     r = _build(tmp_path, tiny_model_dir)
     r.model.eval()
@@ -249,6 +252,46 @@ def test_training_on_packed_rows_learns(tmp_path, tiny_model_dir, objective):
     )
     assert len(r.examples) < 16 and sum(e.n_sequences for e in r.examples) == 16
     before = _lora_state(r.model)
-    recs = train.train_loop(r)
+    recs = train_loop(r)
     assert recs[-1]["nll"] < recs[0]["nll"]
     assert any(not torch.equal(before[k], v) for k, v in _lora_state(r.model).items())
+
+
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [  # lr 1.0, 2 warm-up steps, 10 steps, min_lr_ratio 0.1: warm-up, then the decay from 1.0 to 0.1
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0] + [0.1 + 0.9 * (1 - k / 8) for k in range(8)]),
+        ("cosine", [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]),
+    ],
+)
+def test_lr_schedules_warm_up_then_decay_to_the_floor(schedule, expected):
+    from psft_lite.recipe.schema import TrainSection
+    from psft_lite.training.schedules import lr_at
+
+    t = TrainSection(lr=1.0, warmup_steps=2, schedule=schedule, min_lr_ratio=0.1)
+    got = [lr_at(step, 10, t) for step in range(10)]
+    assert got == pytest.approx(expected, abs=1e-12)
+    if schedule != "constant":  # decays towards the floor, never below it
+        assert got[-1] > 0.1 and lr_at(10, 10, t) == pytest.approx(0.1)
+
+
+def test_sft_warmup_steps_train_plain_sft_before_the_trust_region_starts(tmp_path, tiny_model_dir):
+    """psft base with 2 warm-up steps: ratio exactly 1 (no clipping, no KL) while warming up, a ratio against the
+    base afterwards, and the same first two updates as sft."""
+    common = {"train": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-2}}
+    psft = _build(
+        tmp_path / "p",
+        tiny_model_dir,
+        objective={"kind": "psft", "old_policy": "base", "sft_warmup_steps": 2},
+        **common,
+    )
+    sft = _build(
+        tmp_path / "s", tiny_model_dir, objective={"kind": "sft"}, **{"train": {**common["train"], "max_steps": 2}}
+    )
+    rp, rs = train_loop(psft), train_loop(sft)
+    for x in rp[:2]:
+        assert x["ratio_mean"] == 1.0 and x["clip_frac"] == 0 and x["approx_kl"] == 0
+    assert all(r["ratio_mean"] != 1.0 for r in rp[2:]) and rp[3]["approx_kl"] != 0
+    for x, y in zip(rp[:2], rs):
+        assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-6)

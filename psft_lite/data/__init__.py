@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from psft_lite.core.errors import DataError
 from psft_lite.data.formats import detect_format, to_messages
 from psft_lite.data.sources import Row, read_rows
 from psft_lite.data.tokenize import EncodeStats, Example, encode_all
-from psft_lite.errors import DataError
-from psft_lite.recipe import RowFormat, Source
+from psft_lite.recipe.schema import RowFormat, Source
 
 __all__ = ["Example", "EncodeStats", "Row", "load_examples", "load_conversations", "resolve_format"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from psft_lite.core.errors import DataError
 from psft_lite.data.sources import Row
-from psft_lite.errors import DataError
-from psft_lite.recipe import FORMAT_FIELDS
+from psft_lite.recipe.schema import FORMAT_FIELDS
 
 Message = dict[str, str]  # the one internal form of a chat turn: {"role", "content"}
 

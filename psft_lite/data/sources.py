@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psft_lite.errors import DataError
-from psft_lite.recipe import Source
+from psft_lite.core import hub
+from psft_lite.core.errors import DataError
+from psft_lite.recipe.schema import Source
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -188,6 +189,9 @@ def _read_dataset_folder(path: Path, source: Source, limit: int | None) -> list[
 
 
 def _read_hub(source: Source, limit: int | None) -> list[Row]:
+    offline = hub.unreachable_reason()
+    if offline is not None:
+        hub.go_offline()  # the local cache only: no minute of retries against an unreachable hub
     import datasets
 
     label = describe(source)
@@ -195,6 +199,8 @@ def _read_hub(source: Source, limit: int | None) -> list[Row]:
         ds = datasets.load_dataset(source.path, name=source.config, split=source.split, revision=source.revision)
     except Exception as e:  # datasets raises many types (network, auth, missing config/split); all are bad input here
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if offline is not None:
+            reason = f"it is not in the local cache, and the hub cannot be asked: {offline}"
         raise DataError(
             f"{source.path}: not a local file or folder, and loading it as a Hugging Face Hub data set "
             f"(config={source.config!r}, split={source.split!r}) failed: {reason}. Check the id, the config and split "

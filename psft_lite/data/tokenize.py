@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from psft_lite.core.errors import DataError, ModelError
 from psft_lite.data.formats import Message
-from psft_lite.errors import DataError, ModelError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Scoring for the local arith task: psft-lite's own answer rule, so the harness and `psft-lite eval` agree."""
 
-from psft_lite.evaluate import answers_match, extract_answer, normalize
+from psft_lite.inference.evaluate import answers_match, extract_answer, normalize
 
 
 def process_results(doc, results):

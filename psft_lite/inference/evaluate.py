@@ -1,0 +1,336 @@
+"""`psft-lite eval`: math-answer accuracy (GSM8K `#### N`, `\\boxed{}`), generation entropy and reference NLL.
+
+Per data set: greedy pass@1 (or avg@k with sampling), the mean token entropy of the generations (the model's own
+distribution at each generated token), and the mean NLL of the reference responses under the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from psft_lite.core.errors import RecipeError
+from psft_lite.data import load_conversations
+from psft_lite.data.tokenize import Example, encode_all
+from psft_lite.inference.generate import Loaded, generate
+from psft_lite.model import modeling
+from psft_lite.model.logprobs import kl_divergence
+from psft_lite.model.modeling import score_examples
+from psft_lite.recipe.schema import RowFormat, Source
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answer extraction
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def _boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (balanced braces), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0:
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        if text[k] == "{":
+            depth += 1
+        elif text[k] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[j + 1 : k]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a solution: after the last `####`, else the last \\boxed{}, else the last number."""
+    if text is None:
+        return None
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        m = _NUMBER.search(tail.replace("$", ""))
+        if m:
+            return normalize(m.group(0))
+        return normalize(tail.splitlines()[0]) if tail else None
+    boxed = _boxed(text)
+    if boxed is not None:
+        inner = boxed.replace("\\!", "").replace("\\,", "").replace("{,}", ",").replace("$", "")
+        inner = re.sub(r"\\(?:d|t)?frac\{([^{}]+)\}\{([^{}]+)\}", r"\1/\2", inner)
+        inner = re.sub(r"\\text\{[^{}]*\}", "", inner)
+        return normalize(inner)
+    nums = _NUMBER.findall(text.replace("$", ""))
+    return normalize(nums[-1]) if nums else None
+
+
+def normalize(ans: str) -> str:
+    """Canonical form: numbers without commas, units or trailing zeros ('1,000.50 dollars' → '1000.5')."""
+    s = ans.strip().rstrip(".").strip()
+    m = _NUMBER.search(s)
+    if m and re.fullmatch(r"[\s$€£]*" + re.escape(m.group(0)) + r"\s*(?:%|[A-Za-z][A-Za-z .]*)?", s):
+        num = m.group(0).replace(",", "")
+        try:
+            value = Fraction(num)
+        except (ValueError, ZeroDivisionError):
+            return num
+        if value.denominator == 1:
+            return str(value.numerator)
+        as_float = float(value)
+        return f"{as_float:.6g}" if "/" not in num else f"{value.numerator}/{value.denominator}"
+    return re.sub(r"\s+", " ", s).lower()
+
+
+def answers_match(pred: str | None, gold: str | None) -> bool:
+    if pred is None or gold is None:
+        return False
+    if pred == gold:
+        return True
+    try:
+        return math.isclose(float(Fraction(pred)), float(Fraction(gold)), rel_tol=1e-6, abs_tol=1e-9)
+    except (ValueError, ZeroDivisionError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalItem:
+    prompt: list[dict[str, str]]  # the conversation up to the final assistant turn
+    reference: str  # the reference response
+    gold: str | None
+    where: str
+    match: str = "answer"  # "answer": compare extracted final answers; "contains": any of gold's |-alternatives appears
+
+    def correct(self, generation: str) -> tuple[str | None, bool]:
+        """(extracted answer, correct?) for one generation."""
+        if self.match == "contains":
+            alts = [a.strip() for a in (self.gold or "").split("|") if a.strip()]
+            hit = next((a for a in alts if re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", generation, re.I)), None)
+            return hit, hit is not None
+        ans = extract_answer(generation)
+        return ans, answers_match(ans, self.gold)
+
+
+def eval_items(
+    source: Source, data: RowFormat, limit: int | None = None, base_dir: Path | None = None
+) -> list[EvalItem]:
+    """Problems with gold answers: from an `answer` column when present, else extracted from the reference."""
+    items = []
+    for msgs, row in load_conversations(source, data, limit=limit, base_dir=base_dir):
+        *prompt, last = msgs
+        match = "contains" if row.data.get("match") == "contains" else "answer"
+        items.append(EvalItem(prompt, last["content"], gold_answer(row.data, last["content"], match), row.where, match))
+    return items
+
+
+def gold_answer(data: dict[str, Any], reference: str, match: str = "answer") -> str | None:
+    """The gold answer of a row: its `answer` column when it has one (a bare answer, or a GSM8K-style solution),
+    else the final answer of the reference response."""
+    gold = data.get("answer") if isinstance(data.get("answer"), (str, int, float)) else None
+    if match == "contains":
+        return str(gold if gold is not None else reference)
+    if gold is not None:
+        return extract_answer(str(gold)) if "####" in str(gold) else normalize(str(gold))
+    return extract_answer(reference)
+
+
+def mean_nll(loaded: Loaded, examples: list[Example], batch_size: int = 8) -> float:
+    """Mean NLL per trained token (end-of-turn included) of tokenized examples under the model."""
+    total, count = 0.0, 0
+    for b, logp, _ in score_examples(
+        loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype, batch_size
+    ):
+        total += float(-(logp * b.target_mask).sum())
+        count += b.n_trained
+    return total / max(count, 1)
+
+
+def reference_examples(tokenizer: Any, items: list[EvalItem], max_length: int) -> list[Example]:
+    """Each problem with its reference response as the trained turn: what teacher-forced scores are computed on."""
+    convs = [(it.prompt + [{"role": "assistant", "content": it.reference}], it.where) for it in items]
+    return encode_all(tokenizer, convs, max_length, "truncate")[0]
+
+
+def reference_nll(loaded: Loaded, items: list[EvalItem], max_length: int = 2048) -> float:
+    """Mean NLL per token of the reference responses under the model."""
+    return mean_nll(loaded, reference_examples(loaded.tokenizer, items, max_length))
+
+
+def evaluate_set(
+    loaded: Loaded,
+    items: list[EvalItem],
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    nll: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary, predictions) for one data set. With samples k > 1, accuracy is avg@k."""
+    preds: list[dict[str, Any]] = []
+    correct = 0.0
+    entropies: list[float] = []
+    for k in range(samples):
+        gens = generate(
+            loaded,
+            [it.prompt for it in items],
+            max_new_tokens,
+            temperature,
+            top_p,
+            batch_size,
+            seed=seed + 1000 * k,
+            progress=progress,
+        )
+        for it, g in zip(items, gens):
+            ans, ok = it.correct(g.text)
+            correct += ok
+            entropies.append(g.mean_entropy)
+            preds.append(
+                {
+                    "where": it.where,
+                    "sample": k,
+                    "prompt": it.prompt[-1]["content"],
+                    "generation": g.text,
+                    "extracted": ans,
+                    "gold": it.gold,
+                    "correct": ok,
+                    "finished": g.finished,
+                    "tokens": g.n_tokens,
+                    "mean_entropy": g.mean_entropy,
+                }
+            )
+    n = len(items)
+    summary = {
+        "n": n,
+        "samples": samples,
+        "accuracy": correct / (n * samples) if n else 0.0,
+        "mean_entropy": sum(entropies) / len(entropies) if entropies else 0.0,
+        "finished": sum(p["finished"] for p in preds) / len(preds) if preds else 0.0,
+    }
+    if nll:
+        summary["mean_nll"] = reference_nll(loaded, items)
+    return summary, preds
+
+
+@torch.no_grad()
+def kl_to_base(loaded: Loaded, items: list[EvalItem], max_length: int = 512) -> float:
+    """Mean over reference tokens of KL(p_base ‖ p_model), teacher-forced on the items' reference answers (0 for a
+    model without an adapter: it is the base)."""
+    if not loaded.has_adapter:
+        return 0.0
+    examples = reference_examples(loaded.tokenizer, items, max_length)
+    head = modeling.lm_head(loaded.model)
+    total, count = 0.0, 0
+    for b in modeling.example_batches(examples, loaded.tokenizer.pad_token_id, loaded.device):
+        with modeling.autocast(loaded.device, loaded.dtype):
+            tuned = modeling.response_hidden(loaded.model, b)
+            with modeling.adapter_disabled(loaded.model):
+                base = modeling.response_hidden(loaded.model, b)
+        kl = kl_divergence(base, tuned, head.weight, head.bias, softcap=head.softcap, scale=head.scale)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / max(count, 1)
+
+
+def evaluate_sets(
+    loaded: Loaded,
+    sets: dict[str, list[EvalItem]],
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    nll: bool = True,
+    kl_sets: tuple[str, ...] = (),
+    console: Console | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The one way psft-lite evaluates a model on named sets (`psft-lite eval`, `study`, the in-training eval):
+    per set, (summary, predictions); sets named in `kl_sets` also get `kl_to_base`. With a console, a progress bar
+    over every generation."""
+    summaries: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    with _progress(console, sum(len(v) for v in sets.values()) * samples) as advance:
+        for name, items in sets.items():
+            advance(0, name)
+            summaries[name], predictions[name] = evaluate_set(
+                loaded, items, samples, temperature, top_p, max_new_tokens, batch_size, progress=advance, nll=nll
+            )
+            if name in kl_sets:
+                summaries[name]["kl_to_base"] = kl_to_base(loaded, items)
+    return summaries, predictions
+
+
+@contextlib.contextmanager
+def _progress(console: Console | None, total: int) -> Iterator[Callable[..., None]]:
+    """A transient rich bar on `console` (nothing without one); yields advance(n, description=None)."""
+    if console is None:
+        yield lambda n, description=None: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("", total=total)
+
+        def advance(n: int, description: str | None = None) -> None:
+            if description is not None:
+                bar.update(task, description=description)
+            bar.advance(task, n)
+
+        yield advance
+
+
+def named_sets(
+    loaded: Loaded, data: list[str] | None, data_config: str | None, split: str, limit: int | None
+) -> dict[str, list[EvalItem]]:
+    """What `psft-lite eval` scores: each `--data [NAME=]FILE`, else the run's `eval.sets` (or `data.eval`)."""
+    recipe = loaded.recipe
+    if data:
+        rows = RowFormat(max_length=recipe.data.max_length if recipe else 4096)
+        named = {}
+        for item in data:
+            name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
+            named[name] = (Source(path=path, config=data_config, split=split), rows)
+    elif recipe is not None and (recipe.eval.sets or recipe.data.eval):
+        named = {k: (v, recipe.data) for k, v in (recipe.eval.sets or {"eval": recipe.data.eval}).items()}
+    else:
+        raise RecipeError(
+            "no data to evaluate: pass --data FILE (or NAME=FILE), or a run whose recipe has data.eval or eval.sets."
+        )
+    return {name: eval_items(src, rows, limit=limit) for name, (src, rows) in named.items()}
+
+
+def summary_lines(summaries: dict[str, dict[str, Any]], samples: int) -> list[str]:
+    """One line per set, as `psft-lite eval` prints them."""
+    metric = "pass@1" if samples == 1 else f"avg@{samples}"
+    return [
+        f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   reference "
+        f"NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}"
+        for name, sm in summaries.items()
+    ]
+
+
+def write_outputs(
+    out: Path, summaries: dict[str, dict[str, Any]], predictions: dict[str, list[dict[str, Any]]]
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for name, preds in predictions.items():
+            for p in preds:
+                f.write(json.dumps({"set": name, **p}) + "\n")

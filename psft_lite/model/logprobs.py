@@ -1,0 +1,141 @@
+"""Per-token log-probs and entropies of target tokens from hidden states, with the LM head run in chunks.
+
+Never materialise a [B × L × V] float32 tensor when only the trained tokens' log-probs and entropies are
+needed. `target_logprobs` runs the head over the masked positions only, a chunk of rows at a time, and recomputes
+each chunk's logits in the backward pass; `kl_divergence` does the same for KL(p ‖ q) between two sets of hidden
+states (the study's drift probe). `logprobs_from_logits` is the unchunked reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """log p(target) and entropy for N positions, computing the LM head in chunks of rows.
+
+    Forward keeps only the hidden states; backward recomputes each chunk's logits. Peak extra memory is one
+    [chunk × V] float32 block instead of [N × V] saved for autograd. Entropy is returned as a statistic (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, scale):  # type: ignore[override]
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        ent = hidden.new_empty(n, dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, chunk):
+                z, _ = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap, scale)
+                lse = torch.logsumexp(z, dim=-1)
+                logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
+                p = torch.exp(z - lse[:, None])
+                ent[s : s + chunk] = lse - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
+        ctx.has_bias, ctx.chunk, ctx.softcap, ctx.scale = bias is not None, chunk, softcap, scale
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, _g_ent):  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s : s + ctx.chunk]
+                z, dz_draw = _chunk_logits(h, weight, bias, ctx.softcap, ctx.scale)
+                g = g_logp[s : s + ctx.chunk].float()
+                # d log p_t / dz = onehot(t) − softmax(z)
+                gz = -torch.softmax(z, dim=-1) * g[:, None]
+                gz.scatter_add_(1, targets[s : s + ctx.chunk, None], g[:, None])
+                if dz_draw is not None:
+                    gz = gz * dz_draw
+                if need_h:
+                    grad_h[s : s + ctx.chunk] = (gz.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += gz.t() @ h.float()
+                if need_b:
+                    grad_b += gz.sum(0)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _chunk_logits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, scale: float
+) -> tuple[Tensor, Tensor | None]:
+    """float32 logits of a chunk, and d(logits)/d(raw logits) when a non-linear soft-cap is applied."""
+    z = (h.to(weight.dtype) @ weight.t()).float()
+    if bias is not None:
+        z = z + bias.float()
+    if scale != 1.0:
+        z = z * scale
+    if softcap:
+        t = torch.tanh(z / softcap)
+        return softcap * t, (1 - t * t) * scale
+    return z, (torch.full_like(z[:1, :1], scale) if scale != 1.0 else None)
+
+
+def target_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    bias: Tensor | None = None,
+    chunk: int = 1024,
+    softcap: float | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-token log p(target) and entropy for the masked positions of a padded batch.
+
+    hidden:  [B, L, H] final hidden states; position t predicts targets[:, t]
+    weight:  [V, H] LM head (bias [V] optional; `softcap`/`scale` for models that transform logits)
+    targets: [B, L] long; mask: [B, L] bool — only masked positions go through the head
+    returns: (logp [B, L] float32 with grad, entropy [B, L] float32 detached), zero where mask is False
+    """
+    flat = mask.nonzero(as_tuple=True)
+    logp_sel, ent_sel = _TargetLogProbs.apply(hidden[flat], weight, bias, targets[flat], chunk, softcap, scale)
+    logp = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(flat, logp_sel)
+    ent = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(flat, ent_sel)
+    return logp, ent
+
+
+def logprobs_from_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference (unchunked) path: per-token log p(target) and entropy from full logits [..., V]."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logsm = torch.log_softmax(logits, dim=-1)
+    logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
+    ent = -(logsm.exp() * logsm).sum(-1)
+    return logp, ent.detach()
+
+
+@torch.no_grad()
+def kl_divergence(
+    hidden_p: Tensor,
+    hidden_q: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    chunk: int = 1024,
+    softcap: float | None = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """KL(p ‖ q) per row between the next-token distributions of two sets of hidden states [N, H] sharing one LM head
+    (e.g. the base model and the fine-tuned one at the same positions); float32 [N], one [chunk × V] block at a time."""
+    out = hidden_p.new_empty(hidden_p.shape[0], dtype=torch.float32)
+    with torch.autocast(hidden_p.device.type, enabled=False):
+        for s in range(0, hidden_p.shape[0], chunk):
+            zp, _ = _chunk_logits(hidden_p[s : s + chunk], weight, bias, softcap, scale)
+            zq, _ = _chunk_logits(hidden_q[s : s + chunk], weight, bias, softcap, scale)
+            lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
+            out[s : s + chunk] = (lp.exp() * (lp - lq)).sum(-1)
+    return out

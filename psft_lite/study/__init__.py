@@ -1,0 +1,1 @@
+"""Many runs compared: the study runner, its report, and `psft-lite plot`."""

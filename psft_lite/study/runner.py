@@ -1,0 +1,564 @@
+"""`psft-lite study`: train every objective on the same recipe for several epochs and seeds, evaluate each
+epoch-end checkpoint, and report — the replication study of docs/study.md, rerunnable on any model.
+
+Each (method, seed) is an ordinary run in OUT/<method>-s<seed>/ with a checkpoint at every epoch end; evaluations
+are appended to OUT/results.jsonl as they finish. Rerunning skips finished runs and evaluations and resumes an
+interrupted run from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from psft_lite.core import rundir
+from psft_lite.core.errors import RecipeError
+from psft_lite.core.extras import require_extra
+from psft_lite.core.files import atomic_write_text
+from psft_lite.core.rundir import list_checkpoints
+from psft_lite.model import modeling
+from psft_lite.recipe.schema import Recipe, parse_override, recipe_from_dict
+from psft_lite.study.plot import pyplot
+from psft_lite.tracking.metrics import read_metrics
+from psft_lite.training.objectives import method_keys, methods
+
+#: Each method is a set of objective.* settings (objectives.py's table); everything else (lr, batch, steps, seed) is
+#: shared.
+METHODS: dict[str, dict[str, Any]] = methods()
+PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to the base model
+
+
+def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_tokens: int) -> dict[str, Any]:
+    """Accuracy, generation entropy and reference NLL on each set (its first `limit` problems), and the KL to the base
+    model on the probe set."""
+    from psft_lite.inference.evaluate import evaluate_sets
+    from psft_lite.inference.generate import load_model
+
+    loaded = load_model(spec)
+    firsts = {name: items[:limit] for name, items in sets.items()}
+    summaries, _ = evaluate_sets(loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,))
+    keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base")
+    return {name: {k: sm[k] for k in keep if k in sm} for name, sm in summaries.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The grid: methods × sweep cells × seeds. A sweep key a method does not read (e.g. objective.refresh_every for sft) is
+# dropped from that method's cells, so no identical run is trained twice.
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep for one method: recipe overrides as (dotted key, value) pairs, in sweep order."""
+
+    values: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """`lr=0.0001 refresh_every=4` (the key's last part; the whole key where two would read the same)."""
+        last = [k.rsplit(".", 1)[-1] for k, _ in self.values]
+        names = [k if last.count(k.rsplit(".", 1)[-1]) > 1 else k.rsplit(".", 1)[-1] for k, _ in self.values]
+        return " ".join(f"{n}={_fmt(v)}" for n, (_, v) in zip(names, self.values))
+
+    def run_name(self, method: str, seed: int) -> str:
+        return f"{method}-{self.label.replace(' ', ',')}-s{seed}" if self.values else f"{method}-s{seed}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+Sweep = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
+
+
+def parse_sweep(items: list[str]) -> Sweep:
+    """`--sweep train.lr=1e-4,1e-3` → [((train.lr,), [(1e-4,), (1e-3,)])]; keys joined by `:` move together:
+    `--sweep train.lr:train.epochs=1e-4:12,1e-3:4` (a low lr given more epochs). Values are TOML, as with --set."""
+    out, seen = [], set()
+    for item in items:
+        key_part, eq, value_part = item.partition("=")
+        keys = tuple(k.strip() for k in key_part.split(":"))
+        if not eq or not all(keys) or not all("." in k for k in keys):
+            raise RecipeError(f"--sweep {item!r}: expected SECTION.KEY=V1,V2,... e.g. --sweep train.lr=1e-4,3e-4,1e-3")
+        if {"objective.kind", "objective.old_policy"} & set(keys):
+            raise RecipeError(f"--sweep {item!r}: choose objectives and old policies with --methods, not --sweep.")
+        if seen & set(keys):
+            raise RecipeError(f"--sweep {item!r}: {sorted(seen & set(keys))[0]} is swept twice.")
+        seen |= set(keys)
+        groups = [g for g in value_part.split(",") if g.strip()]
+        if not groups:
+            raise RecipeError(f"--sweep {item!r}: no values to sweep; give at least one after '='.")
+        values = []
+        for g in groups:
+            parts = g.split(":")
+            if len(parts) != len(keys):
+                raise RecipeError(f"--sweep {item!r}: {g!r} has {len(parts)} value(s) for {len(keys)} key(s).")
+            values.append(tuple(parse_override(f"{k}={v}")[1] for k, v in zip(keys, parts)))
+        out.append((keys, values))
+    return out
+
+
+def grid(sweep: Sweep, method: str) -> list[Cell]:
+    """The distinct cells of `method`: the cross product of the sweeps, less the objective keys it does not read."""
+    reads = method_keys(method)
+    cells: list[Cell] = [Cell()]
+    for keys, values in sweep:
+        cells = [Cell(c.values + tuple(zip(keys, v))) for c in cells for v in values]
+    prefix = "objective."
+    kept = [
+        Cell(tuple((k, v) for k, v in c.values if not k.startswith(prefix) or k[len(prefix) :] in reads)) for c in cells
+    ]
+    return list(dict.fromkeys(kept))
+
+
+def cell_recipe(base: Recipe, method: str, cell: Cell, seed: int, run_dir: Path) -> Recipe:
+    """The recipe of one run of the study; a bad sweep key or value is reported under the sweep's name."""
+    raw = base.model_dump(mode="json", exclude_none=True)
+    raw["objective"] = {**raw["objective"], **METHODS[method]}
+    for key, value in cell.values:
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--sweep {key}: {part} is a value, not a section.")
+        node[last] = value
+    raw["train"].update(seed=seed, keep_last=0)
+    raw["eval"]["every"] = 0
+    raw["output"] = {**raw["output"], "dir": str(run_dir)}
+    return recipe_from_dict(raw, source=f"--sweep {cell.label}" if cell.values else f"study:{method}")
+
+
+@dataclass
+class Job:
+    """One training run of the study and the epochs at which it is evaluated."""
+
+    method: str
+    cell: Cell
+    seed: int
+    recipe: Recipe
+    steps_per_epoch: int
+    eval_epochs: list[int]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recipe.run_dir
+
+    def key(self, epoch: int) -> tuple[str, str, int, int]:
+        return (self.method, self.cell.label, self.seed, epoch)
+
+
+def plan_jobs(
+    recipe: Recipe, methods: list[str], seeds: list[int], sweep: Sweep, out: Path, eval_every: int, tokenizer: Any
+) -> list[Job]:
+    """Every run of the study, its recipe checked before anything trains and its epoch length counted."""
+    from psft_lite.data import load_examples
+
+    jobs, n_examples = [], {}
+    base_dir = recipe.path.parent if recipe.path else None
+    for method in methods:
+        for cell in grid(sweep, method):
+            for seed in seeds:
+                job_recipe = cell_recipe(recipe, method, cell, seed, out / cell.run_name(method, seed))
+                t, d = job_recipe.train, job_recipe.data
+                if t.max_steps is not None or int(t.epochs) != t.epochs:
+                    raise RecipeError(
+                        "a study trains whole epochs: set train.epochs to an integer and leave train.max_steps unset."
+                    )
+                data_key = d.model_dump_json()
+                if data_key not in n_examples:  # the data section decides how many examples an epoch has
+                    found, _ = load_examples(d.train, d, tokenizer, limit=d.limit, base_dir=base_dir)
+                    n_examples[data_key] = len(found)
+                steps = math.ceil(n_examples[data_key] / t.batch_size)
+                job_recipe.train.save_every = steps  # a checkpoint at every epoch end
+                epochs = int(t.epochs)
+                evals = sorted({e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs})
+                jobs.append(Job(method, cell, seed, job_recipe, steps, evals))
+    return jobs
+
+
+def study(
+    recipe: Recipe,
+    methods: str,
+    seeds: str,
+    out: Path | None,
+    limit: int,
+    max_new_tokens: int,
+    report: Path | None,
+    sweep: list[str],
+    eval_every: int,
+    console: Console,
+) -> tuple[Path, Path, list[Path]]:
+    """`psft-lite study`: run (or resume) the study, then write its tables and figures; returns (results.jsonl,
+    tables.md, figures)."""
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1") from None
+    grid = parse_sweep(sweep)
+    folder = out or recipe.run_dir
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    results_path = run_study(
+        recipe, method_list, seed_list, folder, limit, max_new_tokens, console, sweep=grid, eval_every=eval_every
+    )
+    results = latest_results(read_metrics(results_path))
+    dest = report or folder
+    dest.mkdir(parents=True, exist_ok=True)
+    sets = list(recipe.eval.sets)
+    tables = atomic_write_text(dest / "tables.md", report_tables(results, sets))
+    return results_path, tables, plot_study(results, dest, folder, sets)
+
+
+def run_study(
+    recipe: Recipe,
+    methods: list[str],
+    seeds: list[int],
+    out: Path,
+    limit: int,
+    max_new_tokens: int,
+    console: Console,
+    sweep: Sweep | None = None,
+    eval_every: int = 1,
+) -> Path:
+    """Train and evaluate everything that is not done yet; returns OUT/results.jsonl."""
+    from psft_lite.inference.evaluate import eval_items
+    from psft_lite.training import trainer
+
+    require_extra("matplotlib", "psft-lite study draws its figures with matplotlib")  # before hours of training
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise RecipeError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
+    if not recipe.eval.sets:
+        raise RecipeError("the study recipe needs eval.sets (e.g. in_domain, ood and probe) to evaluate each epoch on.")
+    jobs = plan_jobs(recipe, methods, seeds, sweep or [], out, eval_every, modeling.load_tokenizer(recipe.model))
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["epoch"]) for rec in _read(results_path)}
+    base_dir = recipe.path.parent if recipe.path else None
+    sets = {name: eval_items(src, recipe.data, base_dir=base_dir) for name, src in recipe.eval.sets.items()}
+    n_steps = sum(int(j.recipe.train.epochs) * j.steps_per_epoch for j in jobs if not _trained(j.run_dir))
+    base_key = ("base", "", 0, 0)
+    n_evals = len({j.key(e) for j in jobs for e in j.eval_epochs} | {base_key} - done)
+    cells = len({(j.method, j.cell) for j in jobs})
+    plan = f"study: {len(jobs)} runs ({cells} method × sweep cells × {len(seeds)} seed(s))"
+    if n_steps:  # an interrupted run counts whole: a rough upper bound
+        t_step = _time_one_step(recipe, console)
+        plan += f"; to do: {n_steps} steps at ~{t_step:.1f} s/step ≈ {n_steps * t_step * 1.15 / 60:.0f} min"
+    console.print(
+        plan + f"; {n_evals} evaluation(s) of {sum(min(len(v), limit) for v in sets.values())} problems to do"
+    )
+    t0 = time.perf_counter()
+    if base_key not in done:
+        scores = evaluate_model(recipe.model.name, sets, limit, max_new_tokens)
+        _append(
+            results_path, {"method": "base", "cell": {}, "cell_label": "", "seed": 0, "epoch": 0, "step": 0, **scores}
+        )
+    for job in jobs:
+        what = f"[bold]{job.method}[/bold]" + (f" {job.cell.label}" if job.cell.values else "") + f" seed {job.seed}"
+        if not _trained(job.run_dir):
+            resume = "latest" if list_checkpoints(job.run_dir) else None
+            console.print(f"{what}: " + ("resuming" if resume else "training"))
+            trainer.run(job.recipe, console=console, overwrite=resume is None, resume=resume)
+        for step, ckpt in list_checkpoints(job.run_dir):
+            epoch, rest = divmod(step, job.steps_per_epoch)
+            if rest or epoch not in job.eval_epochs or job.key(epoch) in done:
+                continue
+            scores = evaluate_model(ckpt, sets, limit, max_new_tokens)
+            _append(
+                results_path,
+                {
+                    "method": job.method,
+                    "cell": dict(job.cell.values),
+                    "cell_label": job.cell.label,
+                    "seed": job.seed,
+                    "epoch": epoch,
+                    "step": step,
+                    **_train_stats(job.run_dir, step, job.steps_per_epoch),
+                    **scores,
+                },
+            )
+            done.add(job.key(epoch))
+        console.print(f"  done {what} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
+    return results_path
+
+
+def _trained(run_dir: Path) -> bool:
+    """The run finished: its final adapter exists."""
+    return rundir.is_adapter_dir(rundir.adapter_dir(run_dir))
+
+
+def _time_one_step(recipe: Recipe, console: Console) -> float:
+    """Seconds per optimizer step, measured on one step of the recipe (model load excluded)."""
+    from psft_lite.training.build import build
+    from psft_lite.training.step import train_step
+
+    raw = recipe.model_dump(mode="json", exclude_none=True)
+    raw["output"]["dir"] = str(Path("/tmp") / f"psft-lite-study-probe-{id(recipe)}")
+    run = build(recipe_from_dict(raw), Console(quiet=True), overwrite=True)
+    train_step(run, 0)  # warm-up
+    t0 = time.perf_counter()
+    train_step(run, 1)
+    return time.perf_counter() - t0
+
+
+def _train_stats(run_dir: Path, step: int, steps_per_epoch: int) -> dict[str, float | None]:
+    """Means over the epoch that ended at `step`, from the run's metrics: entropy and NLL of the trained tokens and
+    (psft) the clip fraction."""
+    steps = [
+        rec
+        for rec in read_metrics(rundir.metrics_file(run_dir))
+        if "event" not in rec and step - steps_per_epoch < rec["step"] <= step
+    ]
+    out: dict[str, float | None] = {}
+    for name, key in (("train_entropy", "entropy"), ("train_nll", "nll"), ("clip_frac", "clip_frac")):
+        values = [rec[key] for rec in steps if key in rec]
+        out[name] = statistics.mean(values) if values else None
+    return out
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return read_metrics(path) if path.exists() else []
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _cell(values: list[float], pct: bool) -> str:
+    if not values:
+        return "—"
+    scale = 100 if pct else 1
+    m = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{m:.1f}" if pct else f"{m:.3f}"
+    spread = (max(values) - min(values)) * scale / 2
+    return f"{m:.1f} ± {spread:.1f}" if pct else f"{m:.3f} ± {spread:.3f}"
+
+
+def latest_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, cell, seed, epoch), the last written (processes side by side may repeat one)."""
+    return list(
+        {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["epoch"]): rec for rec in results}.values()
+    )
+
+
+def _runs(results: list[dict[str, Any]]) -> list[tuple[str, Cell]]:
+    """The (method, cell) pairs in the results, in table order (method order, then the sweep's order)."""
+    pairs = {(rec["method"], Cell(tuple(rec.get("cell", {}).items()))) for rec in results if rec["method"] != "base"}
+    order = list(METHODS)
+    return sorted(pairs, key=lambda mc: (order.index(mc[0]), [_sortable(v) for _, v in mc[1].values]))
+
+
+def _sortable(v: Any) -> tuple[int, Any]:
+    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
+
+
+def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
+    """Markdown tables, mean ± half-range over seeds: one per epoch end, or for a sweep one row per (method, cell) at
+    its final epoch plus the entropy trajectory of each."""
+    if any(rec.get("cell_label") for rec in results):
+        return sweep_tables(results, sets)
+    epochs = sorted({rec["epoch"] for rec in results if rec["method"] != "base"})
+    methods = ["base"] + [m for m in METHODS if any(rec["method"] == m for rec in results)]
+    cols = [f"{s} acc %" for s in sets] + ["train entropy", f"{PROBE} NLL", f"{PROBE} KL to base"]
+    out = []
+    for epoch in epochs:
+        out.append(f"#### Epoch {epoch}\n\n| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+        for m in methods:
+            rows = [rec for rec in results if rec["method"] == m and (rec["epoch"] == epoch or m == "base")]
+            if not rows:
+                continue
+            cells = [_cell([rec[s]["accuracy"] for rec in rows if s in rec], True) for s in sets]
+            cells.append(_cell([rec["train_entropy"] for rec in rows if rec.get("train_entropy") is not None], False))
+            cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
+            cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def sweep_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
+    first = sets[0]
+    cols = [f"{s} acc %" for s in sets] + [
+        f"{first} gen. entropy",
+        "train NLL",
+        "train entropy",
+        "clip frac",
+        f"{PROBE} NLL",
+        f"{PROBE} KL to base",
+    ]
+    out = [
+        "#### Final epoch of each run\n",
+        "| method | cell | epoch | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    traj = [
+        "#### Entropy (and NLL) on trained tokens at each evaluated epoch\n",
+        "| method | cell | epoch: entropy (NLL) |",
+        "|---|---|---|",
+    ]
+    for method, cell in [("base", Cell()), *_runs(results)]:
+        mine = [rec for rec in results if rec["method"] == method and rec.get("cell_label", "") == cell.label]
+        if not mine:
+            continue
+        last = max(rec["epoch"] for rec in mine)
+        rows = [rec for rec in mine if rec["epoch"] == last]
+        cells = [_cell([rec[s]["accuracy"] for rec in rows if s in rec], True) for s in sets]
+        cells.append(_cell([rec[first]["mean_entropy"] for rec in rows if first in rec], False))
+        for key in ("train_nll", "train_entropy", "clip_frac"):
+            cells.append(_cell([rec[key] for rec in rows if rec.get(key) is not None], False))
+        cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
+        cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
+        out.append(f"| {method} | {cell.label or '—'} | {last} | " + " | ".join(cells) + " |")
+        if method != "base":
+            points = []
+            for epoch in sorted({rec["epoch"] for rec in mine}):
+                at = [rec for rec in mine if rec["epoch"] == epoch]
+                h = _cell([rec["train_entropy"] for rec in at if rec.get("train_entropy") is not None], False)
+                nll = _cell([rec["train_nll"] for rec in at if rec.get("train_nll") is not None], False)
+                points.append(f"{epoch}: {h} ({nll})")
+            traj.append(f"| {method} | {cell.label} | " + ", ".join(points) + " |")
+    return "\n".join(out + [""] + traj) + "\n"
+
+
+def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str]) -> list[Path]:
+    """Entropy vs step (seed 0 of every method); accuracy per set and the probe's KL to base vs epoch (mean over
+    seeds), as small PNGs."""
+    plt = pyplot("the study's figures")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(rec.get("cell_label") for rec in results):
+        return plot_sweep(results, out_dir, run_root, sets, plt)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for m in METHODS:
+        run = run_root / f"{m}-s0"
+        if rundir.metrics_file(run).exists():
+            recs = [rec for rec in read_metrics(rundir.metrics_file(run)) if "event" not in rec]
+            ax.plot(
+                [rec["step"] for rec in recs],
+                [rec["entropy"] for rec in recs],
+                label=m,
+                linewidth=1,
+                color=f"C{list(METHODS).index(m)}",
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("entropy on trained tokens (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "study-entropy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    panels = [*sets, "kl"] if PROBE in sets else list(sets)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    base = next((rec for rec in results if rec["method"] == "base"), None)
+
+    def value(rec: dict[str, Any], panel: str) -> float:
+        return rec[PROBE].get("kl_to_base", 0.0) if panel == "kl" else rec[panel]["accuracy"] * 100
+
+    for ax, s in zip(axes[0], panels):
+        for m in METHODS:
+            rows = [rec for rec in results if rec["method"] == m]
+            epochs = sorted({rec["epoch"] for rec in rows})
+            if not epochs:
+                continue
+            ys = [statistics.mean(value(rec, s) for rec in rows if rec["epoch"] == e) for e in epochs]
+            if base:
+                epochs, ys = [0, *epochs], [value(base, s), *ys]
+            ax.plot(epochs, ys, marker="o", markersize=3, label=m, color=f"C{list(METHODS).index(m)}")
+        ax.set_title(f"{PROBE}: KL to base (nats/token)" if s == "kl" else f"{s} accuracy (%)", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "study-accuracy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def _steps(run_dir: Path) -> list[dict[str, Any]]:
+    path = rundir.metrics_file(run_dir)
+    return [rec for rec in read_metrics(path) if "event" not in rec] if path.exists() else []
+
+
+def plot_sweep(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str], plt: Any) -> list[Path]:
+    """A sweep's figures (lowest seed): entropy vs step, one panel per value of the keys every method shares (e.g. the
+    lr); entropy vs training NLL (is entropy kept at a matched fit?); final in-domain accuracy vs probe KL to base."""
+    seed = min(rec["seed"] for rec in results if rec["method"] != "base")
+    runs = _runs(results)
+    shared = lambda cell: Cell(tuple((k, v) for k, v in cell.values if not k.startswith("objective.")))  # noqa: E731
+    own = lambda cell: Cell(tuple((k, v) for k, v in cell.values if k.startswith("objective.")))  # noqa: E731
+    panels = list(dict.fromkeys(shared(c) for _, c in runs))
+    styles = {c: s for c, s in zip(dict.fromkeys(own(c) for _, c in runs), ["-", "--", ":", "-."] * 4)}
+    colour = {m: f"C{list(METHODS).index(m)}" for m in METHODS}
+    paths = []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    fig2, ax2 = plt.subplots(figsize=(6, 4))
+    for method, cell in runs:
+        steps = _steps(run_root / cell.run_name(method, seed))
+        if not steps:
+            continue
+        label = method + (f" {own(cell).label}" if own(cell).values else "")
+        ax = axes[0][panels.index(shared(cell))]
+        ax.plot(
+            [r["step"] for r in steps],
+            [r["entropy"] for r in steps],
+            styles[own(cell)],
+            color=colour[method],
+            linewidth=1,
+            label=label,
+        )
+        nll = [statistics.mean(r["nll"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
+        ent = [statistics.mean(r["entropy"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
+        ax2.plot(nll, ent, styles[own(cell)], color=colour[method], linewidth=1, label=f"{label} {shared(cell).label}")
+    for ax, cell in zip(axes[0], panels):
+        ax.set_title(cell.label or "all runs", fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("entropy on trained tokens (nats)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "study-entropy.png")
+    fig.savefig(paths[-1], dpi=100)
+    ax2.set_xscale("log")
+    ax2.invert_xaxis()
+    ax2.set_xlabel("training NLL of the targets (5-step mean; fitting goes right)")
+    ax2.set_ylabel("entropy on trained tokens (nats)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=6, ncol=2)
+    fig2.tight_layout()
+    paths.append(out_dir / "study-entropy-vs-nll.png")
+    fig2.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    plt.close(fig2)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    first = sets[0]
+    for method, cell in [("base", Cell()), *runs]:
+        mine = [r for r in results if r["method"] == method and r.get("cell_label", "") == cell.label]
+        if not mine or PROBE not in mine[0]:
+            continue
+        last = [r for r in mine if r["epoch"] == max(x["epoch"] for x in mine)]
+        x = statistics.mean(r[PROBE].get("kl_to_base", 0.0) for r in last)
+        y = statistics.mean(r[first]["accuracy"] * 100 for r in last)
+        ax.scatter([x], [y], color=colour.get(method, "black"), s=18)
+        ax.annotate(f"{method} {cell.label}".strip(), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel(f"{PROBE}: KL to base (nats/token; forgetting goes right)")
+    ax.set_ylabel(f"{first} accuracy (%), final epoch")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "study-tradeoff.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,1 @@
+"""Where a run's numbers go: metrics.jsonl, the live progress display, and the trackers."""

@@ -1,0 +1,205 @@
+"""Building a run: load and check everything one training run needs (recipe, data, model + LoRA, optimizer, old
+policy, guard) into one `Run`. Nothing is written to the run directory here."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from psft_lite.core import rundir
+from psft_lite.core.errors import RecipeError
+from psft_lite.data import EncodeStats, Example, load_examples
+from psft_lite.data.batching import Batch, DataPlan, StepData, pack_examples
+from psft_lite.data.tokenize import pad_eos_note
+from psft_lite.export import outputs
+from psft_lite.model import modeling
+from psft_lite.recipe.schema import Recipe, TrainSection
+from psft_lite.tracking.trackers import require
+from psft_lite.training.distributed import Dist
+from psft_lite.training.guard import Guard
+from psft_lite.training.objectives import OBJECTIVES, Objective, method_name
+from psft_lite.training.policy import OldPolicy, build_policy
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything one training run holds; `build` makes it whole."""
+
+    recipe: Recipe
+    objective: Objective
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    model: Any
+    data: StepData
+    data_stats: EncodeStats
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    policy: OldPolicy | None
+    guard: Guard
+    console: Console
+    dist: Dist = field(default_factory=Dist)
+    scaler: Any = None  # torch.amp.GradScaler for fp16 (dynamic loss scaling); None for bf16/fp32
+    eval_examples: list[Example] = field(default_factory=list)  # data.eval, tokenized (reference NLL)
+    eval_items: list[Any] = field(default_factory=list)  # the first eval.samples problems (generation accuracy)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recipe.run_dir
+
+    @property
+    def examples(self) -> list[Example]:
+        return self.data.examples
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def step_batches(self, step: int) -> list[Batch]:
+        return self.data.batches(step)
+
+    def amp(self) -> Any:
+        return modeling.autocast(self.device, self.dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def loss_scaler(device: torch.device, dtype: torch.dtype) -> Any:
+    """fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's range): a GradScaler for fp16."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], t: TrainSection, device: torch.device, console: Console
+) -> torch.optim.Optimizer:
+    if t.optimizer != "adamw" and device.type == "cuda":
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    if t.optimizer != "adamw":
+        console.print(
+            f"[yellow]note:[/yellow] train.optimizer = {t.optimizer!r} needs CUDA; using AdamW on {device.type}."
+        )
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=fused)
+
+
+def load_data(recipe: Recipe, tokenizer: Any, console: Console) -> tuple[list[Example], EncodeStats, list, list]:
+    """Training examples (packed if asked), their statistics, and the eval examples and problems; reported."""
+    d, base_dir = recipe.data, recipe.path.parent if recipe.path else None
+    examples, stats = load_examples(d.train, d, tokenizer, limit=d.limit, base_dir=base_dir)
+    eval_examples, eval_items = [], []
+    if d.eval is not None:  # fail now, not after training, if the eval data is unusable
+        eval_examples, _ = load_examples(d.eval, d, tokenizer, base_dir=base_dir)
+        if recipe.eval.every and recipe.eval.samples:
+            from psft_lite.inference.evaluate import eval_items as read_items
+
+            eval_items = read_items(d.eval, d, limit=recipe.eval.samples, base_dir=base_dir)
+    report_data(console, stats, tokenizer)
+    if d.packing:
+        n_before = len(examples)
+        examples = pack_examples(examples, d.max_length)
+        fill = sum(len(e) for e in examples) / (len(examples) * max(len(e) for e in examples))
+        console.print(
+            f"packing: {n_before} examples into {len(examples)} rows of up to {d.max_length} tokens ({fill:.0%} of "
+            "the longest row's length filled on average)"
+        )
+    return examples, stats, eval_examples, eval_items
+
+
+def report_data(console: Console, s: EncodeStats, tokenizer: Any) -> None:
+    console.print(
+        f"data: {s.kept} examples ({s.rows} rows), {s.trained_tokens:,} trained of {s.total_tokens:,} tokens, longest "
+        f"{s.max_len}"
+        + (f", {s.dropped_too_long} dropped as too long" if s.dropped_too_long else "")
+        + (f", {s.truncated} truncated" if s.truncated else "")
+    )
+    if s.truncated:
+        console.print(
+            "[yellow]warning:[/yellow] truncated responses lose their end-of-turn token; raise data.max_length."
+        )
+    if s.eos_appended:
+        console.print(
+            f"note: the chat template ends assistant turns without a special token; appended eos to {s.eos_appended}."
+        )
+    note = pad_eos_note(tokenizer)
+    if note:
+        console.print(f"note: {note}")
+
+
+def build(
+    recipe: Recipe, console: Console, overwrite: bool = False, resuming: bool = False, dist: Dist | None = None
+) -> Run:
+    """Load and check everything a run needs; nothing is written to the run directory yet."""
+    dist = dist or Dist()
+    t, m = recipe.train, recipe.model
+    require(recipe.output.report_to, f"{recipe.path}: output.report_to" if recipe.path else "output.report_to")
+    outputs.check(recipe.output.save, str(recipe.path or "the recipe"))  # fail now, not after hours of training
+    if t.batch_size % (t.micro_batch_size * dist.world):
+        raise RecipeError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) × "
+            f"the {dist.world} processes, so every process gets whole micro-batches of each global batch."
+        )
+    if not resuming:
+        rundir.check_output_dir(recipe.run_dir, overwrite)
+    elif not rundir.is_run_dir(recipe.run_dir):
+        raise RecipeError(f"--resume: {recipe.run_dir} is not a psft-lite run directory (output.dir of this recipe).")
+    for w in recipe.warnings():
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    seed_everything(t.seed)
+    device = modeling.resolve_device(m.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda":  # peak_mem_mb is this run's, not the process's (a study trains many runs in one)
+        torch.cuda.reset_peak_memory_stats(device)
+    dtype = modeling.resolve_dtype(m.dtype, device)
+    if m.name == modeling.EMBEDDED_MODEL and not (modeling.home() / "models" / m.name / "config.json").exists():
+        console.print(f"converting the embedded model into {modeling.home() / 'models'} (once, ~20 s)")
+    src = modeling.resolve_source(m)
+    tokenizer = modeling.load_tokenizer(m, src)
+    examples, stats, eval_examples, eval_items = load_data(recipe, tokenizer, console)
+
+    model = modeling.attach_lora(modeling.load_base_model(m, device, dtype, src), recipe.lora, m.gradient_checkpointing)
+    model.train()
+    if dist.enabled:
+        dist.broadcast_parameters(modeling.trainable_parameters(model))
+        torch.manual_seed(t.seed + 1000 * dist.rank)  # own dropout masks per rank
+    plan = DataPlan(len(examples), t.batch_size, t.micro_batch_size, t.seed, recipe.data.shuffle)
+    data = StepData(examples, plan, tokenizer.pad_token_id, device, dist.rank, dist.world)
+    total = plan.total_steps(t.epochs, t.max_steps)
+
+    def amp() -> Any:
+        return modeling.autocast(device, dtype)
+
+    return Run(
+        recipe=recipe,
+        objective=OBJECTIVES[recipe.objective.kind],
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        model=model,
+        data=data,
+        data_stats=stats,
+        total_steps=total,
+        optimizer=build_optimizer(modeling.trainable_parameters(model), t, device, console),
+        policy=build_policy(recipe.objective, model, amp, data.batches, total),
+        guard=Guard(recipe.guard, total, method_name(recipe.objective)),
+        console=console,
+        dist=dist,
+        scaler=loss_scaler(device, dtype),
+        eval_examples=eval_examples,
+        eval_items=eval_items,
+    )

@@ -1,0 +1,206 @@
+"""Training objectives as pure tensor functions (docs/METHODS.md §1–§4, §6). No model, no I/O.
+
+Shapes: every per-token tensor is [B, T] with T the padded sequence length; `mask` marks trained tokens; `weights`
+are the per-token normalisation weights of an optimizer step (`token_weights`), so a loss is Σ weights·ℓ and
+summing micro-batch losses over gradient accumulation gives exactly the step's token- or sequence-mean.
+
+Each loss returns `(loss, stats)`; stats are detached token-means over this micro-batch's trained tokens (names
+ending in `_max` are maxima), which `metrics.StepStats` combines across micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalisation (docs/METHODS.md §6)
+
+
+def token_weights(
+    mask: Tensor,
+    normalize: str,
+    n_tokens: int | None = None,
+    n_seqs: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seq_ids: Tensor | None = None,
+) -> Tensor:
+    """Per-token weights so that Σ weights·ℓ over an optimizer step is its token-mean or sequence-mean.
+
+    Pass the whole step's `n_tokens` (trained tokens) or `n_seqs` (sequences with any trained token) when the step
+    is split into micro-batches; the defaults normalise over this tensor alone. For packed rows, `seq_ids` [B, L]
+    says which sequence of its row each token belongs to, so a sequence-mean is over sequences, not rows.
+    """
+    m = mask.to(dtype)
+    if normalize == "token":
+        return m / (n_tokens if n_tokens is not None else m.sum().clamp(min=1))
+    if normalize == "sequence":
+        if seq_ids is None:
+            per_seq = m.sum(-1, keepdim=True)
+            seqs = n_seqs if n_seqs is not None else int((per_seq > 0).sum())
+        else:
+            flat = (torch.arange(m.shape[0], device=m.device)[:, None] * m.shape[1] + seq_ids).flatten()
+            counts = torch.zeros(m.numel(), dtype=dtype, device=m.device).index_add_(0, flat, m.flatten())
+            per_seq = counts[flat].view_as(m)
+            seqs = n_seqs if n_seqs is not None else int((counts > 0).sum())
+        return m / per_seq.clamp(min=1) / max(seqs, 1)
+    raise ValueError(f"unknown normalisation {normalize!r}")
+
+
+def _mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses. Hyper-parameters are keyword-only and have no defaults here: the recipe schema holds the defaults.
+
+
+def sft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """docs/METHODS.md §1: ℓ_t = −log p_t."""
+    return -(weights * logp).sum(), {}
+
+
+def dft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """docs/METHODS.md §4 with λ = 0: ℓ_t = −sg[p_t] · log p_t (Dynamic Fine-Tuning)."""
+    return -(weights * logp.detach().exp() * logp).sum(), {}
+
+
+def idft_loss(
+    logp: Tensor,
+    *,
+    entropy: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    beta: float,
+    gamma_min: float,
+    gamma_max: float,
+    lam: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """docs/METHODS.md §4: φ = log p + H; γ = 1 + λ(clamp(exp(−φ/β), γ_min, γ_max) − 1); ℓ_t = −sg[p^γ] · log p."""
+    lp = logp.detach()
+    phi = lp + entropy
+    gamma_raw = torch.exp(-phi / beta).clamp(gamma_min, gamma_max)
+    gamma = 1 + lam * (gamma_raw - 1)
+    weight = torch.exp(gamma * lp)  # p^γ, a constant
+    loss = -(weights * weight * logp).sum()
+    phi_mean = _mean(phi, mask)
+    stats = {
+        "phi_mean": phi_mean,
+        "phi_std": (_mean((phi - phi_mean) ** 2, mask)).sqrt(),
+        "gamma_mean": _mean(gamma, mask),
+        "weight_mean": _mean(weight, mask),
+    }
+    return loss, stats
+
+
+def psft_loss(
+    logp: Tensor,
+    *,
+    old_logp: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    clip_high: float,
+    clip_low: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """docs/METHODS.md §2: ℓ_t = −min(r_t·A, clip(r_t, 1−ε_low, 1+ε_high)·A) with A = 1, i.e. −min(r_t, 1+ε_high).
+
+    r_t = exp(clamp(log p_t − log p_old,t, −20, 20)); the gradient is −r_t ∇log p_t while r_t < 1+ε_high and
+    exactly zero once a token's probability has risen more than (1+ε_high)× above the old policy's.
+    """
+    log_ratio = (logp - old_logp.detach()).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.minimum(ratio, ratio.clamp(1 - clip_low, 1 + clip_high))  # advantage A = 1
+    loss = -(weights * surrogate).sum()
+    ratio = ratio.detach()
+    stats = {
+        "clip_frac": _mean((ratio > 1 + clip_high).to(ratio.dtype), mask),
+        "ratio_mean": _mean(ratio, mask),
+        "ratio_max": torch.where(mask.bool(), ratio, torch.zeros_like(ratio)).max(),
+        "approx_kl": _mean(old_logp.detach() - logp.detach(), mask),
+    }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table: everything the rest of psft-lite knows about an objective. The recipe's `objective.kind` choices, the
+# loop's dispatch and cross-rank statistics, the ignored-keys warning, the plot panels and the study's methods all read
+# it, so adding an objective is a loss function and one row here.
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    label: str  # what it optimises, one line
+    inputs: tuple[str, ...] = ()  # per-step inputs besides logp/mask/weights: "entropy", "old_logp", "lam"
+    params: tuple[str, ...] = ()  # objective.* recipe keys passed to the loss by keyword
+    keys: tuple[str, ...] = ()  # every objective.* key it reads (params, schedule, old policy); others are ignored
+    stats: tuple[str, ...] = ()  # token-mean statistics its loss returns (metrics.jsonl keys)
+    max_stats: tuple[str, ...] = ()  # statistics combined by max (across micro-batches and ranks)
+    panels: tuple[tuple[str, str], ...] = ()  # (metrics key, title) drawn by `psft-lite plot`
+    variants: tuple[tuple[str, dict[str, Any], tuple[str, ...]], ...] = ()  # (method name, settings, keys it ignores)
+
+    @property
+    def uses_old_policy(self) -> bool:
+        return "old_logp" in self.inputs
+
+
+_PSFT_PARAMS = ("clip_high", "clip_low")
+_IDFT_PARAMS = ("beta", "gamma_min", "gamma_max")
+
+OBJECTIVES: dict[str, Objective] = {
+    "sft": Objective(sft_loss, "−log p"),
+    "dft": Objective(dft_loss, "−sg[p]·log p"),
+    "psft": Objective(
+        psft_loss,
+        "−min(r, 1+ε_high), r = p / p_old",
+        inputs=("old_logp",),
+        params=_PSFT_PARAMS,
+        keys=("old_policy", "refresh_every", *_PSFT_PARAMS, "sft_warmup_steps"),
+        stats=("clip_frac", "ratio_mean", "approx_kl"),
+        max_stats=("ratio_max",),
+        panels=(("clip_frac", "psft clip fraction"), ("approx_kl", "approx. KL to old policy")),
+        variants=(
+            ("psft-snapshot", {"old_policy": "snapshot"}, ()),
+            ("psft-base", {"old_policy": "base"}, ("refresh_every",)),  # the base never refreshes
+        ),
+    ),
+    "idft": Objective(
+        idft_loss,
+        "−sg[p^γ]·log p, γ from φ = log p + H",
+        inputs=("entropy", "lam"),
+        params=_IDFT_PARAMS,
+        keys=(*_IDFT_PARAMS, "lambda_warmup", "lambda_transition"),
+        stats=("phi_mean", "phi_std", "gamma_mean", "weight_mean"),
+        panels=(("phi_mean", "idft mean φ"),),
+    ),
+}
+
+
+def methods() -> dict[str, dict[str, Any]]:
+    """Every named method (an objective, or one of its variants) → its objective.* settings, in table order."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, spec in OBJECTIVES.items():
+        for name, overrides, _ in spec.variants or ((kind, {}, ()),):
+            out[name] = {"kind": kind, **overrides}
+    return out
+
+
+def method_keys(name: str) -> set[str]:
+    """The objective.* keys a named method reads (a study sweeps a key only for the methods that read it)."""
+    kind = methods()[name]["kind"]
+    spec = OBJECTIVES[kind]
+    ignored = next((ign for n, _, ign in spec.variants if n == name), ())
+    return {"kind", "normalize", *spec.keys} - set(ignored)
+
+
+def method_name(objective: Any) -> str:
+    """The method an `ObjectiveSection` runs, e.g. `psft-base`."""
+    for name, settings in methods().items():
+        if all(getattr(objective, k) == v for k, v in settings.items()):
+            return name
+    return objective.kind

@@ -1,0 +1,218 @@
+"""`psft-lite train`: build a run, start or resume it, loop, then write the adapter and the outputs `output.save`
+asks for. Rank-aware: rank 0 touches the files, every rank waits for it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from psft_lite import __version__
+from psft_lite.core import rundir
+from psft_lite.core.errors import Interrupted, RecipeError, RunError
+from psft_lite.export import outputs
+from psft_lite.model import modeling
+from psft_lite.recipe.schema import Recipe
+from psft_lite.tracking.metrics import peak_memory_mb, run_outcome, truncate_metrics
+from psft_lite.tracking.trackers import Reporter, flat_config, open_reporter, where
+from psft_lite.training import checkpoint, distributed
+from psft_lite.training.build import Run, build
+from psft_lite.training.distributed import Dist
+from psft_lite.training.loop import train_loop
+
+
+def prepare_run_dir(run: Run) -> None:
+    """Create (or, with --overwrite, replace) the run directory and write the resolved recipe into it (rank 0)."""
+    run.dist.barrier()  # every rank has checked output.dir before rank 0 changes it
+    if run.dist.is_main:
+        n = sum(p.numel() for p in modeling.trainable_parameters(run.model))
+        rundir.create_run_dir(
+            run.run_dir, run.recipe.to_toml(), checkpoint.checkpoint_size(n), run.recipe.train.keep_last
+        )
+    run.dist.barrier()
+
+
+def resume_point(run: Run, spec: str) -> tuple[int, int]:
+    """Load the checkpoint `spec` names into the run; returns the number of steps it had completed and the last step
+    the interrupted run had reported (its metrics.jsonl went further than the checkpoint if it was killed)."""
+    path, warnings = checkpoint.open_resume(run.run_dir, spec, run.recipe, run.total_steps)
+    state, policy_state = checkpoint.load_checkpoint(path, run.model, run.optimizer)
+    if state.data and state.data != run.data.identity():
+        raise RecipeError(f"--resume: the training data changed since {path} ({state.data} vs {run.data.identity()}).")
+    if run.policy is not None:
+        run.policy.load_state_dict(policy_state)
+    for w in warnings:
+        run.console.print(f"[yellow]warning:[/yellow] {w}")
+    run.guard.load_state_dict(state.guard)
+    if run.scaler is not None and state.scaler:
+        run.scaler.load_state_dict(state.scaler)
+    run.dist.barrier()
+    reported = 0
+    if run.dist.is_main:
+        reported = truncate_metrics(rundir.metrics_file(run.run_dir), state.step)
+        rundir.recipe_file(run.run_dir).write_text(run.recipe.to_toml(), encoding="utf-8")
+    return state.step, reported
+
+
+def adapter_meta(run: Run, step: int) -> dict[str, Any]:
+    return {
+        "base_model": run.recipe.model.model_dump(mode="json", exclude_none=True),
+        "objective": run.recipe.objective.kind,
+        "step": step,
+        "dtype": str(run.dtype).removeprefix("torch."),
+    }
+
+
+def run(
+    recipe: Recipe, console: Console | None = None, overwrite: bool = False, resume: str | None = None
+) -> dict[str, Any]:
+    """Train as the recipe says (or continue from a checkpoint); returns a summary (paths, steps, time)."""
+    console = console or Console(stderr=True)
+    dist = distributed.init_from_env()
+    try:
+        return _run(recipe, console if dist.is_main else Console(quiet=True), overwrite, resume, dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def describe(run: Run) -> list[str]:
+    """The two lines that say what is about to be trained."""
+    recipe = run.recipe
+    n_train = sum(p.numel() for p in modeling.trainable_parameters(run.model))
+    what = recipe.objective.kind + (f" ({run.policy.describe()})" if run.policy is not None else "")
+    t = recipe.train
+    return [
+        f"model: {recipe.model.name} on {run.device.type}, {str(run.dtype).removeprefix('torch.')}"
+        + (", 4-bit NF4 base" if recipe.model.load_in_4bit else "")
+        + f"; LoRA r={recipe.lora.r}, {n_train:,} trainable parameters",
+        f"objective: {what}; {run.total_steps} steps of {t.batch_size} sequences (micro-batch {t.micro_batch_size}), "
+        f"lr {t.lr:g}" + (f"; data-parallel over {run.dist.world} processes" if run.dist.enabled else ""),
+    ]
+
+
+def start_reporting(run: Run, start: int, reported: int) -> Reporter:
+    """The trackers of `output.report_to` (rank 0 only), given the resolved recipe and the data statistics."""
+    o = run.recipe.output
+    reporter = open_reporter(
+        o.report_to if run.dist.is_main else [],
+        o.project,
+        run.run_dir,
+        start,
+        reported,
+        warn=lambda message: run.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False),
+    )
+    if reporter.backends:
+        s = run.data_stats
+        facts = {
+            "data.examples": s.kept,
+            "data.rows": s.rows,
+            "data.trained_tokens": s.trained_tokens,
+            "data.total_tokens": s.total_tokens,
+            "data.longest": s.max_len,
+            "data.dropped_too_long": s.dropped_too_long,
+            "data.truncated": s.truncated,
+            "run.total_steps": run.total_steps,
+            "run.device": run.device.type,
+            "run.dtype": str(run.dtype).removeprefix("torch."),
+            "run.trainable_parameters": sum(p.numel() for p in modeling.trainable_parameters(run.model)),
+            "run.psft_lite_version": __version__,
+        }
+        reporter.start(flat_config(run.recipe.model_dump(mode="json", exclude_none=True), facts))
+    return reporter
+
+
+def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, dist: Dist) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    run = build(recipe, console, overwrite=overwrite, resuming=resume is not None, dist=dist)
+    for line in describe(run):
+        console.print(line)
+    start, reported = 0, 0
+    if resume is not None:
+        start, reported = resume_point(run, resume)
+        console.print(f"resuming at step {start} of {run.total_steps}")
+    else:
+        prepare_run_dir(run)
+    reporter = start_reporting(run, start, reported)
+    status, summary = "failed", {}
+    try:
+        summary = _train_and_save(run, start, t_start, reporter)
+        status = "finished"
+        return summary
+    except Interrupted:
+        status = "interrupted"
+        raise
+    finally:
+        reporter.finish({k: v for k, v in summary.items() if k not in ("first", "last", "main", "trackers")}, status)
+
+
+def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) -> dict[str, Any]:
+    recipe, dist, console = run.recipe, run.dist, run.console
+    t_loop = time.perf_counter()
+    records = train_loop(run, start, report=reporter.record)
+    loop_s = time.perf_counter() - t_loop
+    adapter = rundir.adapter_dir(run.run_dir)
+    if dist.is_main:
+        try:
+            checkpoint.save_adapter(run.model, run.tokenizer, adapter, adapter_meta(run, run.total_steps))
+        except OSError as e:
+            raise RunError(
+                f"could not write the adapter into {run.run_dir} ({e.strerror}); the last checkpoint is intact."
+            ) from None
+    dist.barrier()
+    summary = {
+        "run_dir": str(run.run_dir),
+        "adapter": str(adapter),
+        "metrics": str(rundir.metrics_file(run.run_dir)),
+        "steps": run.total_steps - start,
+        "train_s": loop_s,
+        "total_s": time.perf_counter() - t_start,
+        "peak_mem_mb": peak_memory_mb(run.device),
+        "first": records[0] if records else None,
+        "last": records[-1] if records else None,
+        "main": dist.is_main,
+        **(run_outcome(rundir.metrics_file(run.run_dir)) if dist.is_main else {}),
+        "trackers": where(recipe.output.report_to, recipe.output.project, run.run_dir, reporter.state),
+    }
+    if records and "nll" in records[-1]:
+        summary["final_nll"] = records[-1]["nll"]
+    if dist.is_main and outputs.needs_model_memory(recipe.output.save):
+        del run.model, run.optimizer  # the merge and the export load a model of their own
+        summary.update(outputs.write(run.run_dir, recipe.output, console))
+    return summary
+
+
+def end_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What `psft-lite train` says when a run ends: (to stderr) time, entropy kept and drift; (to stdout) where the
+    adapter, metrics and outputs are."""
+    last = summary["last"] or {}
+    notes = [
+        f"[green]done[/green] in {summary['total_s']:.0f} s ({summary['steps']} steps, "
+        f"{summary['steps'] / max(summary['train_s'], 1e-9):.2f} steps/s, peak memory {summary['peak_mem_mb']:.0f} "
+        "MB)" + (f"; final nll {last['nll']:.3f}" if "nll" in last else "")
+    ]
+    if "entropy_start" in summary:
+        kept = summary["entropy_kept"]
+        notes.append(
+            f"entropy on trained tokens: {summary['entropy_start']:.3f} over the first steps → "
+            f"{summary['entropy_end']:.3f} over the last" + (f" (kept {kept:.0%})" if kept is not None else "")
+        )
+    if "drift" in summary:
+        d = summary["drift"]
+        notes.append(
+            f"drift from the base: {d:+.2f} nats at step {summary['drift_step']} (the training tokens are "
+            f"{math.exp(d):.1f}× as likely as under the base model)"
+        )
+    else:
+        notes.append(
+            "drift from the base: not measured (guard.drift_watch is off, or the run was shorter than "
+            "guard.drift_every)"
+        )
+    where_ = [f"adapter: {summary['adapter']}", f"metrics: {summary['metrics']}"]
+    if "merged" in summary:
+        where_.append(f"merged: {summary['merged']}")
+    where_ += [f"gguf: {path}" for path in summary.get("gguf", [])]
+    return notes, where_ + list(summary["trackers"])
