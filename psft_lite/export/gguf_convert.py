@@ -316,22 +316,12 @@ def bpe_pre_tokenizer(tokenizer_json: dict[str, Any], where: str) -> str:
     return name
 
 
-def tokenizer_from_hf(tokenizer: Any, config: Any, where: str) -> TokenizerMeta:
-    """Vocabulary, merges, token types, pre-tokenizer and special ids from a fast (tokenizer.json) tokenizer."""
+def _vocab_table(tokenizer: Any, n_vocab: int, spm_style: bool) -> tuple[list[str], list[Any], list[float]]:
+    """Every id's token text, GGUF token type and score; ids the tokenizer does not use are UNUSED `[PADi]`."""
     import gguf
-    from gguf import GGUFValueType as V
 
-    tj = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise ModelError(
-            f"{where}: GGUF export handles BPE tokenizers (tokenizer.json model {model.get('type')!r} is not)."
-        )
-    n_vocab = int(config.vocab_size)
-    vocab = tokenizer.get_vocab()
     added = tokenizer.added_tokens_decoder
-    reverse = {i: t for t, i in vocab.items()}
-    spm_style = bool(model.get("byte_fallback"))  # Llama 2 / Mistral: SentencePiece pieces with byte fallback
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
     tokens, types, scores = [], [], []
     for i in range(n_vocab):
         tok = reverse.get(i)
@@ -348,6 +338,35 @@ def tokenizer_from_hf(tokenizer: Any, config: Any, where: str) -> TokenizerMeta:
             tokens.append(tok)
             types.append(gguf.TokenType.NORMAL)
         scores.append(-float(i))
+    return tokens, types, scores
+
+
+def _special_ids(tokenizer: Any) -> list[tuple[str, Any, Any, Any]]:
+    """bos, eos, unknown, padding and end-of-turn ids as GGUF metadata rows (those the tokenizer has)."""
+    from gguf import GGUFValueType as V
+
+    ids = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "unknown": tokenizer.unk_token_id,
+        "padding": tokenizer.pad_token_id,
+        "eot": end_of_turn_id(tokenizer),
+    }
+    return [(f"tokenizer.ggml.{k}_token_id", int(v), V.UINT32, None) for k, v in ids.items() if v is not None]
+
+
+def tokenizer_from_hf(tokenizer: Any, config: Any, where: str) -> TokenizerMeta:
+    """Vocabulary, merges, token types, pre-tokenizer and special ids from a fast (tokenizer.json) tokenizer."""
+    from gguf import GGUFValueType as V
+
+    tj = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ModelError(
+            f"{where}: GGUF export handles BPE tokenizers (tokenizer.json model {model.get('type')!r} is not)."
+        )
+    spm_style = bool(model.get("byte_fallback"))  # Llama 2 / Mistral: SentencePiece pieces with byte fallback
+    tokens, types, scores = _vocab_table(tokenizer, int(config.vocab_size), spm_style)
     meta = TokenizerMeta(source=where)
     rows = meta.rows
     if spm_style:
@@ -365,16 +384,7 @@ def tokenizer_from_hf(tokenizer: Any, config: Any, where: str) -> TokenizerMeta:
         merges = model.get("merges") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
         rows.append(("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING))
-    ids = {
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "unknown": tokenizer.unk_token_id,
-        "padding": tokenizer.pad_token_id,
-        "eot": end_of_turn_id(tokenizer),
-    }
-    for k, v in ids.items():
-        if v is not None:
-            rows.append((f"tokenizer.ggml.{k}_token_id", int(v), V.UINT32, None))
+    rows += _special_ids(tokenizer)
     probe = tokenizer("a")["input_ids"]
     add_bos = bool(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
     rows.append(("tokenizer.ggml.add_bos_token", add_bos, V.BOOL, None))

@@ -543,8 +543,12 @@ def plot_sweep(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     fig2.savefig(paths[-1], dpi=100)
     plt.close(fig)
     plt.close(fig2)
+    return paths + [_plot_tradeoff(results, runs, out_dir, sets[0], colour, plt)]
+
+
+def _plot_tradeoff(results: list, runs: list, out_dir: Path, first: str, colour: dict, plt: Any) -> Path:
+    """Final in-domain accuracy against the probe's KL to the base, one point per (method, cell), seeds averaged."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    first = sets[0]
     for method, cell in [("base", Cell()), *runs]:
         mine = [r for r in results if r["method"] == method and r.get("cell_label", "") == cell.label]
         if not mine or PROBE not in mine[0]:
@@ -558,7 +562,7 @@ def plot_sweep(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     ax.set_ylabel(f"{first} accuracy (%), final epoch")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(out_dir / "study-tradeoff.png")
-    fig.savefig(paths[-1], dpi=100)
+    path = out_dir / "study-tradeoff.png"
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
+    return path
