@@ -12,7 +12,7 @@ LLAMA_CPP        ?= llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
                     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup quickstart lint test test-fast data data-gsm8k docs bench study clean
+.PHONY: setup quickstart lint test test-fast data data-retention data-gsm8k docs bench study clean
 
 setup: $(VENV)/.setup-done
 
@@ -46,6 +46,11 @@ test-fast: setup
 
 data: setup
 	$(BIN)/python -m psft_lite.data.arith --out data/arith
+
+# the embedded base model's own greedy answers to the 300 general-retention prompts (committed; rerun after changing
+# the prompts): the reference a fine-tune's KL to the base and NLL are measured on
+data-retention: setup
+	$(BIN)/python -m psft_lite.study.benchmark --out data/retention/base.jsonl
 
 # GSM8K test rows for the study's natural-language repeat (training dynamics only; never committed)
 data-gsm8k: setup

@@ -232,3 +232,16 @@ def test_preflight_flags_pad_eos_and_a_recipe_that_trains_nothing(tmp_path, tiny
             load_recipe(make_recipe(tmp_path, tiny_model_dir, data={"max_length": 30, "truncation": "truncate"})),
             console,
         )
+
+
+def test_the_new_format_task_scores_only_answers_written_in_the_taught_format():
+    d = DataSection(train=str(ARITH / "format_test.jsonl"))
+    items = eval_items(d.train, d, limit=3)
+    assert all(it.match == "format" and it.pattern == "[[answer: {answer}]]" for it in items)
+    it = items[0]
+    assert it.correct(f"Some steps.\n[[answer: {it.gold}]]") == (f"[[answer: {it.gold}]]", True)
+    assert not it.correct(f"Some steps.\n#### {it.gold}")[1]  # right number, old format: not what was taught
+    assert not it.correct(f"[[answer: {int(it.gold) + 1}]]")[1]  # taught format, wrong number
+    assert it.correct(it.reference)[1]  # the reference itself is written in the format
+    plain = eval_items(DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")))
+    assert [p.prompt for p in plain] == [p.prompt for p in eval_items(d.train, d)]  # the same held-out problems

@@ -175,3 +175,46 @@ def test_an_interrupted_study_resumes_its_run_and_evaluates_each_epoch_once(tmp_
     assert sorted((r["method"], r["epoch"]) for r in results) == [("base", 0), ("sft", 1), ("sft", 2)]
     steps = [r["step"] for r in read_metrics(out / "sft-s0" / "metrics.jsonl") if "event" not in r]
     assert steps == [1, 2, 3, 4]
+
+
+def test_the_retention_prompts_are_many_kinds_and_their_checkable_answers_score():
+    from collections import Counter
+
+    from psft_lite.inference.evaluate import EvalItem
+    from psft_lite.study.benchmark import PROMPTS, read_prompts
+
+    from conftest import ROOT
+
+    rows = read_prompts(ROOT / PROMPTS)
+    kinds = Counter(r["kind"] for r in rows)
+    assert len(rows) >= 300 and len({r["id"] for r in rows}) == len(rows) and len({r["prompt"] for r in rows}) == 300
+    assert len(kinds) >= 6 and min(kinds.values()) >= 10, kinds
+    checkable = [r for r in rows if "answer" in r]
+    assert len(checkable) >= 60 and all(r["match"] == "contains" for r in checkable)
+    for r in checkable:
+        item = EvalItem([], "", r["answer"], r["id"], "contains")
+        first = r["answer"].split("|")[0]
+        assert item.correct(f"I think it is {first}.")[1], r
+        assert not item.correct("I am not sure about that one.")[1], r
+    paris = EvalItem([], "", "Paris", "x", "contains")
+    assert paris.correct("The capital is Paris.")[1] and not paris.correct("Comparison of capitals")[1]
+
+
+def test_base_answers_keep_each_prompt_and_score_the_checkable_ones(tiny_model_dir):
+    from psft_lite.study.benchmark import base_answers
+
+    prompts = [
+        {
+            "id": "fact-001",
+            "kind": "fact",
+            "prompt": "What is the capital of France?",
+            "answer": "Paris",
+            "match": "contains",
+        },
+        {"id": "code-001", "kind": "code", "prompt": "Write a Python function that reverses a string."},
+    ]
+    prompts[0]["match"] = "contains"
+    rows = base_answers(str(tiny_model_dir), prompts, max_new_tokens=4, batch_size=2)
+    assert [r["id"] for r in rows] == ["fact-001", "code-001"]
+    assert isinstance(rows[0]["base_correct"], bool) and "base_correct" not in rows[1]
+    assert all(isinstance(r["completion"], str) and isinstance(r["finished"], bool) for r in rows)

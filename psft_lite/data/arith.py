@@ -1,7 +1,9 @@
 """A seeded generator of GSM8K-style arithmetic word problems with checkable `#### N` answers.
 
 Ten templates are "in-domain" (train and held-out test sets); five more are never trained on and make the
-out-of-domain set. Each solution reasons step by step and ends with `#### <answer>` as GSM8K does.
+out-of-domain set. Each solution reasons step by step and ends with `#### <answer>` as GSM8K does. `format_train`
+(the first 400 training problems) and `format_test` (the held-out ones) end with `[[answer: N]]` instead: an output
+format the base model never writes, scored only when written exactly so.
 
     python -m psft_lite.data.arith --out data/arith     # regenerates train.jsonl, test.jsonl, ood.jsonl
 """
@@ -193,13 +195,30 @@ def generate(
     return rows
 
 
+#: A final-answer format no chat model writes unprompted: the "does each method learn what it is taught?" task.
+NEW_FORMAT = "[[answer: {answer}]]"
+
+
+def with_new_format(rows: list[dict]) -> list[dict]:
+    """The same problems with the solution's last line `#### N` replaced by NEW_FORMAT; scored by that format
+    (`match = "format"`: right only when the answer is written exactly so)."""
+    out = []
+    for row in rows:
+        solution, _, _ = row["completion"].rpartition("\n#### ")
+        tagged = NEW_FORMAT.replace("{answer}", row["answer"])
+        out.append({**row, "completion": f"{solution}\n{tagged}", "match": "format", "format": NEW_FORMAT})
+    return out
+
+
 def write_sets(out: Path, n_train: int = 2000, n_test: int = 200, n_ood: int = 200) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     train = generate(n_train, IN_DOMAIN, seed=1)
     test = generate(n_test, IN_DOMAIN, seed=2, exclude={row["prompt"] for row in train})
     ood = generate(n_ood, OUT_OF_DOMAIN, seed=3)
     sizes = {}
-    for name, rows in (("train", train), ("test", test), ("ood", ood)):
+    sets = {"train": train, "test": test, "ood": ood}
+    sets |= {"format_train": with_new_format(train[:400]), "format_test": with_new_format(test)}
+    for name, rows in sets.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

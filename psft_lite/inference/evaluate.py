@@ -111,10 +111,16 @@ class EvalItem:
     reference: str  # the reference response
     gold: str | None
     where: str
-    match: str = "answer"  # "answer": compare extracted final answers; "contains": any of gold's |-alternatives appears
+    # "answer": compare extracted final answers; "contains": any of gold's |-alternatives appears; "format": the
+    # answer written exactly as `pattern` says (e.g. "[[answer: {answer}]]"): a taught output format
+    match: str = "answer"
+    pattern: str | None = None
 
     def correct(self, generation: str) -> tuple[str | None, bool]:
         """(extracted answer, correct?) for one generation."""
+        if self.match == "format":
+            want = (self.pattern or "{answer}").replace("{answer}", self.gold or "")
+            return (want if want in generation else extract_answer(generation)), want in generation
         if self.match == "contains":
             alts = [a.strip() for a in (self.gold or "").split("|") if a.strip()]
             hit = next((a for a in alts if re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", generation, re.I)), None)
@@ -130,8 +136,9 @@ def eval_items(
     items = []
     for msgs, row in load_conversations(source, data, limit=limit, base_dir=base_dir):
         *prompt, last = msgs
-        match = "contains" if row.data.get("match") == "contains" else "answer"
-        items.append(EvalItem(prompt, last["content"], gold_answer(row.data, last["content"], match), row.where, match))
+        match = row.data.get("match") if row.data.get("match") in ("contains", "format") else "answer"
+        gold = gold_answer(row.data, last["content"], match)
+        items.append(EvalItem(prompt, last["content"], gold, row.where, match, row.data.get("format")))
     return items
 
 
