@@ -19,7 +19,7 @@ from psft_lite.training import trainer
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import ARITH, make_recipe, write_jsonl
+from conftest import ARITH, ROOT, make_recipe, write_jsonl
 
 QUIET = Console(quiet=True)
 
@@ -245,3 +245,33 @@ def test_the_new_format_task_scores_only_answers_written_in_the_taught_format():
     assert it.correct(it.reference)[1]  # the reference itself is written in the format
     plain = eval_items(DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")))
     assert [p.prompt for p in plain] == [p.prompt for p in eval_items(d.train, d)]  # the same held-out problems
+
+
+@pytest.mark.slow
+def test_the_base_model_keeps_every_answer_of_its_own_on_the_retention_set(capsys):
+    """Evaluated on the retention set, the base model itself (fp32, greedy, as the answers were written) gets back
+    every checkable answer it got right, with zero KL to itself and the NLL of its own greedy text."""
+    from test_cli import run_cli
+
+    retention = ROOT / "data" / "retention" / "base.jsonl"
+    args = ["eval", "smollm2-135m-instruct", "--data", f"retention={retention}", "--limit", "12", "--dtype", "fp32"]
+    code, out, err = run_cli(capsys, *args, "--max-new-tokens", "48")
+    assert code == 0, err
+    rows = [json.loads(x) for x in retention.read_text().splitlines()[:12]]
+    right = sum(bool(r.get("base_correct")) for r in rows)
+    assert right >= 8, right  # the capitals: the base knows most of them
+    assert f"kept {right} of the base's {right} right answers (100.0%)" in out, out
+    assert "KL to base 0.000" in out
+
+
+def test_a_retention_set_generates_only_the_rows_the_base_got_right(tiny_model_dir):
+    from psft_lite.inference.evaluate import evaluate_sets
+
+    d = DataSection(train=str(ROOT / "data" / "retention" / "base.jsonl"))
+    items = eval_items(d.train, d, limit=10)
+    right = [it for it in items if it.base_correct]
+    loaded = load_model(tiny_model_dir, "fp32")
+    summaries, preds = evaluate_sets(loaded, {"retention": items}, max_new_tokens=4)
+    sm = summaries["retention"]
+    assert sm["n"] == len(right) == len(preds["retention"]) and sm["rows"] == 10 and sm["base_right"] == len(right)
+    assert sm["kl_to_base"] == 0.0 and math.isfinite(sm["mean_nll"]) and sm["mean_nll"] > 0  # no adapter: the base

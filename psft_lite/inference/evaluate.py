@@ -115,6 +115,7 @@ class EvalItem:
     # answer written exactly as `pattern` says (e.g. "[[answer: {answer}]]"): a taught output format
     match: str = "answer"
     pattern: str | None = None
+    base_correct: bool | None = None  # a retention row: whether the base model's own answer was right (None: unknown)
 
     def correct(self, generation: str) -> tuple[str | None, bool]:
         """(extracted answer, correct?) for one generation."""
@@ -138,7 +139,18 @@ def eval_items(
         *prompt, last = msgs
         match = row.data.get("match") if row.data.get("match") in ("contains", "format") else "answer"
         gold = gold_answer(row.data, last["content"], match)
-        items.append(EvalItem(prompt, last["content"], gold, row.where, match, row.data.get("format")))
+        base = row.data.get("base_correct")
+        items.append(
+            EvalItem(
+                prompt,
+                last["content"],
+                gold,
+                row.where,
+                match,
+                row.data.get("format"),
+                base if isinstance(base, bool) else None,
+            )
+        )
     return items
 
 
@@ -271,15 +283,49 @@ def evaluate_sets(
     over every generation."""
     summaries: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[dict[str, Any]]] = {}
-    with _progress(console, sum(len(v) for v in sets.values()) * samples) as advance:
+    to_generate = {name: _generated(items) for name, items in sets.items()}
+    with _progress(console, sum(len(v) for v in to_generate.values()) * samples) as advance:
         for name, items in sets.items():
             advance(0, name)
+            retention = is_retention_set(items)
             summaries[name], predictions[name] = evaluate_set(
-                loaded, items, samples, temperature, top_p, max_new_tokens, batch_size, progress=advance, nll=nll
+                loaded,
+                to_generate[name],
+                samples,
+                temperature,
+                top_p,
+                max_new_tokens,
+                batch_size,
+                progress=advance,
+                nll=nll and not retention,
             )
-            if name in kl_sets:
+            if retention:
+                summaries[name].update(retention_scores(loaded, items))
+            elif name in kl_sets:
                 summaries[name]["kl_to_base"] = kl_to_base(loaded, items)
     return summaries, predictions
+
+
+def is_retention_set(items: list[EvalItem]) -> bool:
+    """A general-retention set (data/retention/base.jsonl): every row's reference is the base model's own answer."""
+    return bool(items) and any(it.base_correct is not None for it in items)
+
+
+def _generated(items: list[EvalItem]) -> list[EvalItem]:
+    """What is generated for a set: every problem; for a retention set, only the checkable rows the base got right
+    (so its accuracy is the share of the base's right answers that stay right)."""
+    return [it for it in items if it.base_correct] if is_retention_set(items) else items
+
+
+def retention_scores(loaded: Loaded, items: list[EvalItem]) -> dict[str, Any]:
+    """How far the model is from the base on the base's own answers to general prompts: mean NLL of those answers
+    and KL(base ‖ model) per token, over every row."""
+    return {
+        "mean_nll": reference_nll(loaded, items),
+        "kl_to_base": kl_to_base(loaded, items),
+        "rows": len(items),
+        "base_right": sum(bool(it.base_correct) for it in items),
+    }
 
 
 @contextlib.contextmanager
@@ -323,13 +369,23 @@ def named_sets(
 
 
 def summary_lines(summaries: dict[str, dict[str, Any]], samples: int) -> list[str]:
-    """One line per set, as `psft-lite eval` prints them."""
+    """One line per set, as `psft-lite eval` prints them (a retention set: the base's right answers kept, and the
+    NLL of and KL to the base's own answers)."""
     metric = "pass@1" if samples == 1 else f"avg@{samples}"
-    return [
-        f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   reference "
-        f"NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}"
-        for name, sm in summaries.items()
-    ]
+    lines = []
+    for name, sm in summaries.items():
+        if "base_right" in sm:
+            lines.append(
+                f"{name:>12}  kept {round(sm['accuracy'] * sm['n'])} of the base's {sm['base_right']} right answers "
+                f"({sm['accuracy']:.1%})   on all {sm['rows']} base answers: NLL {sm['mean_nll']:.3f}, KL to base "
+                f"{sm['kl_to_base']:.3f}"
+            )
+        else:
+            lines.append(
+                f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   "
+                f"reference NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}"
+            )
+    return lines
 
 
 def write_outputs(

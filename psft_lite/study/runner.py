@@ -44,7 +44,7 @@ def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_t
     loaded = load_model(spec)
     firsts = {name: items[:limit] for name, items in sets.items()}
     summaries, _ = evaluate_sets(loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,))
-    keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base")
+    keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base", "rows", "base_right")
     return {name: {k: sm[k] for k in keep if k in sm} for name, sm in summaries.items()}
 
 
