@@ -203,3 +203,54 @@ def test_chunked_head_matches_naive_path_with_gradients(softcap, scale, bias):
     for a, r in zip(g_chunk, g_ref):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
     assert not ent.requires_grad
+
+
+def _direct_kl(z: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(z) ‖ softmax(z_ref)) per row, written out from the definition (the reference)."""
+    p = torch.softmax(z, -1)
+    return (p * (torch.log(p) - torch.log(torch.softmax(z_ref, -1)))).sum(-1)
+
+
+def test_sft_kl_matches_its_definition_in_float64():
+    """ℓ = Σ_t w_t (−log p_t + β·KL_t): loss and gradient w.r.t. the logits against autograd on the definition."""
+    from psft_lite.training.objectives import sft_kl_loss
+
+    logits, targets, mask, logp, _ = _inputs()
+    base = torch.roll(logits.detach(), 1, dims=-1) * 0.7  # a different, fixed distribution at every position
+    kl = _direct_kl(logits, base)
+    w = token_weights(mask, "token", dtype=torch.float64)
+    loss, stats = sft_kl_loss(logp, mask=mask, weights=w, kl_base=kl, kl_coef=0.3)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ls = torch.log_softmax(ref_logits, -1)
+    p = ls.exp()
+    ref_kl = (p * (ls - torch.log_softmax(base, -1))).sum(-1)
+    ref_loss = (w * (-ls.gather(-1, targets[..., None]).squeeze(-1) + 0.3 * ref_kl)).sum()
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_logits)
+    assert abs(loss.item() - ref_loss.item()) < ATOL
+    torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=0)
+    m = mask.double()
+    assert abs(stats["kl_base"].item() - ((ref_kl * m).sum() / m.sum()).item()) < ATOL and stats["kl_base"] > 0
+    # at the base itself the penalty and its gradient vanish: sft_kl is exactly sft
+    logits, _, mask, logp, _ = _inputs()
+    same, _ = sft_kl_loss(logp, mask=mask, weights=w, kl_base=_direct_kl(logits, logits.detach()), kl_coef=0.3)
+    (g_same,) = torch.autograd.grad(same, logits, retain_graph=True)
+    (g_sft,) = torch.autograd.grad(sft_loss(logp, mask=mask, weights=w)[0], logits)
+    torch.testing.assert_close(g_same, g_sft, atol=ATOL, rtol=0)
+
+
+def test_chunked_kl_to_reference_equals_the_full_computation_with_gradient():
+    from psft_lite.model.logprobs import kl_to_reference
+
+    torch.manual_seed(0)
+    h = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    h_ref = torch.randn(11, 6, dtype=torch.float64)
+    w = torch.randn(9, 6, dtype=torch.float64)
+    got = kl_to_reference(h, h_ref, w, chunk=4)  # three chunks, the last one short
+    (g_got,) = torch.autograd.grad(got.sum(), h)
+    want = _direct_kl(h @ w.t(), h_ref @ w.t())
+    (g_want,) = torch.autograd.grad(want.sum(), h)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)  # the head runs in float32
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+    assert (got >= -1e-6).all()

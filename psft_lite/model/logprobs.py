@@ -3,7 +3,8 @@
 Never materialise a [B × L × V] float32 tensor when only the trained tokens' log-probs and entropies are
 needed. `target_logprobs` runs the head over the masked positions only, a chunk of rows at a time, and recomputes
 each chunk's logits in the backward pass; `kl_divergence` does the same for KL(p ‖ q) between two sets of hidden
-states (the study's drift probe). `logprobs_from_logits` is the unchunked reference the tests compare against.
+states (the study's drift probe), and `kl_to_reference` with a gradient (sft_kl's penalty).
+`logprobs_from_logits` is the unchunked reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -139,3 +140,43 @@ def kl_divergence(
             lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
             out[s : s + chunk] = (lp.exp() * (lp - lq)).sum(-1)
     return out
+
+
+def _kl_chunk(
+    h: Tensor, h_ref: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, scale: float
+) -> Tensor:
+    with torch.autocast(h.device.type, enabled=False):
+        lq = torch.log_softmax(_chunk_logits(h, weight, bias, softcap, scale)[0], -1)
+        lr = torch.log_softmax(_chunk_logits(h_ref, weight, bias, softcap, scale)[0], -1)
+        return (lq.exp() * (lq - lr)).sum(-1)
+
+
+def kl_to_reference(
+    hidden: Tensor,
+    ref_hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    chunk: int = 1024,
+    softcap: float | None = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """KL(p ‖ p_ref) per row [N], float32, **with** gradient through `hidden` (the model being trained); `ref_hidden`
+    is a constant (e.g. the adapter-disabled base at the same positions). Each [chunk × V] block is recomputed in the
+    backward pass (activation checkpointing), so memory stays one block, as in `target_logprobs`."""
+    from torch.utils.checkpoint import checkpoint
+
+    ref_hidden = ref_hidden.detach()
+    parts = [
+        checkpoint(
+            _kl_chunk,
+            hidden[s : s + chunk],
+            ref_hidden[s : s + chunk],
+            weight,
+            bias,
+            softcap,
+            scale,
+            use_reentrant=False,
+        )
+        for s in range(0, hidden.shape[0], chunk)
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

@@ -22,7 +22,7 @@ import torch
 
 from psft_lite.core import hub
 from psft_lite.core.errors import ModelError
-from psft_lite.model.logprobs import target_logprobs
+from psft_lite.model.logprobs import kl_to_reference, target_logprobs
 from psft_lite.recipe.schema import EMBEDDED_MODEL, LoraSection, ModelSection
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels package missing" at import: harmless on CPU
@@ -423,6 +423,24 @@ def response_logprobs(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.
     )
     pad = logp.new_zeros(logp.shape[0], 1)
     return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1)
+
+
+def response_logprobs_kl(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`response_logprobs` plus KL(p_θ ‖ p_base) [B, L] over the full vocabulary at every trained token, with
+    gradient: one forward with the adapter (shared by both), one without it and without gradient."""
+    decoder = causal_lm(model).get_decoder()
+    hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+    with adapter_disabled(model), torch.no_grad():
+        base = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+    head = lm_head(model)
+    mask = batch.target_mask[:, 1:]
+    args = (head.bias, chunk, head.softcap, head.scale)
+    logp, ent = target_logprobs(hidden[:, :-1], head.weight, batch.input_ids[:, 1:], mask, *args)
+    flat = mask.nonzero(as_tuple=True)
+    kl_sel = kl_to_reference(hidden[:, :-1][flat], base[:, :-1][flat], head.weight, *args)
+    kl = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(flat, kl_sel)
+    pad = logp.new_zeros(logp.shape[0], 1)
+    return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1), torch.cat([pad, kl], 1)
 
 
 def response_hidden(model: Any, batch: Any) -> torch.Tensor:

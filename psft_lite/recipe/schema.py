@@ -161,6 +161,12 @@ class ObjectiveSection(Section):
     )
     clip_low: float = Field(0.2, ge=0, lt=1, description="psft: ε_low (inert for SFT data, where the advantage is +1).")
     sft_warmup_steps: int = Field(0, ge=0, description="psft: plain SFT for the first N optimizer steps.")
+    kl_coef: float = Field(
+        0.1,
+        gt=0,
+        description="sft_kl: β, the weight of KL(π_θ ‖ π_base) over the full vocabulary at every trained token (the "
+        "usual regularised baseline).",
+    )
     beta: float = Field(1.0, gt=0, description="idft: temperature of γ = exp(−φ / β).")
     gamma_min: float = Field(0.1, gt=0, description="idft: lower clamp of γ.")
     gamma_max: float = Field(2.0, gt=0, description="idft: upper clamp of γ.")

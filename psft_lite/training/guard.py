@@ -30,6 +30,7 @@ ADVICE: dict[str, dict[str, str]] = {
         "psft-snapshot": "A larger objective.refresh_every or a tighter objective.clip_high bounds each refresh's "
         f"step, not the total; objective.old_policy = 'base' bounds the total; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or fewer epochs; {_STUDY}.",
+        "sft_kl": f"Options: a larger objective.kl_coef, fewer epochs or a lower train.lr; {_STUDY}.",
     },
     "drift": {
         "sft": f"Options: fewer epochs or a lower train.lr, or {_BASE_LEASH}; {_STUDY}.",
@@ -38,6 +39,7 @@ ADVICE: dict[str, dict[str, str]] = {
         "psft-snapshot": f"Options: objective.old_policy = 'base' (a trust region that does not move with each "
         f"refresh), or fewer epochs; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or a lower train.lr; {_STUDY}.",
+        "sft_kl": f"Options: a larger objective.kl_coef, or a lower train.lr; {_STUDY}.",
     },
 }
 

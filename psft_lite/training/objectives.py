@@ -65,6 +65,14 @@ def sft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, di
     return -(weights * logp).sum(), {}
 
 
+def sft_kl_loss(
+    logp: Tensor, *, mask: Tensor, weights: Tensor, kl_base: Tensor, kl_coef: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """docs/METHODS.md §1b: ℓ_t = −log p_t + β·KL(π_θ(·|s_t) ‖ π_base(·|s_t)), the KL over the full vocabulary at
+    each trained position (with gradient), β = `kl_coef`: SFT regularised towards the base model."""
+    return (weights * (kl_coef * kl_base - logp)).sum(), {"kl_base": _mean(kl_base.detach(), mask)}
+
+
 def dft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """docs/METHODS.md §4 with λ = 0: ℓ_t = −sg[p_t] · log p_t (Dynamic Fine-Tuning)."""
     return -(weights * logp.detach().exp() * logp).sum(), {}
@@ -136,7 +144,7 @@ def psft_loss(
 class Objective:
     loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     label: str  # what it optimises, one line
-    inputs: tuple[str, ...] = ()  # per-step inputs besides logp/mask/weights: "entropy", "old_logp", "lam"
+    inputs: tuple[str, ...] = ()  # per-step inputs besides logp/mask/weights: "entropy", "old_logp", "lam", "kl_base"
     params: tuple[str, ...] = ()  # objective.* recipe keys passed to the loss by keyword
     keys: tuple[str, ...] = ()  # every objective.* key it reads (params, schedule, old policy); others are ignored
     stats: tuple[str, ...] = ()  # token-mean statistics its loss returns (metrics.jsonl keys)
@@ -154,6 +162,15 @@ _IDFT_PARAMS = ("beta", "gamma_min", "gamma_max")
 
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective(sft_loss, "−log p"),
+    "sft_kl": Objective(
+        sft_kl_loss,
+        "−log p + β·KL(p ‖ p_base)",
+        inputs=("kl_base",),
+        params=("kl_coef",),
+        keys=("kl_coef",),
+        stats=("kl_base",),
+        panels=(("kl_base", "sft_kl: KL to base (full vocabulary)"),),
+    ),
     "dft": Objective(dft_loss, "−sg[p]·log p"),
     "psft": Objective(
         psft_loss,

@@ -79,11 +79,15 @@ def micro_step(
 ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
     """Forward one micro-batch and compute its share of the step's loss; returns (loss, stats, log-probs)."""
     o, spec = run.recipe.objective, run.objective
+    kl = None
     with run.amp():
-        logp, ent = modeling.response_logprobs(run.model, b)
+        if "kl_base" in spec.inputs:  # the penalty needs the base's distribution at the same positions
+            logp, ent, kl = modeling.response_logprobs_kl(run.model, b)
+        else:
+            logp, ent = modeling.response_logprobs(run.model, b)
     mask = b.target_mask
     weights = token_weights(mask, o.normalize, n_tok, n_seq, seq_ids=b.seq_ids)
-    inputs = {"entropy": ent, "old_logp": logp.detach() if old is None else old, "lam": lam}
+    inputs = {"entropy": ent, "old_logp": logp.detach() if old is None else old, "lam": lam, "kl_base": kl}
     params = {k: getattr(o, k) for k in spec.params}
     loss, s = spec.loss(logp, mask=mask, weights=weights, **{k: inputs[k] for k in spec.inputs}, **params)
     s = {**s, "nll": -masked_mean(logp.detach(), mask), "entropy": masked_mean(ent, mask)}
