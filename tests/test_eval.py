@@ -275,3 +275,30 @@ def test_a_retention_set_generates_only_the_rows_the_base_got_right(tiny_model_d
     sm = summaries["retention"]
     assert sm["n"] == len(right) == len(preds["retention"]) and sm["rows"] == 10 and sm["base_right"] == len(right)
     assert sm["kl_to_base"] == 0.0 and math.isfinite(sm["mean_nll"]) and sm["mean_nll"] > 0  # no adapter: the base
+
+
+def test_eval_final_says_accuracy_before_and_after_and_what_the_base_knew_that_was_kept(
+    tmp_path, tiny_model_dir, capsys
+):
+    from test_cli import run_cli
+
+    retention = ROOT / "data" / "retention" / "base.jsonl"
+    recipe = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        eval={
+            "sets": {"in_domain": str(ARITH / "test.jsonl"), "retention": str(retention)},
+            "final": True,
+            "final_limit": 4,
+            "max_new_tokens": 4,
+        },
+    )
+    code, out, err = run_cli(capsys, "train", str(recipe))
+    assert code == 0, err
+    final = json.loads((tmp_path / "run" / "eval" / "final.json").read_text())
+    before, after = final["in_domain"]["before"], final["in_domain"]["after"]
+    assert before["n"] == after["n"] == 4 and "before" not in final["retention"]
+    ret = final["retention"]["after"]
+    assert ret["rows"] == 4 and ret["kl_to_base"] > 0  # four rows spread over the kinds; the adapter moved the model
+    assert f"in_domain accuracy: {before['accuracy']:.1%} → {after['accuracy']:.1%} (4 held-out problems)" in err
+    assert f"retention: kept {round(ret['accuracy'] * ret['n'])} of the base's {ret['base_right']} right answers" in err

@@ -223,6 +223,16 @@ class EvalSection(Section):
         description='Named eval sets for `psft-lite eval RUN_DIR`, e.g. `{in_domain = "data/arith/test.jsonl", '
         'ood = "data/arith/ood.jsonl"}`.',
     )
+    final: bool = Field(
+        False,
+        description="At the end of training, evaluate the base (adapter off) and the trained model on `sets`: "
+        "accuracy before → after on the first `final_limit` problems of each set, and on a retention set how many of "
+        "the base's right answers stay right and the KL to the base on its own answers. Printed, and written to "
+        "RUN_DIR/eval/final.json.",
+    )
+    final_limit: int = Field(
+        40, gt=0, description="Problems per set in the final evaluation (a retention set: rows spread over all kinds)."
+    )
 
     @field_validator("sets", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ asks for. Rank-aware: rank 0 touches the files, every rank waits for it.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from rich.markup import escape
 from psft_lite import __version__
 from psft_lite.core import rundir
 from psft_lite.core.errors import Interrupted, RecipeError, RunError
+from psft_lite.core.files import atomic_write_text
 from psft_lite.export import outputs
 from psft_lite.model import modeling
 from psft_lite.recipe.schema import Recipe
@@ -22,7 +24,7 @@ from psft_lite.tracking.trackers import Reporter, flat_config, open_reporter, wh
 from psft_lite.training import checkpoint, distributed
 from psft_lite.training.build import Run, build
 from psft_lite.training.distributed import Dist
-from psft_lite.training.loop import train_loop
+from psft_lite.training.loop import final_eval, train_loop
 
 
 def prepare_run_dir(run: Run) -> None:
@@ -146,7 +148,9 @@ def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, 
         status = "interrupted"
         raise
     finally:
-        reporter.finish({k: v for k, v in summary.items() if k not in ("first", "last", "main", "trackers")}, status)
+        reporter.finish(
+            {k: v for k, v in summary.items() if k not in ("first", "last", "main", "trackers", "final_eval")}, status
+        )
 
 
 def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) -> dict[str, Any]:
@@ -179,6 +183,11 @@ def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) ->
     }
     if records and "nll" in records[-1]:
         summary["final_nll"] = records[-1]["nll"]
+    if dist.is_main and recipe.eval.final and recipe.eval.sets:
+        summary["final_eval"] = final_eval(run)
+        out = rundir.eval_dir(run.run_dir) / "final.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(summary["final_eval"], indent=2) + "\n")
     if dist.is_main and outputs.needs_model_memory(recipe.output.save):
         del run.model, run.optimizer  # the merge and the export load a model of their own
         summary.update(outputs.write(run.run_dir, recipe.output, console))
@@ -211,8 +220,30 @@ def end_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
             "drift from the base: not measured (guard.drift_watch is off, or the run was shorter than "
             "guard.drift_every)"
         )
+    notes += final_eval_lines(summary.get("final_eval", {}))
     where_ = [f"adapter: {summary['adapter']}", f"metrics: {summary['metrics']}"]
     if "merged" in summary:
         where_.append(f"merged: {summary['merged']}")
     where_ += [f"gguf: {path}" for path in summary.get("gguf", [])]
     return notes, where_ + list(summary["trackers"])
+
+
+def final_eval_lines(final: dict[str, Any]) -> list[str]:
+    """`eval.final`, one line per set: accuracy before → after; for a retention set what the base knew that was kept."""
+    lines = []
+    for name, r in final.items():
+        if name == "seconds":
+            continue
+        a = r["after"]
+        if "base_right" in a:
+            kept = round(a["accuracy"] * a["n"])
+            lines.append(
+                f"{name}: kept {kept} of the base's {a['base_right']} right answers; KL to the base "
+                f"{a['kl_to_base']:.3f} nats/token on its own answers to {a['rows']} prompts"
+            )
+        else:
+            b = r["before"]
+            lines.append(f"{name} accuracy: {b['accuracy']:.1%} → {a['accuracy']:.1%} ({a['n']} held-out problems)")
+    if lines:
+        lines[-1] += f" (final evaluation: {final['seconds']:.0f} s)"
+    return lines
