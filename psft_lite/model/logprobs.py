@@ -133,18 +133,15 @@ def kl_divergence(
     """KL(p ‖ q) per row between the next-token distributions of two sets of hidden states [N, H] sharing one LM head
     (e.g. the base model and the fine-tuned one at the same positions); float32 [N], one [chunk × V] block at a time."""
     out = hidden_p.new_empty(hidden_p.shape[0], dtype=torch.float32)
-    with torch.autocast(hidden_p.device.type, enabled=False):
-        for s in range(0, hidden_p.shape[0], chunk):
-            zp, _ = _chunk_logits(hidden_p[s : s + chunk], weight, bias, softcap, scale)
-            zq, _ = _chunk_logits(hidden_q[s : s + chunk], weight, bias, softcap, scale)
-            lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
-            out[s : s + chunk] = (lp.exp() * (lp - lq)).sum(-1)
+    for s in range(0, hidden_p.shape[0], chunk):
+        out[s : s + chunk] = _kl_chunk(hidden_p[s : s + chunk], hidden_q[s : s + chunk], weight, bias, softcap, scale)
     return out
 
 
 def _kl_chunk(
     h: Tensor, h_ref: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, scale: float
 ) -> Tensor:
+    """KL(softmax(head(h)) ‖ softmax(head(h_ref))) per row of one chunk, in float32."""
     with torch.autocast(h.device.type, enabled=False):
         lq = torch.log_softmax(_chunk_logits(h, weight, bias, softcap, scale)[0], -1)
         lr = torch.log_softmax(_chunk_logits(h_ref, weight, bias, softcap, scale)[0], -1)
