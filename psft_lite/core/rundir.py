@@ -86,9 +86,10 @@ def newest_adapter(path: Path) -> Path | None:
     path = Path(path)
     if is_adapter_dir(adapter_dir(path)):
         return adapter_dir(path)
-    if not is_adapter_dir(path) and list_checkpoints(path):
-        return list_checkpoints(path)[-1][1]
-    return path if is_adapter_dir(path) else None
+    if is_adapter_dir(path):
+        return path
+    ckpts = list_checkpoints(path)
+    return ckpts[-1][1] if ckpts else None
 
 
 def owning_run(adapter: Path) -> Path | None:

@@ -24,7 +24,7 @@ from psft_lite.data import load_conversations
 from psft_lite.data.tokenize import Example, encode_all
 from psft_lite.inference.generate import Loaded, generate
 from psft_lite.model import modeling
-from psft_lite.model.logprobs import kl_divergence
+from psft_lite.model.logprobs import kl_to_reference
 from psft_lite.model.modeling import score_examples
 from psft_lite.recipe.schema import RowFormat, Source
 
@@ -259,7 +259,7 @@ def kl_to_base(loaded: Loaded, items: list[EvalItem], max_length: int = 512) -> 
             tuned = modeling.response_hidden(loaded.model, b)
             with modeling.adapter_disabled(loaded.model):
                 base = modeling.response_hidden(loaded.model, b)
-        kl = kl_divergence(base, tuned, head.weight, head.bias, softcap=head.softcap, scale=head.scale)
+        kl = kl_to_reference(base, tuned, head.weight, head.bias, softcap=head.softcap, scale=head.scale)
         total += float(kl.sum())
         count += kl.numel()
     return total / max(count, 1)

@@ -2,8 +2,8 @@
 
 Never materialise a [B × L × V] float32 tensor when only the trained tokens' log-probs and entropies are
 needed. `target_logprobs` runs the head over the masked positions only, a chunk of rows at a time, and recomputes
-each chunk's logits in the backward pass; `kl_divergence` does the same for KL(p ‖ q) between two sets of hidden
-states (the study's drift probe), and `kl_to_reference` with a gradient (sft_kl's penalty).
+each chunk's logits in the backward pass; `kl_to_reference` does the same for KL(p ‖ p_ref) between two sets of
+hidden states, with a gradient (sft_kl's penalty) or under no_grad (eval's KL to the base).
 `logprobs_from_logits` is the unchunked reference the tests compare against.
 """
 
@@ -118,24 +118,6 @@ def logprobs_from_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tenso
     logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
     ent = -(logsm.exp() * logsm).sum(-1)
     return logp, ent.detach()
-
-
-@torch.no_grad()
-def kl_divergence(
-    hidden_p: Tensor,
-    hidden_q: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    chunk: int = 1024,
-    softcap: float | None = None,
-    scale: float = 1.0,
-) -> Tensor:
-    """KL(p ‖ q) per row between the next-token distributions of two sets of hidden states [N, H] sharing one LM head
-    (e.g. the base model and the fine-tuned one at the same positions); float32 [N], one [chunk × V] block at a time."""
-    out = hidden_p.new_empty(hidden_p.shape[0], dtype=torch.float32)
-    for s in range(0, hidden_p.shape[0], chunk):
-        out[s : s + chunk] = _kl_chunk(hidden_p[s : s + chunk], hidden_q[s : s + chunk], weight, bias, softcap, scale)
-    return out
 
 
 def _kl_chunk(
