@@ -243,6 +243,10 @@ def test_the_new_format_task_scores_only_answers_written_in_the_taught_format():
     assert not it.correct(f"Some steps.\n#### {it.gold}")[1]  # right number, old format: not what was taught
     assert not it.correct(f"[[answer: {int(it.gold) + 1}]]")[1]  # taught format, wrong number
     assert it.correct(it.reference)[1]  # the reference itself is written in the format
+    # told apart: the format learned, and the problem solved whatever the format
+    assert it.format_scores(f"Some steps.\n#### {it.gold}") == (False, True)
+    assert it.format_scores(f"[[answer: {int(it.gold) + 1}]]") == (True, False)
+    assert it.format_scores(it.reference) == (True, True)
     plain = eval_items(DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")))
     assert [p.prompt for p in plain] == [p.prompt for p in eval_items(d.train, d)]  # the same held-out problems
 

@@ -129,6 +129,12 @@ class EvalItem:
         ans = extract_answer(generation)
         return ans, answers_match(ans, self.gold)
 
+    def format_scores(self, generation: str) -> tuple[bool, bool]:
+        """For a taught-format item: (the format's opening was written, the final answer is right in any format) —
+        so "learned the format" and "solved the problem" are told apart."""
+        opening = (self.pattern or "{answer}").split("{answer}")[0]
+        return bool(opening) and opening in generation, answers_match(extract_answer(generation), self.gold)
+
 
 def eval_items(
     source: Source, data: RowFormat, limit: int | None = None, base_dir: Path | None = None
@@ -203,6 +209,7 @@ def evaluate_set(
     preds: list[dict[str, Any]] = []
     correct = 0.0
     entropies: list[float] = []
+    formats: list[tuple[bool, bool]] = []
     for k in range(samples):
         gens = generate(
             loaded,
@@ -218,6 +225,8 @@ def evaluate_set(
             ans, ok = it.correct(g.text)
             correct += ok
             entropies.append(g.mean_entropy)
+            if it.match == "format":
+                formats.append(it.format_scores(g.text))
             preds.append(
                 {
                     "where": it.where,
@@ -232,6 +241,8 @@ def evaluate_set(
                     "mean_entropy": g.mean_entropy,
                 }
             )
+            if it.match == "format":
+                preds[-1]["format_used"], preds[-1]["answer_right"] = formats[-1]
     n = len(items)
     summary = {
         "n": n,
@@ -240,29 +251,41 @@ def evaluate_set(
         "mean_entropy": sum(entropies) / len(entropies) if entropies else 0.0,
         "finished": sum(p["finished"] for p in preds) / len(preds) if preds else 0.0,
     }
+    if formats:  # a taught-format set: how often the format was used, and accuracy whatever the format
+        summary["format_rate"] = sum(f for f, _ in formats) / len(formats)
+        summary["answer_accuracy"] = sum(a for _, a in formats) / len(formats)
     if nll:
         summary["mean_nll"] = reference_nll(loaded, items)
     return summary, preds
 
 
-@torch.no_grad()
 def kl_to_base(loaded: Loaded, items: list[EvalItem], max_length: int = 512) -> float:
     """Mean over reference tokens of KL(p_base ‖ p_model), teacher-forced on the items' reference answers (0 for a
     model without an adapter: it is the base)."""
-    if not loaded.has_adapter:
-        return 0.0
+    rows = kl_rows(loaded, items, max_length)
+    return sum(s for s, _ in rows) / max(sum(n for _, n in rows), 1)
+
+
+@torch.no_grad()
+def kl_rows(loaded: Loaded, items: list[EvalItem], max_length: int = 512) -> list[tuple[float, int]]:
+    """Per item, (sum of KL(p_base ‖ p_model) over its reference tokens, number of tokens): what a bootstrap over
+    prompts resamples. All zeros for a model without an adapter (it is the base)."""
     examples = reference_examples(loaded.tokenizer, items, max_length)
+    counts = [int(ex.mask[1:].sum()) for ex in examples]
+    if not loaded.has_adapter:
+        return [(0.0, n) for n in counts]
     head = modeling.lm_head(loaded.model)
-    total, count = 0.0, 0
+    per_token = []
     for b in modeling.example_batches(examples, loaded.tokenizer.pad_token_id, loaded.device):
         with modeling.autocast(loaded.device, loaded.dtype):
             tuned = modeling.response_hidden(loaded.model, b)
             with modeling.adapter_disabled(loaded.model):
                 base = modeling.response_hidden(loaded.model, b)
         kl = kl_to_reference(base, tuned, head.weight, head.bias, softcap=head.softcap, scale=head.scale)
-        total += float(kl.sum())
-        count += kl.numel()
-    return total / max(count, 1)
+        per_token.append(kl.double())
+    flat = torch.cat(per_token) if per_token else torch.zeros(0, dtype=torch.float64)
+    sums = [float(part.sum()) for part in flat.split(counts)]
+    return list(zip(sums, counts))
 
 
 def evaluate_sets(
@@ -320,9 +343,11 @@ def _generated(items: list[EvalItem]) -> list[EvalItem]:
 def retention_scores(loaded: Loaded, items: list[EvalItem]) -> dict[str, Any]:
     """How far the model is from the base on the base's own answers to general prompts: mean NLL of those answers
     and KL(base ‖ model) per token, over every row."""
+    rows = kl_rows(loaded, items)
     return {
         "mean_nll": reference_nll(loaded, items),
-        "kl_to_base": kl_to_base(loaded, items),
+        "kl_to_base": sum(s for s, _ in rows) / max(sum(n for _, n in rows), 1),
+        "kl_rows": [[round(s, 6), n] for s, n in rows],
         "rows": len(items),
         "base_right": sum(bool(it.base_correct) for it in items),
     }
@@ -384,6 +409,11 @@ def summary_lines(summaries: dict[str, dict[str, Any]], samples: int) -> list[st
             lines.append(
                 f"{name:>12}  n={sm['n']:<5} {metric} {sm['accuracy']:.1%}   entropy {sm['mean_entropy']:.3f}   "
                 f"reference NLL {sm['mean_nll']:.3f}   finished {sm['finished']:.0%}"
+                + (
+                    f"   format used {sm['format_rate']:.0%}, right answer in any format {sm['answer_accuracy']:.1%}"
+                    if "format_rate" in sm
+                    else ""
+                )
             )
     return lines
 

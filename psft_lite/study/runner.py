@@ -36,16 +36,25 @@ PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to th
 
 
 def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_tokens: int) -> dict[str, Any]:
-    """Accuracy, generation entropy and reference NLL on each set (its first `limit` problems), and the KL to the base
-    model on the probe set."""
+    """Accuracy, generation entropy and reference NLL on each set (its first `limit` problems), the KL to the base
+    model on the probe set, and what a bootstrap over problems resamples: per generated problem a 0/1 string
+    (`correct`; for a taught-format set also `format_used`, `answer_right`) and a retention set's per-prompt KL."""
     from psft_lite.inference.evaluate import evaluate_sets
     from psft_lite.inference.generate import load_model
 
     loaded = load_model(spec)
     firsts = {name: items[:limit] for name, items in sets.items()}
-    summaries, _ = evaluate_sets(loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,))
-    keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base", "rows", "base_right")
-    return {name: {k: sm[k] for k in keep if k in sm} for name, sm in summaries.items()}
+    summaries, predictions = evaluate_sets(
+        loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,)
+    )
+    keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base", "rows", "base_right", "finished")
+    keep += ("format_rate", "answer_accuracy", "kl_rows")
+    out = {name: {k: sm[k] for k in keep if k in sm} for name, sm in summaries.items()}
+    for name, preds in predictions.items():
+        for flag in ("correct", "format_used", "answer_right"):
+            if preds and flag in preds[0]:
+                out[name][flag] = "".join("1" if p[flag] else "0" for p in preds)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
