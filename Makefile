@@ -12,7 +12,7 @@ LLAMA_CPP        ?= llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
                     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup quickstart lint test test-fast data data-retention data-gsm8k docs bench study clean
+.PHONY: setup quickstart lint test test-fast data data-retention data-gsm8k docs bench study study-report clean
 
 setup: $(VENV)/.setup-done
 
@@ -51,6 +51,10 @@ data: setup
 # the prompts): the reference a fine-tune's KL to the base and NLL are measured on
 data-retention: setup
 	$(BIN)/python -m psft_lite.study.benchmark --out data/retention/base.jsonl
+
+# docs/study.md's benchmark tables and figures, from the records committed under docs/study/benchmark (no training)
+study-report: setup
+	$(BIN)/python -m psft_lite.study.report docs/study/benchmark --doc docs/study.md --figures docs/study
 
 # GSM8K test rows for the study's natural-language repeat (training dynamics only; never committed)
 data-gsm8k: setup

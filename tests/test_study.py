@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -218,3 +221,56 @@ def test_base_answers_keep_each_prompt_and_score_the_checkable_ones(tiny_model_d
     assert [r["id"] for r in rows] == ["fact-001", "code-001"]
     assert isinstance(rows[0]["base_correct"], bool) and "base_correct" not in rows[1]
     assert all(isinstance(r["completion"], str) and isinstance(r["finished"], bool) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The benchmark report (psft_lite.study.report)
+
+
+def _bench_rec(method, seed, epoch, correct, kl_rows, **more):
+    rec = {"method": method, "cell": {}, "cell_label": "", "seed": seed, "epoch": epoch, "step": epoch * 10}
+    rec["in_domain"] = {"correct": correct, "format_used": correct, "answer_right": correct}
+    rec["ood"] = {"correct": correct}
+    rec["retention"] = {"correct": "11", "kl_rows": kl_rows}
+    return {**rec, **more}
+
+
+def test_report_reads_hand_written_records_exactly(tmp_path):
+    from psft_lite.study import report
+
+    recs = [
+        _bench_rec("base", 0, 0, "0000", [[0.0, 4], [0.0, 6]]),
+        _bench_rec("sft", 0, 1, "1100", [[0.4, 4], [0.6, 6]], train_entropy=0.5),
+        _bench_rec("sft", 1, 1, "1110", [[0.2, 4], [0.8, 6]], train_entropy=0.3),
+        _bench_rec("sft", 1, 1, "1111", [[1.0, 4], [1.0, 6]]),  # an older duplicate is overridden by the later one
+    ]
+    recs[2], recs[3] = recs[3], recs[2]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    curves, md = report.generate(tmp_path)
+    (sft,) = curves
+    assert sft.seeds == [0, 1] and sft.epochs == [1]
+    assert list(report.point(sft, "acc")) == [0.0, 62.5]  # base, then the mean of 50 % and 75 %
+    assert report.point(sft, "kl")[1] == pytest.approx(0.1)  # per seed 1.0/10 and 1.0/10 nats per token
+    assert "| sft | 2 | 1 | 62.5 [" in md
+    # the curve read where it first reaches a level, linearly between epochs
+    assert report.crossing([0.0, 40.0, 60.0], [0.0, 0.1, 0.3], 50.0) == pytest.approx(0.2)
+    assert math.isnan(report.crossing([0.0, 40.0], [0.0, 0.1], 50.0))
+    doc = f"intro\n{report.BEGIN}\nold\n{report.END}\nafter\n"
+    assert report.splice(doc, md) == f"intro\n{report.BEGIN}\n{md}{report.END}\nafter\n"
+
+
+def test_report_intervals_cover_the_mean_and_shrink_with_more_problems():
+    from psft_lite.study import report
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (50, 800):
+        bits = "".join("1" if x else "0" for x in rng.random(n) < 0.4)
+        recs = [("base", _bench_rec("base", 0, 0, "0" * n, [[0.0, 1]] * n))]
+        recs += [("sft", _bench_rec("sft", s, 1, bits, [[0.1, 1]] * n)) for s in (0, 1, 2)]
+        curves, _ = report.build_curves(recs)
+        reps = report.replicates(curves[0], "acc", report.Resampler())[:, 1]
+        lo, hi = report.ci(reps)
+        assert lo < report.point(curves[0], "acc")[1] < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # 16x the problems: about a quarter of the width
