@@ -2,6 +2,7 @@
 
     python bench/what_fits.py                  # the README table (markdown)
     python bench/what_fits.py --json fits.json
+    python bench/what_fits.py --sharded        # per-GPU estimates of sharded (FSDP) runs of 32B and 70B models
 
 No hub access is needed: each model's published config.json figures (hidden size, layers, heads, vocabulary, tied
 embeddings) are written into a local folder, and `preflight.estimate_memory` — the same function `psft-lite
@@ -47,13 +48,23 @@ MODELS = {
                                               num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
                                               tie_word_embeddings=False)),
 }  # fmt: skip
+BIG = {
+    "Qwen2.5-32B": ("Qwen2Config", dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                                        tie_word_embeddings=False)),
+    "Llama-3.1-70B": ("LlamaConfig", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                          tie_word_embeddings=False)),
+}  # fmt: skip
 CARDS = (8, 12, 16, 24)
 LENGTHS = (512, 1024, 2048)
 MICRO = (1, 2, 4)
 
 
-def estimate(folder: Path, four_bit: bool, length: int, micro: int, gc: bool, objective: dict) -> tuple[float, int]:
-    """(estimated peak GB on a GPU, parameter count)."""
+def estimate(
+    folder: Path, four_bit: bool, length: int, micro: int, gc: bool, objective: dict, shards: int = 1
+) -> tuple[float, int]:
+    """(estimated peak GB on a GPU — on each GPU of a sharded run over `shards` —, parameter count)."""
     import torch
 
     from psft_lite.model import modeling
@@ -70,8 +81,26 @@ def estimate(folder: Path, four_bit: bool, length: int, micro: int, gc: bool, ob
         }
     )
     src = modeling.ModelSource(str(folder), None, folder.name)
-    est = estimate_memory(recipe, src, torch.device("cuda"), torch.bfloat16, length, length // 2)
+    est = estimate_memory(recipe, src, torch.device("cuda"), torch.bfloat16, length, length // 2, shards=shards)
     return est.total / GB, count_parameters(recipe, src)[0]
+
+
+def sharded_table() -> None:
+    """Per-GPU GB of 32B/70B models: one GPU with a 4-bit base (QLoRA), and a bf16 base sharded over 2, 4, 8 GPUs
+    (4-bit weights cannot be sharded), LoRA r 16, gradient checkpointing on, micro-batch 1 of 1024 tokens, sft."""
+    import transformers
+
+    counts = (2, 4, 8)
+    print("| model | params | 1 GPU, 4-bit | " + " | ".join(f"{n} GPUs, bf16 sharded (each)" for n in counts) + " |")
+    print("|---|---|---|" + "---|" * len(counts))
+    with tempfile.TemporaryDirectory(prefix="psft-what-fits-") as tmp:
+        for name, (cls, figures) in BIG.items():
+            folder = Path(tmp) / name
+            getattr(transformers, cls)(**figures).save_pretrained(folder)
+            q, n_params = estimate(folder, True, 1024, 1, True, {"kind": "sft"})
+            cells = [estimate(folder, False, 1024, 1, True, {"kind": "sft"}, shards=n)[0] for n in counts]
+            mark = lambda gb: f"{gb:.1f}" + (" (fits 24 GB)" if gb <= 24 else "")  # noqa: E731
+            print(f"| {name} | {n_params / 1e9:.1f} B | {mark(q)} | " + " | ".join(mark(c) for c in cells) + " |")
 
 
 def main() -> None:
@@ -79,7 +108,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--sharded", action="store_true", help="the sharded (FSDP) table for 32B and 70B models")
     args = ap.parse_args()
+    if args.sharded:
+        return sharded_table()
     objectives = {
         "sft": {"kind": "sft"},
         "psft-snapshot": {"kind": "psft", "old_policy": "snapshot"},

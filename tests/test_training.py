@@ -331,3 +331,28 @@ def test_sft_kl_logs_its_kl_to_the_base_and_stays_nearer_the_base_than_sft(tmp_p
     want = torch.autograd.grad(ref.sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_the_sharded_memory_estimate_splits_the_layers_and_names_the_fewest_devices(tmp_path, tiny_model_dir):
+    """Per device, a sharded run holds 1/N of the decoder layers and LoRA state, the embeddings/head whole, and two
+    gathered layers; validate's advice names the fewest devices that fit."""
+    from psft_lite.training.preflight import count_parameters, estimate_memory, sharding_advice
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir))
+    src = modeling.resolve_source(recipe.model)
+    total, _, lora, in_layers = count_parameters(recipe, src)
+    assert 0 < in_layers < total and lora > 0
+    cpu, f32 = torch.device("cpu"), torch.float32
+    one = estimate_memory(recipe, src, cpu, f32, 64, 32)
+    two, four = (estimate_memory(recipe, src, cpu, f32, 64, 32, shards=n) for n in (2, 4))
+    own = "weights (own shard + embeddings/head)"
+    assert one.parts["weights"] == total * 4
+    assert two.parts[own] == pytest.approx((total - in_layers) * 4 + in_layers * 4 / 2)
+    assert two.parts["gathered layers"] == pytest.approx(2 * in_layers * 4 / 2)  # two of the tiny model's 2 layers
+    assert four.parts["lora + grads + optimizer"] == pytest.approx(one.parts["lora + grads + optimizer"] / 4)
+    assert two.parts["activations"] == one.parts["activations"]  # each device still runs a whole micro-batch
+    between = (four.total + two.total) / 2  # room for four devices' share, not two's
+    assert "over 4 devices" in sharding_advice(recipe, src, cpu, f32, 64, 32, between)
+    assert "would not fit" in sharding_advice(recipe, src, cpu, f32, 64, 32, 1.0)
+    quant = load_recipe(make_recipe(tmp_path / "q", tiny_model_dir, model={"load_in_4bit": True}))
+    assert "cannot split 4-bit" in sharding_advice(quant, src, cpu, f32, 64, 32, 1.0)

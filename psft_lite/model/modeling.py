@@ -471,9 +471,19 @@ def score_examples(
 
 @contextlib.contextmanager
 def adapter_disabled(model: Any) -> Iterator[None]:
-    """The base model's exact outputs: `disable_adapter()` gives the base logits exactly, LoRA and QLoRA (tested)."""
-    with model.disable_adapter():
+    """The base model's exact outputs (LoRA and QLoRA, tested): every adapter layer's forward skips its adapter —
+    the switch peft's `disable_adapter()` flips, without also clearing the adapter's requires_grad as peft does:
+    FSDP fixes a weight's requires_grad when it first gathers it, so a first forward without the adapter (psft's base
+    log-probs) would freeze a sharded run's adapter for good."""
+    switches = [m for m in model.modules() if hasattr(m, "_disable_adapters")]
+    before = [m._disable_adapters for m in switches]
+    for m in switches:
+        m._disable_adapters = True
+    try:
         yield
+    finally:
+        for m, b in zip(switches, before):
+            m._disable_adapters = b
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

@@ -199,6 +199,12 @@ class TrainSection(Section):
         0, ge=0, description="Save a checkpoint every N optimizer steps (0: only at the end and when interrupted)."
     )
     keep_last: int = Field(2, ge=0, description="Checkpoints to keep (the newest; 0 keeps all).")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Under a launcher (torchrun, accelerate launch): `ddp` copies the whole model to every process; "
+        "`fsdp` shards the base's decoder layers across them (FSDP2), for models one device cannot hold; `auto` "
+        "is ddp, or fsdp when accelerate's config asks for it. One process: ignored.",
+    )
 
     @field_validator("adam_betas", mode="before")
     @classmethod
@@ -497,6 +503,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 #: Keys that may differ between a checkpoint's recipe and the recipe resuming it: they do not change the math.
 RESUME_FREE = {
+    "train.strategy",  # sharding changes where the weights live, not the trajectory (tested equal)
     "train.log_every",
     "train.save_every",
     "train.keep_last",

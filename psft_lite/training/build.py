@@ -21,6 +21,7 @@ from psft_lite.export import outputs
 from psft_lite.model import modeling
 from psft_lite.recipe.schema import Recipe, TrainSection
 from psft_lite.tracking.trackers import require
+from psft_lite.training import sharding
 from psft_lite.training.distributed import Dist
 from psft_lite.training.guard import Guard
 from psft_lite.training.objectives import OBJECTIVES, Objective, method_name
@@ -153,6 +154,8 @@ def build(
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) × "
             f"the {dist.world} processes, so every process gets whole micro-batches of each global batch."
         )
+    if dist.sharded:
+        sharding.check_supported(m.load_in_4bit)  # before loading a model too big for one device
     if not resuming:
         rundir.check_output_dir(recipe.run_dir, overwrite)
     elif not rundir.is_run_dir(recipe.run_dir):
@@ -177,6 +180,8 @@ def build(
     if dist.enabled:
         dist.broadcast_parameters(modeling.trainable_parameters(model))
         torch.manual_seed(t.seed + 1000 * dist.rank)  # own dropout masks per rank
+    if dist.sharded:
+        sharding.shard(model)
     plan = DataPlan(len(examples), t.batch_size, t.micro_batch_size, t.seed, recipe.data.shuffle)
     data = StepData(examples, plan, tokenizer.pad_token_id, device, dist.rank, dist.world)
     total = plan.total_steps(t.epochs, t.max_steps)

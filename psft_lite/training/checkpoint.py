@@ -34,10 +34,13 @@ def checkpoint_size(n_trainable: int) -> int:
     return n_trainable * 4 * 3 + 2**20
 
 
-def save_adapter(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> Path:
-    """A plain PEFT adapter folder (loadable by `PeftModel.from_pretrained`) with the tokenizer and chat template."""
+def save_adapter(
+    model: Any, tokenizer: Any, path: Path, meta: dict[str, Any], state_dict: dict[str, Any] | None = None
+) -> Path:
+    """A plain PEFT adapter folder (loadable by `PeftModel.from_pretrained`) with the tokenizer and chat template.
+    `state_dict`: the adapter's weights gathered whole, when the model holds only shards of them (sharding.py)."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / ADAPTER_META).write_text(json.dumps({"psft_lite_version": __version__, **meta}, indent=2) + "\n")
     return path
@@ -99,15 +102,18 @@ def save_checkpoint(
     state: TrainState,
     recipe_toml: str,
     keep_last: int,
+    adapter_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step-N/ atomically, then prune to the newest `keep_last`; returns its path. A failed write
-    (disk full, quota, a vanished mount) leaves nothing half-written and says which checkpoint is intact."""
+    (disk full, quota, a vanished mount) leaves nothing half-written and says which checkpoint is intact. A sharded
+    run passes its adapter and optimizer states gathered whole (sharding.py): the same files as one process."""
     final = checkpoint_dir(run_dir, state.step)
     try:
         with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
             (tmp / "README.md").unlink(missing_ok=True)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(policy_state, tmp / "policy.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             recipe_file(tmp).write_text(recipe_toml, encoding="utf-8")
@@ -133,14 +139,24 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> tuple[TrainState,
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from psft_lite.training import sharding
+
     path = Path(path)
     weights = load_file(path / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    sharded = sharding.is_sharded(model)
+    if sharded:  # a checkpoint holds whole tensors: each process keeps its shard
+        missing = sharding.load_adapter_state(model, weights)
+    else:
+        result = set_peft_model_state_dict(model, weights)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if missing:
         raise RunError(f"{path}: adapter weights do not fit this model (e.g. {missing[0]}).")
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    optim_state = torch.load(path / "optimizer.pt", map_location="cpu" if sharded else device, weights_only=True)
+    if sharded:
+        sharding.load_optimizer_state(optimizer, optim_state)
+    else:
+        optimizer.load_state_dict(optim_state)
     policy_state = torch.load(path / "policy.pt", map_location="cpu", weights_only=True)
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     raw = json.loads((path / STATE_FILE).read_text())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from psft_lite.core.errors import RunError
+from psft_lite.core.errors import RecipeError, RunError
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    sharded: bool = False  # train.strategy = "fsdp": the model is split across the processes (training/sharding.py)
 
     @property
     def enabled(self) -> bool:
@@ -64,8 +65,14 @@ class Dist:
                 dist.broadcast(p.data, src=0)
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum gradients over ranks in one flat all-reduce (LoRA gradients are megabytes)."""
+        """Sum gradients over ranks in one flat all-reduce (LoRA gradients are megabytes). Sharded, FSDP has already
+        reduced them to the mean over ranks: times the number of ranks gives the sum."""
         if not self.enabled:
+            return
+        if self.sharded:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(self.world)
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -81,10 +88,22 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def init_from_env() -> Dist:
+def sharded_strategy(strategy: str) -> bool:
+    """fsdp asked for by the recipe, or (strategy auto) by `accelerate launch` with an FSDP config."""
+    return strategy == "fsdp" or (strategy == "auto" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+
+
+def init_from_env(strategy: str = "auto") -> Dist:
     """Join the process group the launcher describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    sharded = sharded_strategy(strategy)
     if world <= 1:
+        if strategy == "fsdp":
+            raise RecipeError(
+                'train.strategy = "fsdp" splits the model across processes, but this is one process. Launch one '
+                "process per device: torchrun --nproc_per_node 2 -m psft_lite train RECIPE (or accelerate launch "
+                '--num_processes 2 -m psft_lite train RECIPE); on one device use train.strategy = "auto".'
+            )
         return Dist()
     import torch.distributed as dist
 
@@ -95,7 +114,7 @@ def init_from_env() -> Dist:
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(seconds=int(os.environ.get("PSFT_LITE_DIST_TIMEOUT", "1800")))
         dist.init_process_group(backend=backend, timeout=timeout)
-    return Dist(rank, world, local)
+    return Dist(rank, world, local, sharded)
 
 
 def shutdown(d: Dist) -> None:

@@ -16,7 +16,7 @@ from psft_lite.core import rundir
 from psft_lite.core.errors import Interrupted, RunError
 from psft_lite.model import modeling
 from psft_lite.tracking.metrics import MetricsWriter, ProgressDisplay, peak_memory_mb
-from psft_lite.training import checkpoint
+from psft_lite.training import checkpoint, sharding
 from psft_lite.training.build import Run
 from psft_lite.training.checkpoint import TrainState
 from psft_lite.training.step import train_step
@@ -126,6 +126,12 @@ def timed_step(run: Run, step: int) -> dict[str, Any]:
 def save_state(run: Run, step: int) -> Path:
     """Checkpoint after `step` steps (rank 0 writes; the others wait for it)."""
     path = rundir.checkpoint_dir(run.run_dir, step)
+    gathered = {}
+    if run.dist.sharded:  # every rank takes part in gathering the shards; rank 0 writes them
+        gathered = {
+            "adapter_state": sharding.adapter_state(run.model),
+            "optimizer_state": sharding.optimizer_state(run.model, run.optimizer),
+        }
     if run.dist.is_main:
         state = TrainState(
             step=step,
@@ -137,7 +143,7 @@ def save_state(run: Run, step: int) -> Path:
         policy_state = run.policy.state_dict() if run.policy is not None else {}
         t = run.recipe.train
         path = checkpoint.save_checkpoint(
-            run.run_dir, run.model, run.optimizer, policy_state, state, run.recipe.to_toml(), t.keep_last
+            run.run_dir, run.model, run.optimizer, policy_state, state, run.recipe.to_toml(), t.keep_last, **gathered
         )
     run.dist.barrier()
     return path
@@ -160,11 +166,12 @@ def watch(run: Run, rec: dict[str, Any], writer: MetricsWriter, display: Progres
 
 
 def maybe_eval(run: Run, done: int, writer: MetricsWriter, display: ProgressDisplay) -> None:
-    """The in-training eval every `eval.every` steps and at the end (rank 0; the others wait)."""
+    """The in-training eval every `eval.every` steps and at the end (rank 0, the others wait; sharded, every rank
+    runs the same forwards and rank 0 reports)."""
     every = run.recipe.eval.every
     if not every or (done % every and done != run.total_steps):
         return
-    if run.dist.is_main:
+    if run.dist.is_main or run.dist.sharded:
         ev = quick_eval(run, done)
         writer.write(ev)
         display.note(ev)

@@ -65,8 +65,9 @@ def available_memory(device: torch.device) -> float | None:
     return None
 
 
-def count_parameters(recipe: Recipe, src: modeling.ModelSource) -> tuple[int, int, int]:
-    """(all parameters, parameters in quantizable linear layers, LoRA parameters) from the config alone."""
+def count_parameters(recipe: Recipe, src: modeling.ModelSource) -> tuple[int, int, int, int]:
+    """(all parameters, parameters in quantizable linear layers, LoRA parameters, parameters inside the decoder
+    layers — what FSDP shards) from the config alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = recipe.model
@@ -78,6 +79,8 @@ def count_parameters(recipe: Recipe, src: modeling.ModelSource) -> tuple[int, in
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=m.trust_remote_code)
     head = model.get_output_embeddings()
     total = sum(p.numel() for p in model.parameters())
+    layers = getattr(model.get_decoder(), "layers", None) or []
+    in_layers = sum(p.numel() for p in layers.parameters()) if len(layers) else 0
     linear = lora = 0
     targets = recipe.lora.target_modules
     for name, mod in model.named_modules():
@@ -90,16 +93,25 @@ def count_parameters(recipe: Recipe, src: modeling.ModelSource) -> tuple[int, in
                 or (isinstance(targets, str) and targets != "all-linear" and re.fullmatch(targets, name))
             ):
                 lora += recipe.lora.r * (mod.in_features + mod.out_features)
-    return total, linear, lora
+    return total, linear, lora, in_layers
 
 
 def estimate_memory(
-    recipe: Recipe, src: modeling.ModelSource, device: torch.device, dtype: torch.dtype, seq_len: int, response_len: int
+    recipe: Recipe,
+    src: modeling.ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    seq_len: int,
+    response_len: int,
+    shards: int = 1,
 ) -> MemoryEstimate:
-    """Weights + LoRA + optimizer + activations for one micro-batch of `seq_len` tokens (the longest in the data)."""
+    """Weights + LoRA + optimizer + activations for one micro-batch of `seq_len` tokens (the longest in the data), on
+    one device; with `shards` > 1, on each of that many processes of a sharded run (train.strategy = "fsdp": each
+    holds 1/shards of the decoder layers' weights, LoRA and optimizer state, the embeddings and head whole, and two
+    gathered layers at a time — the one computing and the one prefetched)."""
     from transformers import AutoConfig
 
-    total, linear, lora = count_parameters(recipe, src)
+    total, linear, lora, in_layers = count_parameters(recipe, src)
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     cfg = AutoConfig.from_pretrained(src.path, trust_remote_code=recipe.model.trust_remote_code, **kw)
     nbytes = torch.finfo(dtype).bits // 8
@@ -128,12 +140,44 @@ def estimate_memory(
     parts = {
         "weights": weights,
         "lora + grads + optimizer": lora * (4 + 4 + opt_bytes),
+    }
+    if shards > 1:  # bf16/fp32 only (4-bit weights cannot be sharded): the layers' weights split, plus two gathered
+        one_layer = in_layers / max(layers, 1) * nbytes
+        parts = {
+            "weights (own shard + embeddings/head)": (total - in_layers) * nbytes + in_layers * nbytes / shards,
+            "gathered layers": 2 * one_layer,
+            "lora + grads + optimizer": lora * (4 + 4 + opt_bytes) / shards,
+        }
+    parts = {
+        **parts,
         "activations": acts,
         "lm-head chunk": head,
         **({"psft old log-probs": old_lp} if old_lp else {}),
         "runtime": overhead,
     }
     return MemoryEstimate(parts, available_memory(device), device.type)
+
+
+def sharding_advice(
+    recipe: Recipe,
+    src: modeling.ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    seq_len: int,
+    response_len: int,
+    available: float,
+) -> str:
+    """For a recipe one device cannot hold: the fewest devices (2, 4, 8) over which a sharded run would fit each."""
+    if recipe.model.load_in_4bit:
+        return ' Sharding (train.strategy = "fsdp") cannot split 4-bit weights; it shards the bf16 model.'
+    for n in (2, 4, 8):
+        est = estimate_memory(recipe, src, device, dtype, seq_len, response_len, shards=n)
+        if est.total <= available:
+            return (
+                f' Or shard it: with train.strategy = "fsdp" over {n} devices the estimate is {est.total / GB:.1f} '
+                f"GB each (torchrun --nproc_per_node {n} -m psft_lite train RECIPE)."
+            )
+    return ' Even sharded over 8 devices (train.strategy = "fsdp") it would not fit.'
 
 
 def render_example(tokenizer: Any, ex: Example, max_chars: int = 600) -> Text:
@@ -184,6 +228,11 @@ def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: in
             f"estimated peak memory {rep.memory.total / GB:.1f} GB exceeds the {rep.memory.available / GB:.1f} GB "
             f"available on {device.type}: lower train.micro_batch_size or data.max_length, turn on "
             "model.gradient_checkpointing, or set model.load_in_4bit = true."
+            + (
+                sharding_advice(recipe, src, device, dtype, longest, resp, rep.memory.available)
+                if device.type == "cuda"
+                else ""
+            )
         )
     if deep and examples:
         rep.stats.update(deep_check(recipe, examples, tokenizer, device, dtype, src))

@@ -19,6 +19,7 @@ from psft_lite.tracking.metrics import StepStats
 from psft_lite.training.build import Run
 from psft_lite.training.objectives import token_weights
 from psft_lite.training.schedules import idft_lambda, lr_at
+from psft_lite.training.sharding import full
 
 
 class Updater:
@@ -115,7 +116,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     stats.reduce(run.dist, ["nll", "entropy", *spec.stats], list(spec.max_stats))
     update.unscale()
     clip = run.recipe.train.grad_clip
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf")))
+    grad_norm = float(full(torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))))
     record = {
         "step": step + 1,
         "epoch": run.data.plan.epoch_of(step),

@@ -21,7 +21,7 @@ from psft_lite.model import modeling
 from psft_lite.recipe.schema import Recipe
 from psft_lite.tracking.metrics import peak_memory_mb, run_outcome, truncate_metrics
 from psft_lite.tracking.trackers import Reporter, flat_config, open_reporter, where
-from psft_lite.training import checkpoint, distributed
+from psft_lite.training import checkpoint, distributed, sharding
 from psft_lite.training.build import Run, build
 from psft_lite.training.distributed import Dist
 from psft_lite.training.loop import final_eval, train_loop
@@ -74,7 +74,7 @@ def run(
 ) -> dict[str, Any]:
     """Train as the recipe says (or continue from a checkpoint); returns a summary (paths, steps, time)."""
     console = console or Console(stderr=True)
-    dist = distributed.init_from_env()
+    dist = distributed.init_from_env(recipe.train.strategy)
     try:
         return _run(recipe, console if dist.is_main else Console(quiet=True), overwrite, resume, dist)
     finally:
@@ -92,8 +92,18 @@ def describe(run: Run) -> list[str]:
         + (", 4-bit NF4 base" if recipe.model.load_in_4bit else "")
         + f"; LoRA r={recipe.lora.r}, {n_train:,} trainable parameters",
         f"objective: {what}; {run.total_steps} steps of {t.batch_size} sequences (micro-batch {t.micro_batch_size}), "
-        f"lr {t.lr:g}" + (f"; data-parallel over {run.dist.world} processes" if run.dist.enabled else ""),
+        f"lr {t.lr:g}" + _parallel(run.dist),
     ]
+
+
+def _parallel(dist: Dist) -> str:
+    if not dist.enabled:
+        return ""
+    return (
+        f"; sharded (FSDP) over {dist.world} processes"
+        if dist.sharded
+        else f"; data-parallel over {dist.world} processes"
+    )
 
 
 def start_reporting(run: Run, start: int, reported: int) -> Reporter:
@@ -159,9 +169,12 @@ def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) ->
     records = train_loop(run, start, report=reporter.record)
     loop_s = time.perf_counter() - t_loop
     adapter = rundir.adapter_dir(run.run_dir)
+    weights = sharding.adapter_state(run.model) if dist.sharded else None  # every rank gathers; rank 0 writes
     if dist.is_main:
         try:
-            checkpoint.save_adapter(run.model, run.tokenizer, adapter, adapter_meta(run, run.total_steps))
+            checkpoint.save_adapter(
+                run.model, run.tokenizer, adapter, adapter_meta(run, run.total_steps), state_dict=weights
+            )
         except OSError as e:
             raise RunError(
                 f"could not write the adapter into {run.run_dir} ({e.strerror}); the last checkpoint is intact."
@@ -183,11 +196,12 @@ def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) ->
     }
     if records and "nll" in records[-1]:
         summary["final_nll"] = records[-1]["nll"]
-    if dist.is_main and recipe.eval.final and recipe.eval.sets:
+    if (dist.is_main or dist.sharded) and recipe.eval.final and recipe.eval.sets:  # sharded: every rank forwards
         summary["final_eval"] = final_eval(run)
         out = rundir.eval_dir(run.run_dir) / "final.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(summary["final_eval"], indent=2) + "\n")
+        if dist.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(summary["final_eval"], indent=2) + "\n")
     if dist.is_main and outputs.needs_model_memory(recipe.output.save):
         del run.model, run.optimizer  # the merge and the export load a model of their own
         summary.update(outputs.write(run.run_dir, recipe.output, console))
