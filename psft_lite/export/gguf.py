@@ -81,8 +81,8 @@ def resolve(source: Path) -> Source:
         raise ModelError(f"{info.base.name}: cannot read the base model's config for export: {e}") from None
     gguf_convert.family(config)
     base_gguf = None
-    if info.base.name == modeling.EMBEDDED_MODEL:
-        base_gguf = modeling.embedded_gguf_path()
+    if info.base.name in modeling.packaged.PACKAGED:
+        base_gguf = modeling.packaged.gguf_path(info.base.name)
     elif src.gguf_file:
         base_gguf = Path(src.path) / src.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(info.path)
@@ -149,7 +149,7 @@ def _base_state(src: Source) -> Any:
 
 def _tokenizer_meta(src: Source) -> gguf_convert.TokenizerMeta:
     if src.base_gguf is not None:
-        return gguf_convert.tokenizer_from_gguf(src.base_gguf, src.tokenizer.chat_template)
+        return gguf_convert.tokenizer_from_gguf(src.base_gguf, src.tokenizer.chat_template, src.tokenizer)
     return gguf_convert.tokenizer_from_hf(src.tokenizer, src.config, src.label)
 
 
@@ -177,10 +177,10 @@ def reference(
     model.eval()
     sequences, logits = [], []
     for text in rendered[:n_seq]:
-        ids = tok(text, add_special_tokens=True)["input_ids"][:max_len]
+        ids = gguf_check.hf_ids(tok, text)[:max_len]
         sequences.append(list(ids))
         logits.append(model(input_ids=torch.tensor([ids])).logits[0].float().numpy())
-    prompts = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in prompts_text]
+    prompts = [gguf_check.hf_ids(tok, t) for t in prompts_text]
     eot = set(stop_ids(tok))
     return gguf_check.Reference(
         texts, sequences, logits, prompts, _greedy_lengths(model, tok, prompts, eot, max_new_tokens), eot, tok

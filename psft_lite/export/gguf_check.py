@@ -169,8 +169,14 @@ class Reference:
     tokenizer: Any
 
 
-def _hf_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+def adds_bos(tokenizer: Any, text: str) -> bool:
+    """Whether tokenizing `text` should add a BOS: not when the chat template already wrote one (Gemma, Llama 3), as
+    in training — a doubled BOS is a prompt the model never saw."""
+    return not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+
+
+def hf_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=adds_bos(tokenizer, text))["input_ids"])
 
 
 def run_checks(path: Path, ref: Reference, label: str, lora: Path | None = None) -> CheckResult:
@@ -185,8 +191,8 @@ def run_checks(path: Path, ref: Reference, label: str, lora: Path | None = None)
     )
     with open_llama(path, lora=lora, n_ctx=n_ctx) as llm:
         for text in ref.texts:
-            want = _hf_ids(ref.tokenizer, text)
-            got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            want = hf_ids(ref.tokenizer, text)
+            got = llm.tokenize(text.encode("utf-8"), add_bos=adds_bos(ref.tokenizer, text), special=True)
             res.tokenizer_cases += 1
             if got != want:
                 res.tokenizer_mismatches.append(f"{text[:40]!r}: transformers {want[:8]}… llama.cpp {got[:8]}…")

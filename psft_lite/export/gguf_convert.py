@@ -7,6 +7,10 @@ Written after reading how llama.cpp's converter treats each family (not copied f
   `rope_freqs` tensor of per-frequency factors.
 - qwen2 (Qwen2/2.5) maps to `qwen2`: llama.cpp runs it with the half-rotation, so nothing is permuted; it has q/k/v
   biases.
+- gemma3 (Gemma 3 text models, e.g. 270M) maps to `gemma3`: half-rotation (no permutation); transformers' Gemma
+  RMSNorm multiplies by (1 + w) where llama.cpp multiplies by w, so every norm weight is written plus one; the
+  embedding stays unscaled (both scale it by √d at run time); sliding-window layers and the global RoPE base are
+  written as hyper-parameters (llama.cpp knows Gemma 3's local base and layer pattern).
 Tensor names come from the gguf package's own name map. 1-D tensors (norms, biases) stay float32, as llama.cpp
 expects. The tokenizer is written in full (vocabulary, merges, token types, the BPE pre-tokenizer llama.cpp must
 apply, special ids, add-bos) with the chat template the run trained with; a base that came from a GGUF (the
@@ -37,12 +41,16 @@ from psft_lite.model.chat import end_of_turn_id
 class Family:
     arch: str  # llama.cpp's architecture name
     permute_qk: bool  # transformers' half-rotation RoPE rows → llama.cpp's adjacent-pair rows
+    norm_plus_one: bool = False  # transformers stores RMSNorm weights as an offset from 1 (Gemma)
 
 
 FAMILIES = {
     "llama": Family("llama", True),
     "mistral": Family("llama", True),
     "qwen2": Family("qwen2", False),
+    "qwen3": Family("qwen3", False),
+    "gemma3_text": Family("gemma3", False, norm_plus_one=True),
+    "phi3": Family("phi3", False),
 }
 
 
@@ -53,8 +61,8 @@ def family(config: Any) -> Family:
         raise ModelError(
             f"GGUF export does not support the architecture {kind!r} ({', '.join(config.architectures or [])}). "
             f"psft-lite's converter writes {', '.join(sorted(FAMILIES))} models (Llama 2/3.x, SmolLM2, Mistral, "
-            "Qwen2/2.5). Export the merged folder with `psft-lite merge` and convert it with llama.cpp's "
-            "convert_hf_to_gguf.py instead."
+            "Qwen2/2.5, Qwen3, Gemma 3 text, Phi-3). Export the merged folder with `psft-lite merge` and convert it "
+            "with llama.cpp's convert_hf_to_gguf.py instead."
         )
     if getattr(config, "rope_scaling", None) and (config.rope_scaling.get("rope_type") or "default") not in (
         "default",
@@ -65,6 +73,15 @@ def family(config: Any) -> Family:
             f"GGUF export: RoPE scaling {config.rope_scaling.get('rope_type')!r} is not handled by psft-lite's "
             "converter (default, linear and llama3 are)."
         )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if kind == "gemma3_text" and getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
+        raise ModelError(
+            f"GGUF export: this Gemma 3 scales attention by query_pre_attn_scalar = {config.query_pre_attn_scalar}, "
+            f"not by its head size {head_dim}; llama.cpp would compute different attention. Export the merged folder "
+            "with llama.cpp's convert_hf_to_gguf.py instead."
+        )
+    if kind == "phi3" and getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise ModelError("GGUF export: Phi models with partial rotary embeddings (Phi-3.5/4 mini) are not handled.")
     return FAMILIES[kind]
 
 
@@ -146,6 +163,8 @@ def gguf_tensors(
             t = permute_rows(t, n_head)
         elif fam.permute_qk and key.endswith(("k_proj.weight", "k_proj.bias")):
             t = permute_rows(t, n_kv)
+        elif fam.norm_plus_one and key.endswith("norm.weight"):
+            t = t.float() + 1.0
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ModelError(f"GGUF export: no GGUF name for the tensor {key!r} of a {config.model_type} model.")
@@ -178,8 +197,9 @@ def llama3_rope_factors(config: Any) -> np.ndarray:
 
 def _rope_theta(config: Any) -> float:
     theta = getattr(config, "rope_theta", None)
-    if theta is None:  # transformers 5 keeps it in rope_parameters
+    if theta is None:  # transformers 5 keeps it in rope_parameters (per layer type for sliding-window models)
         params = getattr(config, "rope_parameters", None) or {}
+        params = params.get("full_attention", params)
         theta = params.get("rope_theta", 10000.0)
     return float(theta)
 
@@ -219,9 +239,11 @@ def write_hparams(writer: Any, config: Any, fam: Family) -> None:
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(int(head_dim))
-    if head_dim * n_head != config.hidden_size:
+    if head_dim * n_head != config.hidden_size or fam.arch == "gemma3":
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
+    if fam.arch in ("gemma3", "phi3") and getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
     writer.add_vocab_size(int(config.vocab_size))
     rope = getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type") == "linear":
@@ -248,8 +270,10 @@ class TokenizerMeta:
             writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
-def tokenizer_from_gguf(path: Path, chat_template: str | None) -> TokenizerMeta:
-    """Every tokenizer.* field of a source GGUF, with the chat template the run trained with."""
+def tokenizer_from_gguf(path: Path, chat_template: str | None, tokenizer: Any = None) -> TokenizerMeta:
+    """Every tokenizer.* field of a source GGUF, with the chat template the run trained with. A SentencePiece-style
+    vocabulary whose GGUF leaves add_space_prefix unsaid (llama.cpp then prepends a space) gets what `tokenizer`,
+    the one trained with, does (Gemma: no prefix)."""
     import gguf
     from gguf import GGUFValueType as V
 
@@ -263,6 +287,11 @@ def tokenizer_from_gguf(path: Path, chat_template: str | None) -> TokenizerMeta:
         meta.rows.append((key, f.contents(), vtype, sub))
         if key == "tokenizer.ggml.pre":
             meta.pre = f.contents()
+    keys = {k for k, *_ in meta.rows}
+    spm = ("tokenizer.ggml.model", "llama") in {(k, v) for k, v, *_ in meta.rows if k == "tokenizer.ggml.model"}
+    if spm and tokenizer is not None and "tokenizer.ggml.add_space_prefix" not in keys:
+        prefix = adds_space_prefix(json.loads(tokenizer.backend_tokenizer.to_str()))
+        meta.rows.append(("tokenizer.ggml.add_space_prefix", prefix, V.BOOL, None))
     if chat_template:
         meta.rows.append(("tokenizer.chat_template", chat_template, V.STRING, None))
     return meta
@@ -314,6 +343,20 @@ def bpe_pre_tokenizer(tokenizer_json: dict[str, Any], where: str) -> str:
             "and Llama/Mistral SentencePiece-style BPE."
         )
     return name
+
+
+def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (Llama 2, Mistral) or not (Gemma)."""
+    parts = []
+    for section in ("normalizer", "pre_tokenizer"):
+        node = tokenizer_json.get(section) or {}
+        parts += node.get("normalizers") or node.get("pretokenizers") or [node]
+    for p in parts:
+        if p.get("type") == "Prepend":
+            return True
+        if p.get("type") == "Metaspace":
+            return p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never") != "never"
+    return False
 
 
 def _vocab_table(tokenizer: Any, n_vocab: int, spm_style: bool) -> tuple[list[str], list[Any], list[float]]:
@@ -390,7 +433,7 @@ def tokenizer_from_hf(tokenizer: Any, config: Any, where: str) -> TokenizerMeta:
     rows.append(("tokenizer.ggml.add_bos_token", add_bos, V.BOOL, None))
     rows.append(("tokenizer.ggml.add_eos_token", False, V.BOOL, None))
     if spm_style:
-        rows.append(("tokenizer.ggml.add_space_prefix", True, V.BOOL, None))
+        rows.append(("tokenizer.ggml.add_space_prefix", adds_space_prefix(tj), V.BOOL, None))
     if tokenizer.chat_template:
         rows.append(("tokenizer.chat_template", tokenizer.chat_template, V.STRING, None))
     return meta

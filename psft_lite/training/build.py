@@ -169,8 +169,8 @@ def build(
     if device.type == "cuda":  # peak_mem_mb is this run's, not the process's (a study trains many runs in one)
         torch.cuda.reset_peak_memory_stats(device)
     dtype = modeling.resolve_dtype(m.dtype, device)
-    if m.name == modeling.EMBEDDED_MODEL and not (modeling.home() / "models" / m.name / "config.json").exists():
-        console.print(f"converting the embedded model into {modeling.home() / 'models'} (once, ~20 s)")
+    if m.name in modeling.packaged.PACKAGED and not (modeling.home() / "models" / m.name / "config.json").exists():
+        console.print(f"converting the packaged model {m.name} into {modeling.home() / 'models'} (once)")
     src = modeling.resolve_source(m)
     tokenizer = modeling.load_tokenizer(m, src)
     examples, stats, eval_examples, eval_items = load_data(recipe, tokenizer, console)
