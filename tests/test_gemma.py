@@ -20,7 +20,7 @@ from conftest import make_recipe
 
 QUIET = Console(quiet=True)
 # Two steps on the same two problems, bf16 where the CPU has it: Gemma's 262k-entry LM head is most of each step.
-STEPS = {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "lr": 3e-3, "schedule": "constant"}
+STEPS = {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-3, "schedule": "constant"}
 
 
 def _build(tmp_path: Path, **sections):
@@ -57,8 +57,7 @@ def test_gemma_turns_train_exactly_the_model_turn_and_its_end_of_turn(tmp_path, 
 @pytest.mark.parametrize(
     "objective",
     [
-        {"kind": "sft"},
-        {"kind": "sft_kl"},  # dft and idft only reweight sft's tokens: the tiny-model tests cover them
+        {"kind": "sft"},  # dft, idft and sft_kl only reweight or add to sft's loss: the tiny-model tests cover them
         {"kind": "psft", "old_policy": "base"},
         {"kind": "psft", "old_policy": "snapshot", "refresh_every": 2},
     ],
@@ -78,40 +77,3 @@ def test_gemma_trains_with_a_4bit_base(tmp_path, gemma_dir):
     run = _build(tmp_path, model={"load_in_4bit": True})
     records = train_loop(run)
     assert records[-1]["nll"] < records[0]["nll"]
-
-
-@pytest.fixture(scope="module")
-def gemma_run(tmp_path_factory, gemma_dir) -> Path:
-    from psft_lite.training import trainer
-
-    tmp = tmp_path_factory.mktemp("gemma-run")
-    train = {**STEPS, "max_steps": 4}  # fp32: the merge is exact
-    recipe = make_recipe(tmp, GEMMA3, train=train, data={"limit": 2})
-    summary = trainer.run(load_recipe(recipe), console=QUIET)
-    return Path(summary["run_dir"])
-
-
-def test_gemma_merge_is_exact(tmp_path, gemma_run):
-    from psft_lite.export.merge import merge
-
-    report = merge(gemma_run, out=tmp_path / "merged", console=QUIET)  # raises when its own check fails
-    assert report["max_abs_dlogit"] < 1e-3 and report["greedy_agreement"] == 1.0, report
-    assert (tmp_path / "merged" / "config.json").is_file()
-
-
-def test_gemma_q8_gguf_passes_the_llama_cpp_check_and_ends_its_answers(tmp_path, gemma_run):
-    import gguf
-
-    from psft_lite.export import gguf as export_mod
-
-    report = export_mod.export(gemma_run, out=tmp_path / "g.gguf", quant="q8_0", console=QUIET)
-    c = report["files"][0]["check"]
-    assert c["passed"] and c["tokenizer_mismatches"] == 0, c
-    # every greedy answer the merged model ends also ends in llama.cpp (this 8-step run rarely ends its answers within
-    # the budget; the 80-step recipes/gemma3-arith.toml run ends 3 of 3: README, "Gemma 3 270M")
-    assert c["greedy_ended"] == c["greedy_n"], c
-    r = gguf.GGUFReader(tmp_path / "g.gguf")
-    arch = r.fields["general.architecture"]
-    assert bytes(arch.parts[arch.data[0]]).decode() == "gemma3"
-    modelfile = (tmp_path / "Modelfile").read_text()
-    assert "<start_of_turn>model" in modelfile and 'PARAMETER stop "<end_of_turn>"' in modelfile
