@@ -99,7 +99,11 @@ def make_recipe(tmp_path: Path, model_path: str | Path, **sections: dict) -> Pat
 # Tests that train or run the real embedded model (directly or through a fixture built on it), and the multi-process
 # tests, are `slow`: `make test-fast` leaves them out. The marker is applied here so no such test can miss it.
 REAL_MODEL_FIXTURES = {"embedded_dir", "embedded_run", "exported", "gemma_dir"}
-SLOW_MODULES = {"test_distributed.py", "test_harness.py"}  # torchrun processes; lm-evaluation-harness
+SLOW_MODULES = {
+    "test_distributed.py",
+    "test_sharded.py",
+    "test_harness.py",
+}  # torchrun processes; lm-evaluation-harness
 
 
 def pytest_collection_modifyitems(config, items):

@@ -45,8 +45,7 @@ def same_trajectory(a: list, b: list, grad_rtol: float = 1e-4) -> None:
         assert abs(l1 - l2) <= 1e-5 * abs(l1) + 1e-7 and abs(g1 - g2) <= grad_rtol * g1, (s1, l1, l2, g1, g2)
 
 
-@pytest.fixture(scope="module")
-def single_process(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
+def single_runs(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
     """Each objective's recipe and its one-process reference run, trained once for the module's tests."""
     from rich.console import Console
 
@@ -60,6 +59,11 @@ def single_process(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Pa
         trainer.run(load_recipe(recipe, [f"output.dir={tmp / 'one'}"]), console=Console(quiet=True))
         out[name] = (recipe, tmp / "one")
     return out
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
+    return single_runs(tmp_path_factory, tiny_model_dir)
 
 
 @pytest.mark.parametrize("objective", DDP_OBJECTIVES)
@@ -125,64 +129,3 @@ def test_a_killed_rank_fails_the_run_without_hanging(tmp_path, tiny_model_dir):
     out, err = p.communicate(timeout=120)  # the launcher notices and stops the rest: no hang
     assert p.returncode != 0
     assert "rank      : 1" in err and "SIGKILL" in err
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Sharded (train.strategy = "fsdp"): the decoder layers split over the two processes
-
-
-def adapter_weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-@pytest.mark.parametrize("objective", ["sft", "psft-base"])
-def test_sharded_training_follows_the_single_process_trajectory_and_writes_the_same_adapter(
-    tmp_path, single_process, objective, capsys
-):
-    from test_cli import run_cli
-
-    recipe, one = single_process[objective]
-    two = tmp_path / "fsdp"
-    p = launch(["train", str(recipe), "--set", f"output.dir={two}", "--set", "train.strategy=fsdp"], 2)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "sharded (FSDP) over 2 processes" in p.stderr
-    same_trajectory(losses(one), losses(two))
-    a, b = adapter_weights(one), adapter_weights(two)
-    assert sorted(a) == sorted(b)  # the one-process layout: a plain PEFT adapter, gathered whole
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
-    assert sorted(x.name for x in two.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "recipe.toml"]
-    if objective == "sft":  # and it merges like any run
-        code, out, err = run_cli(capsys, "merge", str(two), "--out", str(tmp_path / "merged"))
-        assert code == 0, err
-        assert "merge check" in (out + err).lower()
-
-
-def test_an_interrupted_sharded_run_resumes_on_the_uninterrupted_trajectory(tmp_path, single_process):
-    recipe, ref = single_process["psft"]  # the snapshot old policy: its cache must survive the cut
-    cut = tmp_path / "cut"
-    fsdp = ["--set", "train.strategy=fsdp"]
-    p = launch(["train", str(recipe), "--set", f"output.dir={cut}", "--set", "train.max_steps=2", *fsdp], 2)
-    assert p.returncode == 0, p.stderr[-2000:]
-    p = launch(["train", str(cut / "recipe.toml"), "--resume", "--set", "train.max_steps=4"], 2)
-    assert p.returncode == 0, p.stderr[-2000:]
-    same_trajectory(losses(ref), losses(cut))
-    a, b = adapter_weights(ref), adapter_weights(cut)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
-
-
-def test_sharding_without_a_launcher_or_with_a_4bit_base_is_refused(tmp_path, tiny_model_dir):
-    from psft_lite.core.errors import RecipeError
-    from psft_lite.training.sharding import check_supported
-
-    recipe = make_recipe(tmp_path, tiny_model_dir, train={**TRAIN, "strategy": "fsdp"})
-    p = launch(["train", str(recipe)], 1)
-    assert p.returncode == 2, p.stderr
-    assert "this is one process" in p.stderr and "torchrun --nproc_per_node" in p.stderr
-    assert "Traceback" not in p.stderr and not (tmp_path / "run").exists()
-    bad = make_recipe(tmp_path / "bad", tiny_model_dir, train={**TRAIN, "strategy": "zero3"})
-    p = launch(["train", str(bad)], 1)
-    assert p.returncode == 2 and "train.strategy" in p.stderr and "Traceback" not in p.stderr
-    with pytest.raises(RecipeError, match="load_in_4bit = true"):
-        check_supported(True)
