@@ -47,7 +47,7 @@ lint: setup
 	$(BIN)/ruff check psft_lite tests bench
 
 # Two test processes, one thread each (the tests' small matrices gain little from a second thread; two workers keep both
-# cores busy): 462 s instead of 673 s serial on 2 cores. Each test module stays in one process (--dist loadscope), so
+# cores busy; README "Development" has the measured time). Each test module stays in one process (--dist loadscope), so
 # a module's fixtures train once. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 test: setup $(VENV)/.gemma3-done lint
