@@ -287,9 +287,9 @@ def tokenizer_from_gguf(path: Path, chat_template: str | None, tokenizer: Any = 
         meta.rows.append((key, f.contents(), vtype, sub))
         if key == "tokenizer.ggml.pre":
             meta.pre = f.contents()
-    keys = {k for k, *_ in meta.rows}
-    spm = ("tokenizer.ggml.model", "llama") in {(k, v) for k, v, *_ in meta.rows if k == "tokenizer.ggml.model"}
-    if spm and tokenizer is not None and "tokenizer.ggml.add_space_prefix" not in keys:
+    values = {k: v for k, v, *_ in meta.rows}
+    spm = values.get("tokenizer.ggml.model") == "llama"
+    if spm and tokenizer is not None and "tokenizer.ggml.add_space_prefix" not in values:
         prefix = adds_space_prefix(json.loads(tokenizer.backend_tokenizer.to_str()))
         meta.rows.append(("tokenizer.ggml.add_space_prefix", prefix, V.BOOL, None))
     if chat_template:

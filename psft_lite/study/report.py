@@ -122,6 +122,7 @@ class Resampler:
         self.rng = np.random.default_rng(seed)
         self.problems: dict[int, np.ndarray] = {}
         self.seeds: dict[int, np.ndarray] = {}
+        self.done: dict[tuple[int, str], np.ndarray] = {}  # (curve, measure) → its replicates: drawn once, read often
 
     def problem_idx(self, n: int) -> np.ndarray:
         if n not in self.problems:
@@ -143,7 +144,14 @@ def point(curve: Curve, key: str) -> np.ndarray:
 
 
 def replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
-    """The measure at each epoch in every bootstrap replicate: [B, epochs+1]."""
+    """The measure at each epoch in every bootstrap replicate: [B, epochs+1] (computed once per curve and measure;
+    every table and figure reads the same draws)."""
+    if (id(curve), key) not in rs.done:
+        rs.done[(id(curve), key)] = _replicates(curve, key, rs)
+    return rs.done[(id(curve), key)]
+
+
+def _replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
     x = curve.data[key]
     s, _, n = x.shape[:3]
     idx, sidx = rs.problem_idx(n), rs.seed_idx(s)

@@ -33,6 +33,12 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank runs an evaluation: rank 0 alone, or every rank of a sharded model (each forward is a
+        collective, so all must take part; rank 0 still reports)."""
+        return self.is_main or self.sharded
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.enabled:
             import torch.distributed as dist

@@ -171,7 +171,7 @@ def maybe_eval(run: Run, done: int, writer: MetricsWriter, display: ProgressDisp
     every = run.recipe.eval.every
     if not every or (done % every and done != run.total_steps):
         return
-    if run.dist.is_main or run.dist.sharded:
+    if run.dist.evaluates:
         ev = quick_eval(run, done)
         writer.write(ev)
         display.note(ev)

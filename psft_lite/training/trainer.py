@@ -196,7 +196,7 @@ def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) ->
     }
     if records and "nll" in records[-1]:
         summary["final_nll"] = records[-1]["nll"]
-    if (dist.is_main or dist.sharded) and recipe.eval.final and recipe.eval.sets:  # sharded: every rank forwards
+    if dist.evaluates and recipe.eval.final and recipe.eval.sets:
         summary["final_eval"] = final_eval(run)
         out = rundir.eval_dir(run.run_dir) / "final.json"
         if dist.is_main:
