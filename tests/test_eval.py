@@ -306,3 +306,29 @@ def test_eval_final_says_accuracy_before_and_after_and_what_the_base_knew_that_w
     assert ret["rows"] == 4 and ret["kl_to_base"] > 0  # four rows spread over the kinds; the adapter moved the model
     assert f"in_domain accuracy: {before['accuracy']:.1%} → {after['accuracy']:.1%} (4 held-out problems)" in err
     assert f"retention: kept {round(ret['accuracy'] * ret['n'])} of the base's {ret['base_right']} right answers" in err
+
+
+def test_retention_scores_in_one_pass_equal_the_separate_nll_and_kl_and_a_cache_changes_nothing(tiny_model_dir):
+    """The study's retention scoring (one adapter forward, the adapter-off forward cached across checkpoints) gives
+    what scoring NLL and KL separately gives, row by row."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from psft_lite.inference.evaluate import kl_rows, reference_nll, retention_scores
+    from psft_lite.inference.generate import Loaded
+
+    d = DataSection(train=str(ROOT / "data" / "retention" / "base.jsonl"))
+    items = eval_items(d.train, d, limit=11)  # two batches, the second one short
+    plain = load_model(tiny_model_dir, "fp32")
+    torch.manual_seed(0)
+    model = get_peft_model(plain.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    loaded = Loaded(model.eval(), plain.tokenizer, "tiny+adapter", plain.device, torch.float32, adapter=tiny_model_dir)
+    cache: dict = {}
+    first = retention_scores(loaded, items, cache)
+    rows = kl_rows(loaded, items)
+    assert [n for _, n in first["kl_rows"]] == [n for _, n in rows]
+    assert [s for s, _ in first["kl_rows"]] == pytest.approx([round(s, 6) for s, _ in rows], abs=2e-6)
+    assert min(s for s, _ in rows) > 0  # the random adapter moved every row
+    assert first["mean_nll"] == pytest.approx(reference_nll(loaded, items), rel=1e-5)
+    assert len(cache) == 2
+    assert retention_scores(loaded, items, cache) == first  # read from the cache: the same numbers

@@ -7,6 +7,7 @@ distribution at each generated token), and the mean NLL of the reference respons
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -24,7 +25,7 @@ from psft_lite.data import load_conversations
 from psft_lite.data.tokenize import Example, encode_all
 from psft_lite.inference.generate import Loaded, generate
 from psft_lite.model import modeling
-from psft_lite.model.logprobs import kl_to_reference
+from psft_lite.model.logprobs import kl_to_reference, target_logprobs
 from psft_lite.model.modeling import score_examples
 from psft_lite.recipe.schema import RowFormat, Source
 
@@ -300,10 +301,11 @@ def evaluate_sets(
     nll: bool = True,
     kl_sets: tuple[str, ...] = (),
     console: Console | None = None,
+    base_cache: dict | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """The one way psft-lite evaluates a model on named sets (`psft-lite eval`, `study`, the in-training eval):
     per set, (summary, predictions); sets named in `kl_sets` also get `kl_to_base`. With a console, a progress bar
-    over every generation."""
+    over every generation. `base_cache`: see `retention_scores`."""
     summaries: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[dict[str, Any]]] = {}
     to_generate = {name: _generated(items) for name, items in sets.items()}
@@ -323,7 +325,7 @@ def evaluate_sets(
                 nll=nll and not retention,
             )
             if retention:
-                summaries[name].update(retention_scores(loaded, items))
+                summaries[name].update(retention_scores(loaded, items, base_cache))
             elif name in kl_sets:
                 summaries[name]["kl_to_base"] = kl_to_base(loaded, items)
     return summaries, predictions
@@ -340,17 +342,53 @@ def _generated(items: list[EvalItem]) -> list[EvalItem]:
     return [it for it in items if it.base_correct] if is_retention_set(items) else items
 
 
-def retention_scores(loaded: Loaded, items: list[EvalItem]) -> dict[str, Any]:
+def retention_scores(loaded: Loaded, items: list[EvalItem], base_cache: dict | None = None) -> dict[str, Any]:
     """How far the model is from the base on the base's own answers to general prompts: mean NLL of those answers
-    and KL(base ‖ model) per token, over every row."""
-    rows = kl_rows(loaded, items)
+    and KL(base ‖ model) per token, over every row.
+
+    One forward with the adapter gives both. The adapter-off forward depends only on the base and the items, so a
+    caller that scores many adapters of one base (a study) passes the same `base_cache` dict and pays for it once."""
+    examples = reference_examples(loaded.tokenizer, items, 512)
+    counts = [int(ex.mask[1:].sum()) for ex in examples]
+    kl_sums, nll_sums = _retention_pass(loaded, examples, base_cache)
+    tokens = max(sum(counts), 1)
     return {
-        "mean_nll": reference_nll(loaded, items),
-        "kl_to_base": sum(s for s, _ in rows) / max(sum(n for _, n in rows), 1),
-        "kl_rows": [[round(s, 6), n] for s, n in rows],
+        "mean_nll": sum(nll_sums) / tokens,
+        "kl_to_base": sum(kl_sums) / tokens,
+        "kl_rows": [[round(s, 6), n] for s, n in zip(kl_sums, counts)],
         "rows": len(items),
         "base_right": sum(bool(it.base_correct) for it in items),
     }
+
+
+@torch.no_grad()
+def _retention_pass(loaded: Loaded, examples: list[Example], base_cache: dict | None) -> tuple[list, list]:
+    """Per example, (sum of KL(p_base ‖ p_model), sum of −log p_model) over its trained tokens."""
+    head = modeling.lm_head(loaded.model)
+    args = (head.bias, 1024, head.softcap, head.scale)
+    cache = base_cache if base_cache is not None else {}
+    kl_sums: list[float] = []
+    nll_sums: list[float] = []
+    for i, b in enumerate(modeling.example_batches(examples, loaded.tokenizer.pad_token_id, loaded.device)):
+        mask = b.target_mask[:, 1:]
+        with modeling.autocast(loaded.device, loaded.dtype):
+            hidden = modeling.causal_lm(loaded.model).get_decoder()(**b.model_inputs(), use_cache=False)
+            hidden = hidden.last_hidden_state[:, :-1]
+            key = (i, hashlib.sha1(b.input_ids.cpu().numpy().tobytes() + mask.cpu().numpy().tobytes()).hexdigest())
+            if key not in cache:
+                if loaded.has_adapter:
+                    with modeling.adapter_disabled(loaded.model):
+                        cache[key] = modeling.response_hidden(loaded.model, b)
+                else:
+                    cache[key] = hidden[mask]
+        logp, _ = target_logprobs(hidden, head.weight, b.input_ids[:, 1:], mask, *args)
+        nll_sums += [-float(v) for v in logp.double().sum(1)]
+        if loaded.has_adapter:
+            kl = kl_to_reference(cache[key], hidden[mask], head.weight, *args).double()
+            kl_sums += [float(part.sum()) for part in kl.split(mask.sum(1).tolist())]
+        else:
+            kl_sums += [0.0] * mask.shape[0]
+    return kl_sums, nll_sums
 
 
 @contextlib.contextmanager

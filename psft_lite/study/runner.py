@@ -35,7 +35,9 @@ METHODS: dict[str, dict[str, Any]] = methods()
 PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to the base model
 
 
-def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_tokens: int) -> dict[str, Any]:
+def evaluate_model(
+    spec: str | Path, sets: dict[str, Any], limit: int, max_new_tokens: int, base_cache: dict | None = None
+) -> dict[str, Any]:
     """Accuracy, generation entropy and reference NLL on each set (its first `limit` problems), the KL to the base
     model on the probe set, and what a bootstrap over problems resamples: per generated problem a 0/1 string
     (`correct`; for a taught-format set also `format_used`, `answer_right`) and a retention set's per-prompt KL."""
@@ -45,7 +47,7 @@ def evaluate_model(spec: str | Path, sets: dict[str, Any], limit: int, max_new_t
     loaded = load_model(spec)
     firsts = {name: items[:limit] for name, items in sets.items()}
     summaries, predictions = evaluate_sets(
-        loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,)
+        loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,), base_cache=base_cache
     )
     keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base", "rows", "base_right", "finished")
     keep += ("format_rate", "answer_accuracy", "kl_rows")
@@ -263,8 +265,9 @@ def run_study(
         plan + f"; {n_evals} evaluation(s) of {sum(min(len(v), limit) for v in sets.values())} problems to do"
     )
     t0 = time.perf_counter()
+    base_cache: dict = {}  # every run adapts one base model: its retention forward is computed once
     if base_key not in done:
-        scores = evaluate_model(recipe.model.name, sets, limit, max_new_tokens)
+        scores = evaluate_model(recipe.model.name, sets, limit, max_new_tokens, base_cache)
         _append(
             results_path, {"method": "base", "cell": {}, "cell_label": "", "seed": 0, "epoch": 0, "step": 0, **scores}
         )
@@ -278,7 +281,7 @@ def run_study(
             epoch, rest = divmod(step, job.steps_per_epoch)
             if rest or epoch not in job.eval_epochs or job.key(epoch) in done:
                 continue
-            scores = evaluate_model(ckpt, sets, limit, max_new_tokens)
+            scores = evaluate_model(ckpt, sets, limit, max_new_tokens, base_cache)
             _append(
                 results_path,
                 {
