@@ -100,6 +100,9 @@ def test_grid_crosses_a_key_only_with_the_methods_that_read_it():
         "lr=0.001 refresh_every=16",
     ]
     assert grid(sweep, "psft-snapshot")[0].run_name("psft-snapshot", 1) == "psft-snapshot-lr=0.0001,refresh_every=4-s1"
+    # a data file swept (e.g. hinted rewrites against the originals) is named by its stem: a run name stays one folder
+    (cell,) = grid(parse_sweep(["data.train=data/arith/format_train_hinted.jsonl"]), "idft")
+    assert cell.label == "train=format_train_hinted" and cell.run_name("idft", 0) == "idft-train=format_train_hinted-s0"
 
 
 def test_bad_sweep_keys_and_values_fail_before_training(tmp_path, tiny_model_dir):

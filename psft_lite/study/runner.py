@@ -82,7 +82,10 @@ class Cell:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    """A value as labels and run names show it: a file by its stem (`data.train=data/x/hinted.jsonl` → `hinted`)."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    return Path(v).stem if isinstance(v, str) and ("/" in v or v.endswith((".jsonl", ".json", ".parquet"))) else str(v)
 
 
 Sweep = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
@@ -255,7 +258,7 @@ def run_study(
     sets = {name: eval_items(src, recipe.data, base_dir=base_dir) for name, src in recipe.eval.sets.items()}
     n_steps = sum(int(j.recipe.train.epochs) * j.steps_per_epoch for j in jobs if not _trained(j.run_dir))
     base_key = ("base", "", 0, 0)
-    n_evals = len({j.key(e) for j in jobs for e in j.eval_epochs} | {base_key} - done)
+    n_evals = len(({j.key(e) for j in jobs for e in j.eval_epochs} | {base_key}) - done)
     cells = len({(j.method, j.cell) for j in jobs})
     plan = f"study: {len(jobs)} runs ({cells} method × sweep cells × {len(seeds)} seed(s))"
     if n_steps:  # an interrupted run counts whole: a rough upper bound
