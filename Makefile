@@ -81,8 +81,14 @@ bench: setup
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/hint_decode.py
 
+# the forgetting benchmark of docs/study.md (~13 core-hours: two processes, one per seed; rerun to resume), then its
+# records copied into docs/study/benchmark (no weights) and the page regenerated
 study: setup
-	$(BIN)/psft-lite study recipes/study/arith.toml --limit 40 --report docs/study
+	export PYTHON=$(BIN)/python; bench/benchmark_study.sh runs/benchmark 0 & bench/benchmark_study.sh runs/benchmark 1 & wait
+	export PYTHON=$(BIN)/python; bench/benchmark_study.sh runs/benchmark 2 sft,psft-base,sft_kl & \
+	  bench/benchmark_study.sh runs/benchmark 0 psft-base --sweep objective.clip_high=1.0 & wait
+	export PYTHON=$(BIN)/python; bench/benchmark_study.sh runs/benchmark 1 psft-base --sweep objective.clip_high=1.0
+	$(BIN)/python -m psft_lite.study.report docs/study/benchmark --collect runs/benchmark --doc docs/study.md --figures docs/study
 
 clean:
 	rm -rf runs .pytest_cache

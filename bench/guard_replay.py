@@ -3,7 +3,7 @@
     python bench/guard_replay.py runs/*/                  # run folders, and the runs inside study folders
     python bench/guard_replay.py runs/quickstart --set entropy_floor=0.25
 
-Tuning the entropy watch against real trajectories (docs/study.md, "Entropy watch"): per run it prints the entropy
+Tuning the entropy watch against real trajectories: per run it prints the entropy
 EMA as a fraction of its start every 20 steps, and the step and message of each warning the current `[guard]`
 settings (or the ones given with --set) would give. The recorded `drift` values feed the drift watch.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,31 @@ def test_report_intervals_cover_the_mean_and_shrink_with_more_problems():
         assert lo < report.point(curves[0], "acc")[1] < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2  # 16x the problems: about a quarter of the width
+
+
+def test_the_committed_study_page_is_what_the_committed_records_generate():
+    """docs/study.md's benchmark block is exactly `make study-report`'s output on docs/study/benchmark: no number on
+    the page was typed by hand or left behind by newer records."""
+    from psft_lite.study import report
+
+    root = Path(__file__).resolve().parent.parent
+    _, generated = report.generate(root / "docs" / "study" / "benchmark")
+    doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
+    assert report.splice(doc, generated) == doc, "docs/study.md is stale: run `make study-report`"
+
+
+def test_every_benchmark_figure_the_readme_quotes_is_in_the_generated_tables():
+    """README's "Which objective?" quotes the benchmark as `value [low, high]`; each such figure must appear in a row
+    of docs/study.md's generated block (the same measure may sit in any column), so a stale quote fails here."""
+    from psft_lite.study import report
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Which objective?") :]
+    section = section[: section.index("\n## ", 3)]
+    quoted = re.findall(r"(\d+\.\d+) \[(\d+\.\d+), (\d+\.\d+)\]", section)
+    assert len(quoted) >= 4, "the section quotes the benchmark"
+    doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
+    block = doc[doc.index(report.BEGIN) : doc.index(report.END)]
+    for value, low, high in quoted:
+        assert f"{value} [{low}, {high}]" in block, f"README quotes {value} [{low}, {high}], not in docs/study.md"

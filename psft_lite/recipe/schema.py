@@ -154,7 +154,7 @@ class ObjectiveSection(Section):
         "base",
         description="psft: `base` = the adapter-disabled base model (a fixed trust region; its log-probs are computed "
         "once per example); `snapshot` = the adapter as it was at the last refresh (the paper's PSFT). docs/study.md "
-        "compares the two with sft on measured runs.",
+        "measures both against sft and sft_kl.",
     )
     refresh_every: int = Field(8, ge=1, description="psft snapshot: optimizer steps per old-policy refresh (K).")
     clip_high: float = Field(
@@ -256,7 +256,7 @@ class GuardSection(Section):
         gt=0,
         lt=1,
         description="Warn when the entropy EMA falls below this fraction of the start (a level-off above it is "
-        "not a collapse; docs/study.md shows where each objective levels off).",
+        "not a collapse).",
     )
     collapse_fraction: float = Field(
         0.1,

@@ -1,5 +1,5 @@
 """`psft-lite study`: train every objective on the same recipe for several epochs and seeds, evaluate each
-epoch-end checkpoint, and report — the replication study of docs/study.md, rerunnable on any model.
+epoch-end checkpoint, and report — the forgetting benchmark of docs/study.md, rerunnable on any model.
 
 Each (method, seed) is an ordinary run in OUT/<method>-s<seed>/ with a checkpoint at every epoch end; evaluations
 are appended to OUT/results.jsonl as they finish. Rerunning skips finished runs and evaluations and resumes an

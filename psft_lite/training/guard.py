@@ -17,8 +17,11 @@ Event = dict[str, Any]
 
 #: What to try, per warning and per method (objectives.method_name): only settings the running method reads, and
 #: never the method itself. docs/study.md has the measurements behind each suggestion.
-_BASE_LEASH = "objective.kind = 'psft' with objective.old_policy = 'base' (a fixed trust region around the base)"
-_STUDY = "docs/study.md compares them on measured runs"
+_BASE_LEASH = (
+    "a regularised objective (objective.kind = 'sft_kl', or 'psft' with objective.old_policy = 'base': a fixed trust "
+    "region around the base, which cannot learn tokens the base finds very unlikely)"
+)
+_STUDY = "docs/study.md measures what each costs in learning and in forgetting"
 
 #: What the guard suggests per event and method: the knobs to turn, never a figure (figures live in docs/study.md,
 #: generated from the study's committed records, so a message cannot go stale).
@@ -146,7 +149,7 @@ class Guard:
         elif len(self.ema_history) >= c.trend_steps and step < self.total:
             # Log-linear (entropy falls by a factor, not an amount), and no further ahead than half the steps run
             # so far: extrapolating the first steep drop over the whole run warned every psft base run that then
-            # levelled off at ~25 % of its start (docs/study.md, "Entropy watch").
+            # levelled off at about a quarter of its start.
             window = self.ema_history[-c.trend_steps :]
             if min(window) > 0:
                 slope = (math.log(window[-1]) - math.log(window[0])) / (len(window) - 1)
@@ -169,8 +172,8 @@ class Guard:
                 "stop": c.action == "stop",
                 "message": (
                     f"step {step}: entropy on the trained tokens is collapsing — {reason} ({self.entropy_ema:.3f} vs "
-                    f"{self.baseline:.3f}). The model is becoming certain of exactly the training text, which is how "
-                    f"SFT forgets what it knew. {ADVICE['entropy'][self.method]}"
+                    f"{self.baseline:.3f}). The model is becoming certain of exactly the training text. "
+                    f"{ADVICE['entropy'][self.method]}"
                 ),
             }
         ]
