@@ -374,21 +374,28 @@ def _retention_pass(loaded: Loaded, examples: list[Example], base_cache: dict | 
         with modeling.autocast(loaded.device, loaded.dtype):
             hidden = modeling.causal_lm(loaded.model).get_decoder()(**b.model_inputs(), use_cache=False)
             hidden = hidden.last_hidden_state[:, :-1]
-            key = (i, hashlib.sha1(b.input_ids.cpu().numpy().tobytes() + mask.cpu().numpy().tobytes()).hexdigest())
-            if key not in cache:
-                if loaded.has_adapter:
-                    with modeling.adapter_disabled(loaded.model):
-                        cache[key] = modeling.response_hidden(loaded.model, b)
-                else:
-                    cache[key] = hidden[mask]
+            base = _base_hidden(loaded, b, hidden[mask], cache, i)
         logp, _ = target_logprobs(hidden, head.weight, b.input_ids[:, 1:], mask, *args)
         nll_sums += [-float(v) for v in logp.double().sum(1)]
-        if loaded.has_adapter:
-            kl = kl_to_reference(cache[key], hidden[mask], head.weight, *args).double()
-            kl_sums += [float(part.sum()) for part in kl.split(mask.sum(1).tolist())]
-        else:
+        if not loaded.has_adapter:
             kl_sums += [0.0] * mask.shape[0]
+            continue
+        kl = kl_to_reference(base, hidden[mask], head.weight, *args).double()
+        kl_sums += [float(part.sum()) for part in kl.split(mask.sum(1).tolist())]
     return kl_sums, nll_sums
+
+
+def _base_hidden(loaded: Loaded, b: Any, hidden: torch.Tensor, cache: dict, i: int) -> torch.Tensor:
+    """The adapter-off hidden states at a batch's trained positions: from `cache` (keyed by the batch's tokens), else
+    one forward with the adapter disabled (or `hidden` itself for a model without an adapter)."""
+    key = (i, hashlib.sha1(b.input_ids.cpu().numpy().tobytes() + b.target_mask.cpu().numpy().tobytes()).hexdigest())
+    if key not in cache:
+        if loaded.has_adapter:
+            with modeling.adapter_disabled(loaded.model):
+                cache[key] = modeling.response_hidden(loaded.model, b)
+        else:
+            cache[key] = hidden
+    return cache[key]
 
 
 @contextlib.contextmanager
