@@ -363,8 +363,9 @@ def _export_adapter(
             del base
         targets[0].seconds = time.perf_counter() - t0
         if verify:
-            label = "lora"
-            targets[0].check = gguf_check.run_checks(base_tmp or base_path, ref, label, lora=targets[0].tmp)
+            on = base_tmp or base_path
+            tolerance = gguf_check.lora_tolerance(on)
+            targets[0].check = gguf_check.run_checks(on, ref, "lora", lora=targets[0].tmp, tolerance=tolerance)
             _print_check(console, targets[0])
             if targets[0].check.failures:
                 raise RunError(

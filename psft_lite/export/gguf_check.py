@@ -179,8 +179,32 @@ def hf_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=adds_bos(tokenizer, text))["input_ids"])
 
 
-def run_checks(path: Path, ref: Reference, label: str, lora: Path | None = None) -> CheckResult:
-    res = CheckResult(label=label, tolerance=TOLERANCE.get(label, TOLERANCE["q4_0"]))
+def file_type(path: Path) -> str | None:
+    """A GGUF file's weight type as TOLERANCE names it (`q4_k_m`, `f16`, ...), from its general.file_type."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return None
+    try:
+        name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+    except ValueError:
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def lora_tolerance(base: Path) -> tuple[float, float]:
+    """An adapter GGUF applied to its base carries the base file's quantization noise: the looser of the adapter's
+    own tolerance and that of the base's type (the packaged Gemma base is Q4_K_M)."""
+    own = TOLERANCE["lora"]
+    base_tol = TOLERANCE.get(file_type(base) or "", own)
+    return max(own[0], base_tol[0]), min(own[1], base_tol[1])
+
+
+def run_checks(
+    path: Path, ref: Reference, label: str, lora: Path | None = None, tolerance: tuple[float, float] | None = None
+) -> CheckResult:
+    res = CheckResult(label=label, tolerance=tolerance or TOLERANCE.get(label, TOLERANCE["q4_0"]))
     n_ctx = (
         max(
             [len(s) for s in ref.sequences]
