@@ -17,7 +17,7 @@ from psft_lite.core import extras
 from psft_lite.tracking import trackers
 
 import tracker_readers as read
-from conftest import ROOT, make_recipe
+from conftest import ROOT, arith_rows, make_recipe, write_jsonl
 from test_cli import run_cli
 
 BACKENDS = list(trackers.BACKENDS)
@@ -35,13 +35,15 @@ def _train(recipe: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _recipe(tmp_path: Path, model: Path, **train) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    held_out = write_jsonl(tmp_path / "eval.jsonl", arith_rows(16, "test"))  # all 200 doubled a run's time
     return make_recipe(
         tmp_path,
         model,
         objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 2},
         train={"max_steps": 6, "schedule": "constant", "save_every": 2, "keep_last": 0, **train},
         eval={"every": 3, "samples": 2, "max_new_tokens": 4},
-        data={"eval": str(ROOT / "data" / "arith" / "test.jsonl"), "limit": 16},
+        data={"eval": str(held_out), "limit": 16},
         output={"report_to": BACKENDS},
     )
 
