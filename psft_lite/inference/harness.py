@@ -85,6 +85,7 @@ def _progress_lm(loaded: Any, batch_size: int) -> Any:
     from lm_eval.models.huggingface import HFLM
 
     from psft_lite.model import modeling
+    from psft_lite.model.chat import end_of_turn_id
 
     class ProgressLM(HFLM):
         chunk = max(batch_size * 4, 32)
@@ -109,6 +110,13 @@ def _progress_lm(loaded: Any, batch_size: int) -> Any:
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
             return self._chunked("generate_until", requests, "generation requests")
+
+        @property
+        def eot_token_id(self) -> int:
+            """Stop where psft-lite's own generation stops: the chat template's end of turn (lm-eval stops at the
+            tokenizer's eos, which for Gemma is `<eos>`, not `<end_of_turn>`: answers ran on into invented turns)."""
+            eot = end_of_turn_id(self.tokenizer)
+            return eot if eot is not None else super().eot_token_id
 
     return ProgressLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
 
