@@ -19,7 +19,7 @@ from psft_lite.training import trainer
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import ARITH, ROOT, make_recipe, write_jsonl
+from conftest import ARITH, ROOT, arith_rows, make_recipe, write_jsonl
 
 QUIET = Console(quiet=True)
 
@@ -173,7 +173,7 @@ def test_ddt_phi_is_zero_on_own_samples_and_negative_on_shuffled_text(embedded_d
 @pytest.mark.slow
 def test_in_training_eval_logs_events_and_leaves_the_trajectory_unchanged(tmp_path, tiny_model_dir):
     common = {"train": {"max_steps": 4, "lr": 2e-2}, "lora": {"dropout": 0.1}}
-    test_file = str(ARITH / "test.jsonl")
+    test_file = str(write_jsonl(tmp_path / "held_out.jsonl", arith_rows(16, "test")))  # 16 problems score quickly
     # build + train one run after the other: dropout draws from the global torch RNG, which build() seeds
     plain = build(load_recipe(make_recipe(tmp_path / "a", tiny_model_dir, data={"eval": test_file}, **common)), QUIET)
     trainer.prepare_run_dir(plain)
