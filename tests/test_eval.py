@@ -332,3 +332,19 @@ def test_retention_scores_in_one_pass_equal_the_separate_nll_and_kl_and_a_cache_
     assert first["mean_nll"] == pytest.approx(reference_nll(loaded, items), rel=1e-5)
     assert len(cache) == 2
     assert retention_scores(loaded, items, cache) == first  # read from the cache: the same numbers
+
+
+def test_generation_gives_the_lm_head_a_contiguous_input(tiny_model_dir):
+    """generate scores only the last position (a strided [B, 1, H] view); PyTorch's CPU bf16 linear on such an input
+    materialises the head's weight once per row (Gemma 3 270M, 20 prompts: 7.8 GB peak instead of 2.0 GB). Every
+    model psft-lite loads hands its head a contiguous input, and the answers are the same."""
+    loaded = load_model(tiny_model_dir, "bf16")
+    seen: list[bool] = []
+    head = loaded.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    msgs = [[{"role": "user", "content": r["prompt"]}] for r in arith_rows(3, "test")]
+    first = [g.text for g in generate(loaded, msgs, 4, 0.0, 1.0, 3)]
+    assert seen and all(seen), seen
+    handle.remove()
+    head._forward_pre_hooks.clear()  # without the fix: the same answers, from a strided input
+    assert [g.text for g in generate(loaded, msgs, 4, 0.0, 1.0, 3)] == first

@@ -280,7 +280,17 @@ def load_base_model(m: ModelSection, device: torch.device, dtype: torch.dtype, s
         disable_cpu_4bit_repack(model)
     model.requires_grad_(False)
     model.config.use_cache = False
+    contiguous_head_input(model)
     return model
+
+
+def contiguous_head_input(model: Any) -> None:
+    """Give the LM head a contiguous input. Generation scores only the last position (`hidden[:, -1:, :]`, a strided
+    view), and PyTorch's CPU bf16 linear on a strided 3-D input materialises the weight once per row: Gemma 3's
+    262k-entry head took 6.4 GB more at a batch of 20 prompts (measured). Copying the [B, 1, H] slice costs nothing."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 def bnb_config(m: ModelSection, dtype: torch.dtype) -> Any:
