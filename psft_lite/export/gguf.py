@@ -454,53 +454,16 @@ def _print_usage(
 
 
 def model_card(src: Source, report: dict[str, Any], fmt: Any, adapter: Path | None) -> str:
-    from psft_lite.tracking.metrics import read_metrics, run_outcome
-
+    """The README.md written beside an exported GGUF: where it came from, the llama.cpp check, how to run it."""
     lines = [f"# {src.run_dir.name if src.run_dir else Path(src.label).name} (GGUF)", ""]
     lines.append("Exported by `psft-lite export` and checked in llama.cpp before it was written.")
     lines.append("")
     if src.info is not None:
         lines.append(f"- base model: `{src.info.base.name}`")
     if src.run_dir is not None and (src.run_dir / "recipe.toml").is_file():
-        from psft_lite.recipe.schema import load_recipe
-
-        try:
-            r = load_recipe(src.run_dir / "recipe.toml")
-            obj = r.objective.kind + (f" (old policy: {r.objective.old_policy})" if r.objective.kind == "psft" else "")
-            lines += [
-                f"- objective: {obj}; LoRA r {r.lora.r}, alpha {r.lora.alpha}; lr {r.train.lr}",
-                f"- data: `{_describe_source(r.data.train)}`",
-            ]
-        except Exception:
-            pass
-        steps = [m for m in read_metrics(src.run_dir / "metrics.jsonl") if "event" not in m and "loss" in m]
-        if steps:
-            last = steps[-1]
-            lines.append(
-                f"- final step {last['step']}: loss {last['loss']:.4f}"
-                + (f", nll {last['nll']:.3f}" if "nll" in last else "")
-                + (f", entropy {last['entropy']:.3f}" if "entropy" in last else "")
-            )
-        outcome = run_outcome(src.run_dir / "metrics.jsonl")
-        if outcome.get("entropy_kept") is not None:
-            lines.append(f"- entropy on trained tokens kept: {outcome['entropy_kept']:.0%} of the start")
-        if "drift" in outcome:
-            lines.append(f"- drift from the base: {outcome['drift']:+.2f} nats (step {outcome['drift_step']})")
+        lines += _card_run_lines(src.run_dir)
     lines += ["", "## Files and the llama.cpp check", ""]
-    lines.append("| file | type | size | tokenizer | max abs Δlogit | top-1 agreement | ends turn |")
-    lines.append("|---|---|---|---|---|---|---|")
-    for f in report["files"]:
-        c = f.get("check")
-        size = f"{f['bytes'] / 1e6:.1f} MB" if "bytes" in f else ""
-        if c:
-            lines.append(
-                f"| `{Path(f['path']).name}` | {f['quant'] if not adapter else 'LoRA'} | {size} | "
-                f"{c['tokenizer_cases'] - c['tokenizer_mismatches']}/{c['tokenizer_cases']} | "
-                f"{c['max_abs_dlogit']:.3g} (≤ {c['tolerance_max_abs_dlogit']:g}) | {c['top1_agreement']:.1%} | "
-                f"{c['greedy_ended']}/{c['greedy_n']} |"
-            )
-        else:
-            lines.append(f"| `{Path(f['path']).name}` | {f['quant']} | {size} | not checked | | | |")
+    lines += _card_check_table(report, adapter)
     ex = next((f.get("greedy_example") for f in report["files"] if f.get("greedy_example")), None)
     if ex:
         lines += ["", "A greedy answer from llama.cpp:", "", "```", ex.strip(), "```"]
@@ -519,3 +482,55 @@ def model_card(src: Source, report: dict[str, Any], fmt: Any, adapter: Path | No
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_run_lines(run_dir: Path) -> list[str]:
+    """The run's recipe, last step, kept entropy and drift, as model-card bullets."""
+    from psft_lite.recipe.schema import load_recipe
+    from psft_lite.tracking.metrics import read_metrics, run_outcome
+
+    lines = []
+    try:
+        r = load_recipe(run_dir / "recipe.toml")
+        obj = r.objective.kind + (f" (old policy: {r.objective.old_policy})" if r.objective.kind == "psft" else "")
+        lines += [
+            f"- objective: {obj}; LoRA r {r.lora.r}, alpha {r.lora.alpha}; lr {r.train.lr}",
+            f"- data: `{_describe_source(r.data.train)}`",
+        ]
+    except Exception:
+        pass
+    steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "event" not in m and "loss" in m]
+    if steps:
+        last = steps[-1]
+        lines.append(
+            f"- final step {last['step']}: loss {last['loss']:.4f}"
+            + (f", nll {last['nll']:.3f}" if "nll" in last else "")
+            + (f", entropy {last['entropy']:.3f}" if "entropy" in last else "")
+        )
+    outcome = run_outcome(run_dir / "metrics.jsonl")
+    if outcome.get("entropy_kept") is not None:
+        lines.append(f"- entropy on trained tokens kept: {outcome['entropy_kept']:.0%} of the start")
+    if "drift" in outcome:
+        lines.append(f"- drift from the base: {outcome['drift']:+.2f} nats (step {outcome['drift_step']})")
+    return lines
+
+
+def _card_check_table(report: dict[str, Any], adapter: Path | None) -> list[str]:
+    """One row per written file: its type, size and what the llama.cpp check measured."""
+    lines = [
+        "| file | type | size | tokenizer | max abs Δlogit | top-1 agreement | ends turn |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in report["files"]:
+        c = f.get("check")
+        size = f"{f['bytes'] / 1e6:.1f} MB" if "bytes" in f else ""
+        if not c:
+            lines.append(f"| `{Path(f['path']).name}` | {f['quant']} | {size} | not checked | | | |")
+            continue
+        lines.append(
+            f"| `{Path(f['path']).name}` | {f['quant'] if not adapter else 'LoRA'} | {size} | "
+            f"{c['tokenizer_cases'] - c['tokenizer_mismatches']}/{c['tokenizer_cases']} | "
+            f"{c['max_abs_dlogit']:.3g} (≤ {c['tolerance_max_abs_dlogit']:g}) | {c['top1_agreement']:.1%} | "
+            f"{c['greedy_ended']}/{c['greedy_n']} |"
+        )
+    return lines
