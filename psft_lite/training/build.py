@@ -141,25 +141,31 @@ def report_data(console: Console, s: EncodeStats, tokenizer: Any) -> None:
         console.print(f"note: {note}")
 
 
-def build(
-    recipe: Recipe, console: Console, overwrite: bool = False, resuming: bool = False, dist: Dist | None = None
-) -> Run:
-    """Load and check everything a run needs; nothing is written to the run directory yet."""
-    dist = dist or Dist()
-    t, m = recipe.train, recipe.model
+def check_before_loading(recipe: Recipe, dist: Dist, overwrite: bool, resuming: bool) -> None:
+    """Everything about the recipe and the run directory that can fail before a model is loaded (and hours trained)."""
+    t = recipe.train
     require(recipe.output.report_to, f"{recipe.path}: output.report_to" if recipe.path else "output.report_to")
-    outputs.check(recipe.output.save, str(recipe.path or "the recipe"))  # fail now, not after hours of training
+    outputs.check(recipe.output.save, str(recipe.path or "the recipe"))
     if t.batch_size % (t.micro_batch_size * dist.world):
         raise RecipeError(
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) × "
             f"the {dist.world} processes, so every process gets whole micro-batches of each global batch."
         )
     if dist.sharded:
-        sharding.check_supported(m.load_in_4bit)  # before loading a model too big for one device
+        sharding.check_supported(recipe.model.load_in_4bit)  # before loading a model too big for one device
     if not resuming:
         rundir.check_output_dir(recipe.run_dir, overwrite)
     elif not rundir.is_run_dir(recipe.run_dir):
         raise RecipeError(f"--resume: {recipe.run_dir} is not a psft-lite run directory (output.dir of this recipe).")
+
+
+def build(
+    recipe: Recipe, console: Console, overwrite: bool = False, resuming: bool = False, dist: Dist | None = None
+) -> Run:
+    """Load and check everything a run needs; nothing is written to the run directory yet."""
+    dist = dist or Dist()
+    t, m = recipe.train, recipe.model
+    check_before_loading(recipe, dist, overwrite, resuming)
     for w in recipe.warnings():
         console.print(f"[yellow]warning:[/yellow] {w}")
     seed_everything(t.seed)
