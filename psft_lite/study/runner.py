@@ -280,27 +280,34 @@ def run_study(
             resume = "latest" if list_checkpoints(job.run_dir) else None
             console.print(f"{what}: " + ("resuming" if resume else "training"))
             trainer.run(job.recipe, console=console, overwrite=resume is None, resume=resume)
-        for step, ckpt in list_checkpoints(job.run_dir):
-            epoch, rest = divmod(step, job.steps_per_epoch)
-            if rest or epoch not in job.eval_epochs or job.key(epoch) in done:
-                continue
-            scores = evaluate_model(ckpt, sets, limit, max_new_tokens, base_cache)
-            _append(
-                results_path,
-                {
-                    "method": job.method,
-                    "cell": dict(job.cell.values),
-                    "cell_label": job.cell.label,
-                    "seed": job.seed,
-                    "epoch": epoch,
-                    "step": step,
-                    **_train_stats(job.run_dir, step, job.steps_per_epoch),
-                    **scores,
-                },
-            )
-            done.add(job.key(epoch))
+        evaluate_checkpoints(job, sets, limit, max_new_tokens, base_cache, done, results_path)
         console.print(f"  done {what} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
     return results_path
+
+
+def evaluate_checkpoints(
+    job: Job, sets: dict[str, Any], limit: int, max_new_tokens: int, base_cache: dict, done: set, results: Path
+) -> None:
+    """Evaluate each epoch-end checkpoint of a run that is not in `done`, appending one record per epoch."""
+    for step, ckpt in list_checkpoints(job.run_dir):
+        epoch, rest = divmod(step, job.steps_per_epoch)
+        if rest or epoch not in job.eval_epochs or job.key(epoch) in done:
+            continue
+        scores = evaluate_model(ckpt, sets, limit, max_new_tokens, base_cache)
+        _append(
+            results,
+            {
+                "method": job.method,
+                "cell": dict(job.cell.values),
+                "cell_label": job.cell.label,
+                "seed": job.seed,
+                "epoch": epoch,
+                "step": step,
+                **_train_stats(job.run_dir, step, job.steps_per_epoch),
+                **scores,
+            },
+        )
+        done.add(job.key(epoch))
 
 
 def _trained(run_dir: Path) -> bool:
