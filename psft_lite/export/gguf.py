@@ -363,16 +363,7 @@ def _export_adapter(
             del base
         targets[0].seconds = time.perf_counter() - t0
         if verify:
-            on = base_tmp or base_path
-            tolerance = gguf_check.lora_tolerance(on)
-            targets[0].check = gguf_check.run_checks(on, ref, "lora", lora=targets[0].tmp, tolerance=tolerance)
-            _print_check(console, targets[0])
-            if targets[0].check.failures:
-                raise RunError(
-                    f"export check failed in llama.cpp — adapter on {base_path.name}: "
-                    f"{', '.join(targets[0].check.failures)}. Nothing was written to {adapter_path}. Use --no-verify "
-                    "to write it anyway."
-                )
+            _check_adapter(targets[0], base_tmp or base_path, base_path.name, ref, console)
         os.replace(targets[0].tmp, adapter_path)
         targets[0].tmp = None
         if base_tmp is not None:
@@ -389,6 +380,19 @@ def _export_adapter(
     console.print(f"the adapter applies to the base GGUF {base_path}")
     _print_usage(console, src, base_path, folder, fmt, adapter=adapter_path)
     return report
+
+
+def _check_adapter(target: Target, base: Path, base_name: str, ref: Any, console: Console) -> None:
+    """The adapter GGUF applied to its base GGUF in llama.cpp, held to the base file's quantization noise."""
+    tolerance = gguf_check.lora_tolerance(base)
+    target.check = gguf_check.run_checks(base, ref, "lora", lora=target.tmp, tolerance=tolerance)
+    _print_check(console, target)
+    if target.check.failures:
+        raise RunError(
+            f"export check failed in llama.cpp — adapter on {base_name}: "
+            f"{', '.join(target.check.failures)}. Nothing was written to {target.path}. Use --no-verify to write it "
+            "anyway."
+        )
 
 
 def _print_check(console: Console, t: Target) -> None:
