@@ -310,7 +310,7 @@ def test_eval_final_says_accuracy_before_and_after_and_what_the_base_knew_that_w
 
 def test_retention_scores_in_one_pass_equal_the_separate_nll_and_kl_and_a_cache_changes_nothing(tiny_model_dir):
     """The study's retention scoring (one adapter forward, the adapter-off forward cached across checkpoints) gives
-    what scoring NLL and KL separately gives, row by row."""
+    the NLL the separate teacher-forced scoring gives, and the KL rows `kl_rows` gives, row by row."""
     import torch
     from peft import LoraConfig, get_peft_model
 

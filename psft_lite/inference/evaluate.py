@@ -267,7 +267,6 @@ def kl_to_base(loaded: Loaded, items: list[EvalItem], max_length: int = 512) -> 
     return sum(s for s, _ in rows) / max(sum(n for _, n in rows), 1)
 
 
-@torch.no_grad()
 def kl_rows(loaded: Loaded, items: list[EvalItem], max_length: int = 512) -> list[tuple[float, int]]:
     """Per item, (sum of KL(p_base ‖ p_model) over its reference tokens, number of tokens): what a bootstrap over
     prompts resamples. All zeros for a model without an adapter (it is the base)."""
@@ -275,18 +274,8 @@ def kl_rows(loaded: Loaded, items: list[EvalItem], max_length: int = 512) -> lis
     counts = [int(ex.mask[1:].sum()) for ex in examples]
     if not loaded.has_adapter:
         return [(0.0, n) for n in counts]
-    head = modeling.lm_head(loaded.model)
-    per_token = []
-    for b in modeling.example_batches(examples, loaded.tokenizer.pad_token_id, loaded.device):
-        with modeling.autocast(loaded.device, loaded.dtype):
-            tuned = modeling.response_hidden(loaded.model, b)
-            with modeling.adapter_disabled(loaded.model):
-                base = modeling.response_hidden(loaded.model, b)
-        kl = kl_to_reference(base, tuned, head.weight, head.bias, softcap=head.softcap, scale=head.scale)
-        per_token.append(kl.double())
-    flat = torch.cat(per_token) if per_token else torch.zeros(0, dtype=torch.float64)
-    sums = [float(part.sum()) for part in flat.split(counts)]
-    return list(zip(sums, counts))
+    kl_sums, _ = _retention_pass(loaded, examples, None)
+    return list(zip(kl_sums, counts))
 
 
 def evaluate_sets(
