@@ -50,7 +50,10 @@ lint: setup
 # cores busy; README "Development" has the measured time). Each test module stays in one process (--dist loadscope), so
 # a module's fixtures train once. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
+# The packaged models are converted (once, into the model cache) before the workers start, not inside a test.
 test: setup $(VENV)/.gemma3-done lint
+	@$(BIN)/python -m psft_lite.model.packaged smollm2-135m-instruct >/dev/null
+	@$(BIN)/python -m psft_lite.model.packaged gemma3-270m >/dev/null
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=10
 
 test-fast: setup

@@ -85,6 +85,21 @@ def test_export_writes_checked_gguf_modelfile_and_card(exported, embedded_run):
     assert "m-q8_0.gguf" in card and "ollama create" in card and "objective: sft" in card
 
 
+def test_the_header_reader_reads_every_field_as_gguf_reader_does():
+    from psft_lite.export import gguf_header
+
+    path = modeling.embedded_gguf_path()
+    ours = {key: (value, vtype, sub) for key, value, vtype, sub in gguf_header.fields(path)}
+    theirs = gguf.GGUFReader(path).fields
+    assert list(ours) == [k for k in theirs if not k.startswith("GGUF.")]
+    for key, (value, vtype, sub) in ours.items():
+        f = theirs[key]
+        assert value == f.contents() and vtype == f.types[0], key
+        assert sub == (f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None), key
+    assert gguf_header.value(path, "general.architecture") == "llama"
+    assert gguf_header.value(path, "no.such.key") is None
+
+
 def test_k_quant_generates_in_llama_cpp(exported):
     folder, _ = exported
     with gguf_check.open_llama(folder / "m-q4_k_m.gguf") as llm:

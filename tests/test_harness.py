@@ -136,9 +136,19 @@ def test_missing_harness_is_exit_2_naming_the_extra(tmp_path, capsys, monkeypatc
 
 
 def test_unknown_task_is_exit_2_with_the_closest_names(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "eval", "smollm2-135m-instruct", "--tasks", "gsm8kk", "--out", str(tmp_path / "o"))
+    # a name not in the user's folder is looked up in lm-eval's own tasks too (the closest names come from there)
+    harness_dir = str(ROOT / "recipes" / "harness")
+    args = ["--tasks", "gsm8kk", "--include-path", harness_dir, "--out", str(tmp_path / "o")]
+    code, _, err = run_cli(capsys, "eval", "smollm2-135m-instruct", *args)
     assert code == 2 and "'gsm8kk' is not an lm-evaluation-harness task" in err and "gsm8k" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_tasks_all_in_the_users_folder_are_indexed_from_that_folder_alone():
+    from psft_lite.inference.harness import task_manager
+
+    tm = task_manager(["arith_test"], [ROOT / "recipes" / "harness"])
+    assert tm.all_tasks == ["arith_test"]  # lm-eval's own ~15k tasks were not indexed (~8 s)
 
 
 def test_task_data_not_in_the_cache_is_exit_2_naming_the_data_set(tmp_path, tiny_model_dir, capsys):

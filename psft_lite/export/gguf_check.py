@@ -25,6 +25,7 @@ import numpy as np
 
 from psft_lite.core.errors import ModelError
 from psft_lite.core.extras import require_extra
+from psft_lite.export import gguf_header
 
 # max |Δlogit|, min top-1 agreement (see the module docstring; worst seen in brackets, base and fine-tuned
 # SmolLM2-135M, 190-376 positions). Float types: round-off (top-1 floors leave room for near-ties). Quant types: a
@@ -183,11 +184,11 @@ def file_type(path: Path) -> str | None:
     """A GGUF file's weight type as TOLERANCE names it (`q4_k_m`, `f16`, ...), from its general.file_type."""
     import gguf
 
-    field = gguf.GGUFReader(path).fields.get("general.file_type")
-    if field is None:
+    value = gguf_header.value(path, "general.file_type")
+    if value is None:
         return None
     try:
-        name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+        name = gguf.LlamaFileType(int(value)).name
     except ValueError:
         return None
     return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()

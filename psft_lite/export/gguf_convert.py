@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from psft_lite.core.errors import ModelError
+from psft_lite.export import gguf_header
 from psft_lite.model.chat import end_of_turn_id
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,19 +275,15 @@ def tokenizer_from_gguf(path: Path, chat_template: str | None, tokenizer: Any = 
     """Every tokenizer.* field of a source GGUF, with the chat template the run trained with. A SentencePiece-style
     vocabulary whose GGUF leaves add_space_prefix unsaid (llama.cpp then prepends a space) gets what `tokenizer`,
     the one trained with, does (Gemma: no prefix)."""
-    import gguf
     from gguf import GGUFValueType as V
 
-    reader = gguf.GGUFReader(path)
     meta = TokenizerMeta(source=str(path))
-    for key, f in reader.fields.items():
-        if not key.startswith("tokenizer.") or key == "tokenizer.chat_template":
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == V.ARRAY else None
-        meta.rows.append((key, f.contents(), vtype, sub))
+    for key, value, vtype, sub in gguf_header.fields(
+        path, keep=lambda k: k.startswith("tokenizer.") and k != "tokenizer.chat_template"
+    ):
+        meta.rows.append((key, value, V(vtype), None if sub is None else V(sub)))
         if key == "tokenizer.ggml.pre":
-            meta.pre = f.contents()
+            meta.pre = value
     values = {k: v for k, v, *_ in meta.rows}
     spm = values.get("tokenizer.ggml.model") == "llama"
     if spm and tokenizer is not None and "tokenizer.ggml.add_space_prefix" not in values:

@@ -46,7 +46,12 @@ def task_manager(tasks: list[str], include_path: list[Path]) -> Any:
     for p in include_path:
         if not p.is_dir() and not p.is_file():
             raise RecipeError(f"--include-path {p}: no such folder (a folder of lm-eval task YAML files).")
-    tm = TaskManager(include_path=[str(p) for p in include_path] or None)
+    paths = [str(p) for p in include_path]
+    if paths:  # tasks of the user's own: their folders alone, when every name is a plain task there
+        own = TaskManager(include_path=paths, include_defaults=False)
+        if all(name in own.all_subtasks for name in tasks):
+            return own  # lm-eval's index of its ~15k tasks takes ~8 s to build and would not be used
+    tm = TaskManager(include_path=paths or None)
     for name in tasks:
         if name not in tm.all_tasks:
             hint = did_you_mean(name, tm.all_tasks)
@@ -221,12 +226,12 @@ def run(
     from psft_lite.inference.generate import load_model
     from psft_lite.model.adapters import is_adapter_source
 
-    tm = task_manager(tasks, include_path)
     if compare_base and not (Path(spec).is_dir() and is_adapter_source(Path(spec))):
         raise RecipeError(
             f"--compare-base needs a run directory or an adapter (the base is the model with the adapter disabled); "
             f"{spec} is a plain model. Evaluate the base on its own instead."
         )
+    tm = task_manager(tasks, include_path)
     check_task_data(tm, tasks)  # before the model loads: missing data costs seconds, not a model load
     loaded = load_model(spec, dtype)
     use_chat = bool(loaded.tokenizer.chat_template) if chat is None else chat

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from psft_lite.core.errors import ModelError
 from psft_lite.recipe.schema import EMBEDDED_MODEL
@@ -107,6 +108,16 @@ def model_dir(name: str, home: Path, quiet: Callable[[], None] = lambda: None) -
     target = home / "models" / name
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # one converter at a time (test workers, DDP ranks, two study processes): the others wait, then find it done
+    with FileLock(str(target.parent / f".{name}.lock")):
+        if (target / "config.json").exists():
+            return target
+        return _convert(name, target, quiet)
+
+
+def _convert(name: str, target: Path, quiet: Callable[[], None]) -> Path:
+    """Written under a temporary name, then renamed into place: a killed conversion leaves nothing half-done."""
     spec = PACKAGED[name]
     gguf = spec.locate()
     if spec.licence == "gemma":
@@ -114,7 +125,6 @@ def model_dir(name: str, home: Path, quiet: Callable[[], None] = lambda: None) -
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     quiet()
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -125,10 +135,7 @@ def model_dir(name: str, home: Path, quiet: Callable[[], None] = lambda: None) -
         )
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
