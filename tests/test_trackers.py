@@ -53,20 +53,18 @@ def _metrics(run: Path) -> tuple[dict[int, dict], list[dict]]:
     return {r["step"]: r for r in records if "event" not in r}, [r for r in records if r.get("event") == "eval"]
 
 
-def _read_back(backend: str, run: Path) -> dict[str, list[tuple[int, float]]]:
-    if backend == "tensorboard":
-        return read.tensorboard(run)[0]
-    if backend == "wandb":
-        return read.wandb(run)[0]
-    if backend == "mlflow":
-        return read.mlflow(run)[0]
-    return read.trackio(run)[0]
+READERS = {"tensorboard": read.tensorboard, "wandb": read.wandb, "mlflow": read.mlflow, "trackio": read.trackio}
 
 
-def _assert_same_as_metrics(points: dict, run: Path, timing: bool = True) -> None:
+def _read_all(run: Path) -> dict[str, tuple]:
+    """What each tracker holds, read back with its own reader: (points by key, ...) per backend."""
+    return {name: READERS[name](run) for name in BACKENDS}
+
+
+def _assert_same_as_metrics(points: dict, metrics: tuple[dict, list], timing: bool = True) -> None:
     """Every step exactly once under every key, and the same values as metrics.jsonl (timings too, unless the run was
     resumed: the replayed steps were timed twice and a tracker keeps the first)."""
-    steps, evals = _metrics(run)
+    steps, evals = metrics
     assert evals, "the recipe evaluates at steps 3 and 6"
     for key in TRAJECTORY + TIMING:
         got = points[key]
@@ -83,25 +81,23 @@ def _close(got: float, written: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reported_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """6 psft steps with an eval at steps 3 and 6, reporting to all four trackers."""
+def reported(tmp_path_factory, tiny_model_dir) -> dict:
+    """6 psft steps with an eval at steps 3 and 6, reporting to all four trackers, read back at once: the resume
+    test then continues this same run (one training run for the module, not two)."""
     tmp = tmp_path_factory.mktemp("reported")
     p = _train(_recipe(tmp, tiny_model_dir))
     run = tmp / "run"
     for name in BACKENDS:
         assert f"{name}" in p.stdout  # where to look, one line per tracker
     assert "warning" not in p.stderr.lower(), p.stderr
-    return run
+    return {"run": run, "read": _read_all(run), "metrics": _metrics(run)}
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """The same run killed after step 6 was reported but with its last checkpoint at step 2 (as kill -9 leaves it:
-    metrics.jsonl and the trackers went further than the checkpoint), then resumed with --resume."""
-    tmp = tmp_path_factory.mktemp("resumed")
-    recipe = _recipe(tmp, tiny_model_dir)
-    _train(recipe)
-    run = tmp / "run"
+def resumed_run(reported) -> Path:
+    """The reported run as kill -9 after step 6 would leave it (metrics.jsonl and the trackers went further than the
+    last checkpoint, step 2), then resumed with --resume."""
+    run = reported["run"]
     for name in ("step-4", "step-6"):
         shutil.rmtree(run / "checkpoints" / name)
     shutil.rmtree(run / "adapter")
@@ -112,14 +108,15 @@ def resumed_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tracker_gets_every_metrics_record(reported_run, backend):
-    _assert_same_as_metrics(_read_back(backend, reported_run), reported_run)
+def test_tracker_gets_every_metrics_record(reported, backend):
+    _assert_same_as_metrics(reported["read"][backend][0], reported["metrics"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_reports_each_step_once_into_the_same_tracker_run(resumed_run, backend):
-    _assert_same_as_metrics(_read_back(backend, resumed_run), resumed_run, timing=backend == "tensorboard")
+    points = READERS[backend](resumed_run)[0]
+    _assert_same_as_metrics(points, _metrics(resumed_run), timing=backend == "tensorboard")
     state = json.loads((resumed_run / "trackers.json").read_text())
     if backend == "wandb":
         _, _, ids = read.wandb(resumed_run)
@@ -133,17 +130,18 @@ def test_resume_reports_each_step_once_into_the_same_tracker_run(resumed_run, ba
 
 
 @pytest.mark.slow
-def test_trackers_get_the_recipe_data_statistics_and_summary(reported_run):
-    _, config, _ = read.wandb(reported_run)
+def test_trackers_get_the_recipe_data_statistics_and_summary(reported):
+    got = reported["read"]
+    _, config, _ = got["wandb"]
     assert config["objective.kind"] == "psft" and config["train.max_steps"] == 6
     assert config["data.examples"] == 16 and config["data.trained_tokens"] > 0
-    _, params, tags, status = read.mlflow(reported_run)
+    _, params, tags, status = got["mlflow"]
     assert params["objective.refresh_every"] == "2" and status == "FINISHED"
     assert tags["summary.adapter"].endswith("adapter")
-    points, _ = read.trackio(reported_run)
-    steps, _ = _metrics(reported_run)
+    points, _ = got["trackio"]
+    steps, _ = reported["metrics"]
     assert points["summary/final_nll"] == [(6, pytest.approx(steps[6]["nll"], rel=1e-5))]
-    _, texts = read.tensorboard(reported_run)
+    _, texts = got["tensorboard"]
     assert "objective.kind = psft" in texts["recipe"][0][1] and "final_nll" in texts["summary"][0][1]
 
 

@@ -41,13 +41,13 @@ def test_real_model_learns_and_adapter_reloads_with_plain_peft(tmp_path, embedde
     r = _build(
         tmp_path,
         embedded_dir,
-        train={"max_steps": 8, "batch_size": 4, "micro_batch_size": 4, "lr": 2e-3},
-        data={"limit": 8},
+        train={"max_steps": 8, "batch_size": 2, "micro_batch_size": 2, "lr": 2e-3},
+        data={"limit": 4},
     )
     before = _lora_state(r.model)
     records = train_loop(r)
     assert len(records) == 8 and (r.run_dir / "metrics.jsonl").read_text().count("\n") == 8
-    first = records[0]["nll"] + records[1]["nll"]  # epoch 1 (8 examples = 2 steps)
+    first = records[0]["nll"] + records[1]["nll"]  # epoch 1 (4 examples = 2 steps)
     last = records[-2]["nll"] + records[-1]["nll"]  # epoch 4, same examples
     assert last < 0.6 * first, (first, last)
     after = _lora_state(r.model)
@@ -80,8 +80,8 @@ def test_psft_snapshot_clips_within_a_group_and_ratio_is_one_at_refresh(tmp_path
         tmp_path,
         embedded_dir,
         objective={"kind": "psft", "old_policy": "snapshot", "refresh_every": 4},
-        train={"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
-        data={"limit": 16},
+        train={"max_steps": 4, "batch_size": 2, "micro_batch_size": 1, "lr": 1e-2, "schedule": "constant"},
+        data={"limit": 8},
     )
     # the old-policy pass has exactly the training forward's numerics: unchanged weights give identical log-probs
     b = r.step_batches(0)[0]
