@@ -45,17 +45,17 @@ def same_trajectory(a: list, b: list, grad_rtol: float = 1e-4) -> None:
         assert abs(l1 - l2) <= 1e-5 * abs(l1) + 1e-7 and abs(g1 - g2) <= grad_rtol * g1, (s1, l1, l2, g1, g2)
 
 
-def single_runs(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
-    """Each objective's recipe and its one-process reference run, trained once for the module's tests."""
+def single_runs(tmp_path_factory, tiny_model_dir, names: list[str]) -> dict[str, tuple[Path, Path]]:
+    """The named objectives' recipes and one-process reference runs, trained once for the module's tests."""
     from rich.console import Console
 
     from psft_lite.recipe.schema import load_recipe
     from psft_lite.training import trainer
 
     out = {}
-    for name, objective in OBJECTIVES.items():  # in this process (one process is one process; no launcher start-up)
+    for name in names:  # in this process (one process is one process; no launcher start-up)
         tmp = tmp_path_factory.mktemp(f"single-{name}")
-        recipe = make_recipe(tmp, tiny_model_dir, objective=objective, train=TRAIN)
+        recipe = make_recipe(tmp, tiny_model_dir, objective=OBJECTIVES[name], train=TRAIN)
         trainer.run(load_recipe(recipe, [f"output.dir={tmp / 'one'}"]), console=Console(quiet=True))
         out[name] = (recipe, tmp / "one")
     return out
@@ -63,7 +63,7 @@ def single_runs(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
-    return single_runs(tmp_path_factory, tiny_model_dir)
+    return single_runs(tmp_path_factory, tiny_model_dir, DDP_OBJECTIVES)
 
 
 @pytest.mark.parametrize("objective", DDP_OBJECTIVES)

@@ -14,7 +14,7 @@ from conftest import make_recipe
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, tiny_model_dir) -> dict[str, tuple[Path, Path]]:
     """The one-process reference runs, trained once for this module."""
-    return single_runs(tmp_path_factory, tiny_model_dir)
+    return single_runs(tmp_path_factory, tiny_model_dir, ["sft", "psft-base", "psft"])
 
 
 def adapter_weights(run: Path) -> dict:
@@ -58,17 +58,19 @@ def test_an_interrupted_sharded_run_resumes_on_the_uninterrupted_trajectory(tmp_
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
-def test_sharding_without_a_launcher_or_with_a_4bit_base_is_refused(tmp_path, tiny_model_dir):
+def test_sharding_without_a_launcher_or_with_a_4bit_base_is_refused(tmp_path, tiny_model_dir, capsys):
     from psft_lite.core.errors import RecipeError
     from psft_lite.training.sharding import check_supported
 
+    from test_cli import run_cli
+
     recipe = make_recipe(tmp_path, tiny_model_dir, train={**TRAIN, "strategy": "fsdp"})
-    p = launch(["train", str(recipe)], 1)
-    assert p.returncode == 2, p.stderr
-    assert "this is one process" in p.stderr and "torchrun --nproc_per_node" in p.stderr
-    assert "Traceback" not in p.stderr and not (tmp_path / "run").exists()
+    code, _, err = run_cli(capsys, "train", str(recipe))  # one process, no launcher
+    assert code == 2, err
+    assert "this is one process" in err and "torchrun --nproc_per_node" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
     bad = make_recipe(tmp_path / "bad", tiny_model_dir, train={**TRAIN, "strategy": "zero3"})
-    p = launch(["train", str(bad)], 1)
-    assert p.returncode == 2 and "train.strategy" in p.stderr and "Traceback" not in p.stderr
+    code, _, err = run_cli(capsys, "train", str(bad))
+    assert code == 2 and "train.strategy" in err and "Traceback" not in err
     with pytest.raises(RecipeError, match="load_in_4bit = true"):
         check_supported(True)
