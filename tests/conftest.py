@@ -106,6 +106,21 @@ SLOW_MODULES = {
 }  # torchrun processes; lm-evaluation-harness
 
 
+# The longest modules first (each runs whole in one worker under `--dist loadscope`): started last, one of them would
+# leave the other worker idle at the end. Roughly by measured time, longest first; the rest keep their file order.
+LONGEST_FIRST = [
+    "test_export.py",
+    "test_gemma_export.py",
+    "test_distributed.py",
+    "test_sharded.py",
+    "test_gemma.py",
+    "test_training.py",
+    "test_harness.py",
+    "test_regression.py",
+    "test_trackers.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
     import inspect
 
@@ -113,3 +128,5 @@ def pytest_collection_modifyitems(config, items):
         direct = set(inspect.signature(item.function).parameters) if hasattr(item, "function") else set()
         if direct & REAL_MODEL_FIXTURES or item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within and after
