@@ -82,6 +82,7 @@ def test_sweep_parsing_names_what_is_wrong():
         ("train.lr=", "no values"),
         ("train.lr:train.epochs=1e-4", "1 value(s) for 2 key(s)"),
         ("objective.kind=sft,psft", "with --methods"),
+        ("data.train=a/train.jsonl,b/train.jsonl", "two values would be labelled 'train'"),
     ]:
         with pytest.raises(RecipeError, match=re.escape(says)):
             parse_sweep([bad])

@@ -114,6 +114,13 @@ def parse_sweep(items: list[str]) -> Sweep:
             if len(parts) != len(keys):
                 raise RecipeError(f"--sweep {item!r}: {g!r} has {len(parts)} value(s) for {len(keys)} key(s).")
             values.append(tuple(parse_override(f"{k}={v}")[1] for k, v in zip(keys, parts)))
+        shown = [":".join(map(_fmt, v)) for v in values]
+        if len(set(shown)) < len(shown):  # run names and labels show a file by its stem
+            twice = next(x for x in shown if shown.count(x) > 1)
+            raise RecipeError(
+                f"--sweep {item!r}: two values would be labelled {twice!r} (a file shows as its name without folder "
+                "and extension), so their runs would share a folder. Give the files different names."
+            )
         out.append((keys, values))
     return out
 
