@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from psft_lite.core.errors import RecipeError
-from psft_lite.recipe.schema import load_recipe, parse_override, recipe_from_dict, reference_markdown
+from psft_lite.recipe.schema import ObjectiveSection, load_recipe, parse_override, recipe_from_dict, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,11 +26,12 @@ def test_every_shipped_recipe_validates(name):
     assert not r.warnings(), r.warnings()  # shipped recipes set nothing that is ignored or suspicious
 
 
-def test_math_recipe_is_qlora_gsm8k_psft():
+def test_math_recipe_is_qlora_gsm8k_with_the_default_objective():
     r = load_recipe(ROOT / "recipes" / "math.toml")
     assert r.model.load_in_4bit and r.model.name == "Qwen/Qwen2.5-1.5B-Instruct"
     assert (r.data.train.path, r.data.train.config, r.data.train.split) == ("openai/gsm8k", "main", "train")
-    assert r.objective.kind == "psft" and r.objective.refresh_every == 8
+    assert r.objective.kind == "sft_kl" == ObjectiveSection().kind  # the recipes follow the default (docs/study.md)
+    assert load_recipe(ROOT / "recipes" / "quickstart.toml").objective.kind == "sft_kl"
 
 
 def _bad(tmp_path, text: str, *overrides: str) -> str:

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from psft_lite.core.errors import ModelError
-from psft_lite.export import gguf_header
 from psft_lite.model.chat import end_of_turn_id
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -276,6 +275,8 @@ def tokenizer_from_gguf(path: Path, chat_template: str | None, tokenizer: Any = 
     vocabulary whose GGUF leaves add_space_prefix unsaid (llama.cpp then prepends a space) gets what `tokenizer`,
     the one trained with, does (Gemma: no prefix)."""
     from gguf import GGUFValueType as V
+
+    from psft_lite.export import gguf_header
 
     meta = TokenizerMeta(source=str(path))
     for key, value, vtype, sub in gguf_header.fields(
