@@ -22,7 +22,7 @@ def gemma_run(tmp_path_factory, gemma_dir) -> Path:
 
     tmp = tmp_path_factory.mktemp("gemma-run")
     train = {
-        "max_steps": 4,
+        "max_steps": 2,
         "batch_size": 2,
         "micro_batch_size": 2,
         "lr": 1e-3,
@@ -48,14 +48,14 @@ def test_gemma_q8_gguf_passes_the_llama_cpp_check_and_ends_its_answers(tmp_path,
 
     from psft_lite.export import gguf as export_mod
 
-    # 32 greedy tokens instead of 128: this 4-step run does not end its answers, and each token of Gemma's 262k-entry
+    # 32 greedy tokens instead of 128: this 2-step run does not end its answers, and each token of Gemma's 262k-entry
     # fp32 head costs ~0.2 s on one core in the reference and again in llama.cpp
     monkeypatch.setattr(export_mod, "reference", functools.partial(export_mod.reference, max_new_tokens=32))
 
     report = export_mod.export(gemma_run, out=tmp_path / "g.gguf", quant="q8_0", console=QUIET)
     c = report["files"][0]["check"]
     assert c["passed"] and c["tokenizer_mismatches"] == 0, c
-    # every greedy answer the merged model ends also ends in llama.cpp (this 4-step run rarely ends its answers within
+    # every greedy answer the merged model ends also ends in llama.cpp (this 2-step run rarely ends its answers within
     # the budget; the 80-step recipes/gemma3-arith.toml run ends 3 of 3: README, "Gemma 3 270M")
     assert c["greedy_ended"] == c["greedy_n"], c
     r = gguf.GGUFReader(tmp_path / "g.gguf")

@@ -81,12 +81,12 @@ def test_beta_zero_is_the_hinted_stream_alone_and_kv_cache_equals_recompute(embe
         loaded, [{"role": "user", "content": "Tom has 3 apples and buys 4 more. Reference: 3 + 4 = 7."}], "# CoT\n"
     )
     plain = prompt_ids(loaded, [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}])
-    cfg = HintConfig(beta=0.0, temperature=0.3, top_p=0.95, max_new_tokens=24, answer_marker="")
+    cfg = HintConfig(beta=0.0, temperature=0.3, top_p=0.95, max_new_tokens=12, answer_marker="")
     d = decode(loaded, hinted, plain, cfg, seed=11)
     gen = torch.Generator().manual_seed(11)
     ids, ref = list(hinted), []
     with torch.no_grad():
-        for _ in range(24):
+        for _ in range(12):
             lp = torch.log_softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
             t = sample(lp, 0.95, 0.3, gen)
             if t == loaded.tokenizer.eos_token_id:
@@ -94,7 +94,7 @@ def test_beta_zero_is_the_hinted_stream_alone_and_kv_cache_equals_recompute(embe
             ids.append(t)
             ref.append(t)
     assert d.tokens == ref
-    cfg3 = HintConfig(beta=3.0, temperature=0.3, max_new_tokens=24, answer_marker="")
+    cfg3 = HintConfig(beta=3.0, temperature=0.3, max_new_tokens=12, answer_marker="")
     assert (
         decode(loaded, hinted, plain, cfg3, seed=5).tokens
         == decode(loaded, hinted, plain, cfg3, seed=5, incremental=False).tokens
