@@ -57,7 +57,7 @@ test: setup $(VENV)/.gemma3-done lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=10
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow" --durations=10
 
 data: setup
 	$(BIN)/python -m psft_lite.data.arith --out data/arith

@@ -98,7 +98,8 @@ def make_recipe(tmp_path: Path, model_path: str | Path, **sections: dict) -> Pat
 
 # Tests that train or run the real embedded model (directly or through a fixture built on it), and the multi-process
 # tests, are `slow`: `make test-fast` leaves them out. The marker is applied here so no such test can miss it.
-REAL_MODEL_FIXTURES = {"embedded_dir", "embedded_run", "exported", "gemma_dir"}
+REAL_MODEL = "embedded_dir"  # asked for directly (tiny_model_dir needs it too, only for its config and tokenizer)
+REAL_RUNS = {"gemma_dir", "embedded_run", "exported"}  # anywhere in a test's fixtures, also through other fixtures
 SLOW_MODULES = {
     "test_distributed.py",
     "test_sharded.py",
@@ -126,7 +127,8 @@ def pytest_collection_modifyitems(config, items):
 
     for item in items:
         direct = set(inspect.signature(item.function).parameters) if hasattr(item, "function") else set()
-        if direct & REAL_MODEL_FIXTURES or item.path.name in SLOW_MODULES:
+        needs = set(getattr(item, "fixturenames", ()))  # the whole closure: a fixture built on a real run counts
+        if REAL_MODEL in direct or needs & REAL_RUNS or item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within and after
