@@ -43,7 +43,7 @@ def test_entropy_warning_fires_once_below_the_floor():
     warns = [e for e in events if e["event"] == "entropy_warning"]
     assert len(warns) == 1 and not warns[0]["stop"]
     assert g.baseline == 1.0 and warns[0]["entropy_ema"] < GuardSection().entropy_floor
-    assert "psft" in warns[0]["message"] and "of its starting value" in warns[0]["message"]
+    assert "sft_kl" in warns[0]["message"] and "of its starting value" in warns[0]["message"]
 
 
 def test_entropy_trend_warns_before_the_floor_is_reached():

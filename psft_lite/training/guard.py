@@ -17,10 +17,7 @@ Event = dict[str, Any]
 
 #: What to try, per warning and per method (objectives.method_name): only settings the running method reads, and
 #: never the method itself. docs/study.md has the measurements behind each suggestion.
-_BASE_LEASH = (
-    "a regularised objective (objective.kind = 'sft_kl', or 'psft' with objective.old_policy = 'base': a fixed trust "
-    "region around the base, which cannot learn tokens the base finds very unlikely)"
-)
+_BASE_LEASH = "objective.kind = 'sft_kl' (the default: SFT with a KL penalty that holds it near the base model)"
 _STUDY = "docs/study.md measures what each costs in learning and in forgetting"
 
 #: What the guard suggests per event and method: the knobs to turn, never a figure (figures live in docs/study.md,
