@@ -115,11 +115,11 @@ def test_tracker_gets_every_metrics_record(reported, backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_reports_each_step_once_into_the_same_tracker_run(resumed_run, backend):
-    points = READERS[backend](resumed_run)[0]
-    _assert_same_as_metrics(points, _metrics(resumed_run), timing=backend == "tensorboard")
+    got = READERS[backend](resumed_run)
+    _assert_same_as_metrics(got[0], _metrics(resumed_run), timing=backend == "tensorboard")
     state = json.loads((resumed_run / "trackers.json").read_text())
     if backend == "wandb":
-        _, _, ids = read.wandb(resumed_run)
+        _, _, ids = got
         assert ids == [state["wandb"]["id"]] * 2  # two offline segments of one W&B run
     if backend == "mlflow":
         from mlflow import MlflowClient

@@ -17,25 +17,25 @@ Event = dict[str, Any]
 
 #: What to try, per warning and per method (objectives.method_name): only settings the running method reads, and
 #: never the method itself. docs/study.md has the measurements behind each suggestion.
-_BASE_LEASH = "objective.kind = 'sft_kl' (the default: SFT with a KL penalty that holds it near the base model)"
+_SFT_KL = "objective.kind = 'sft_kl' (the default: SFT with a KL penalty that holds it near the base model)"
 _STUDY = "docs/study.md measures what each costs in learning and in forgetting"
 
 #: What the guard suggests per event and method: the knobs to turn, never a figure (figures live in docs/study.md,
 #: generated from the study's committed records, so a message cannot go stale).
 ADVICE: dict[str, dict[str, str]] = {
     "entropy": {
-        "sft": f"Options: fewer epochs or a lower train.lr, or {_BASE_LEASH}; {_STUDY}.",
-        "dft": f"Options: fewer epochs or a lower train.lr, or {_BASE_LEASH}; {_STUDY}.",
-        "idft": f"Options: fewer epochs or a lower train.lr, or {_BASE_LEASH}; {_STUDY}.",
+        "sft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
+        "dft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
+        "idft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
         "psft-snapshot": "A larger objective.refresh_every or a tighter objective.clip_high bounds each refresh's "
         f"step, not the total; objective.old_policy = 'base' bounds the total; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or fewer epochs; {_STUDY}.",
         "sft_kl": f"Options: a larger objective.kl_coef, fewer epochs or a lower train.lr; {_STUDY}.",
     },
     "drift": {
-        "sft": f"Options: fewer epochs or a lower train.lr, or {_BASE_LEASH}; {_STUDY}.",
-        "dft": f"Options: fewer epochs or a lower train.lr, or {_BASE_LEASH}; {_STUDY}.",
-        "idft": f"Options: fewer epochs or a lower train.lr, or {_BASE_LEASH}; {_STUDY}.",
+        "sft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
+        "dft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
+        "idft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
         "psft-snapshot": f"Options: objective.old_policy = 'base' (a trust region that does not move with each "
         f"refresh), or fewer epochs; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or a lower train.lr; {_STUDY}.",
