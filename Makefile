@@ -70,6 +70,8 @@ data-retention: setup
 # docs/study.md's benchmark tables and figures, from the records committed under docs/study/benchmark (no training)
 study-report: setup
 	$(BIN)/python -m psft_lite.study.report docs/study/benchmark --doc docs/study.md --figures docs/study
+	@if test -d docs/study/benchmark-gemma3; then $(BIN)/python -m psft_lite.study.report docs/study/benchmark-gemma3 \
+	  --name gemma3-270m --doc docs/study.md --figures docs/study; fi
 
 # GSM8K test rows for the study's natural-language repeat (training dynamics only; never committed)
 data-gsm8k: setup

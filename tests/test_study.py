@@ -262,6 +262,11 @@ def test_report_reads_hand_written_records_exactly(tmp_path):
     assert math.isnan(report.crossing([0.0, 40.0], [0.0, 0.1], 50.0))
     doc = f"intro\n{report.BEGIN}\nold\n{report.END}\nafter\n"
     assert report.splice(doc, md) == f"intro\n{report.BEGIN}\n{md}{report.END}\nafter\n"
+    begin, end = report.markers("gemma3-270m")  # a second model's block: its own markers, the first left alone
+    both = f"{doc}{begin}\nold\n{end}\n"
+    assert report.splice(both, "new\n", "gemma3-270m") == f"{doc}{begin}\nnew\n{end}\n"
+    with pytest.raises(ValueError, match="no <!-- benchmark-report other:begin"):
+        report.splice(doc, md, "other")
 
 
 def test_report_intervals_cover_the_mean_and_shrink_with_more_problems():
@@ -281,15 +286,22 @@ def test_report_intervals_cover_the_mean_and_shrink_with_more_problems():
     assert widths[1] < widths[0] / 2  # 16x the problems: about a quarter of the width
 
 
-def test_the_committed_study_page_is_what_the_committed_records_generate():
-    """docs/study.md's benchmark block is exactly `make study-report`'s output on docs/study/benchmark: no number on
-    the page was typed by hand or left behind by newer records."""
+#: the committed benchmark studies: folder under docs/study → the name of its block in docs/study.md
+STUDIES = {"benchmark": "", "benchmark-gemma3": "gemma3-270m"}
+
+
+@pytest.mark.parametrize("folder", sorted(STUDIES))
+def test_the_committed_study_page_is_what_the_committed_records_generate(folder):
+    """docs/study.md's benchmark blocks are exactly `make study-report`'s output on docs/study/benchmark (and the
+    Gemma repeat's folder): no number on the page was typed by hand or left behind by newer records."""
     from psft_lite.study import report
 
     root = Path(__file__).resolve().parent.parent
-    _, generated = report.generate(root / "docs" / "study" / "benchmark")
+    if not (root / "docs" / "study" / folder).exists():
+        pytest.skip(f"no committed records in docs/study/{folder} yet")
+    _, generated = report.generate(root / "docs" / "study" / folder)
     doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
-    assert report.splice(doc, generated) == doc, "docs/study.md is stale: run `make study-report`"
+    assert report.splice(doc, generated, STUDIES[folder]) == doc, "docs/study.md is stale: run `make study-report`"
 
 
 def test_every_benchmark_figure_the_readme_quotes_is_in_the_generated_tables():
@@ -304,6 +316,7 @@ def test_every_benchmark_figure_the_readme_quotes_is_in_the_generated_tables():
     quoted = re.findall(r"(\d+\.\d+) \[(\d+\.\d+), (\d+\.\d+)\]", section)
     assert len(quoted) >= 4, "the section quotes the benchmark"
     doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
-    block = doc[doc.index(report.BEGIN) : doc.index(report.END)]
+    blocks = [doc[doc.index(b) : doc.index(e)] for b, e in map(report.markers, STUDIES.values()) if b in doc]
+    block = "\n".join(blocks)
     for value, low, high in quoted:
         assert f"{value} [{low}, {high}]" in block, f"README quotes {value} [{low}, {high}], not in docs/study.md"

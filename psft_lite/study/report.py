@@ -8,6 +8,7 @@ did each learn by then?), reading each curve where it first crosses the level (l
 chosen per method. Confidence intervals resample problems (the same problems for every method: paired) and seeds.
 
     python -m psft_lite.study.report STUDY_FOLDER [--also LABEL=FOLDER] --doc docs/study.md --figures docs/study
+    python -m psft_lite.study.report docs/study/benchmark-gemma3 --name gemma3-270m --doc docs/study.md   # a 2nd model
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from psft_lite.study.plot import pyplot
 B = 2000  # bootstrap replicates
 LEVEL = 0.95  # confidence level of every interval
 BEGIN, END = "<!-- benchmark-report:begin -->", "<!-- benchmark-report:end -->"
+
+
+def markers(name: str = "") -> tuple[str, str]:
+    """The markers a study's generated block sits between in docs/study.md; `name` tells a second model's study apart
+    (`<!-- benchmark-report gemma3-270m:begin -->`)."""
+    if not name:
+        return BEGIN, END
+    return f"<!-- benchmark-report {name}:begin -->", f"<!-- benchmark-report {name}:end -->"
+
+
 #: the measures of one checkpoint: key → (set, what, label in tables)
 MEASURES = {
     "acc": ("in_domain", "correct", "in-domain acc %"),
@@ -297,11 +308,13 @@ def report_markdown(curves: list[Curve], base: dict[str, Any], rs: Resampler, re
 # Figures
 
 
-def plot_report(curves: list[Curve], rs: Resampler, out_dir: Path) -> list[Path]:
+def plot_report(curves: list[Curve], rs: Resampler, out_dir: Path, name: str = "") -> list[Path]:
     """benchmark-tradeoff.png (in-domain and OOD accuracy against retention KL, every epoch a point, 95 % intervals
-    both ways) and benchmark-epochs.png (format used, right in any format, retention kept, per epoch)."""
+    both ways) and benchmark-epochs.png (format used, right in any format, retention kept, per epoch); a named study
+    writes benchmark-NAME-tradeoff.png and benchmark-NAME-epochs.png."""
     plt = pyplot("the benchmark report's figures")
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"benchmark-{name}" if name else "benchmark"
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for i, c in enumerate(curves):
@@ -319,7 +332,7 @@ def plot_report(curves: list[Curve], rs: Resampler, out_dir: Path) -> list[Path]
     axes[1].set_title("out-of-domain vs forgetting", fontsize=10)
     axes[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    paths.append(out_dir / "benchmark-tradeoff.png")
+    paths.append(out_dir / f"{stem}-tradeoff.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     keys = [k for k in ("format", "answer", "kept") if all(k in c.data for c in curves)]
@@ -336,7 +349,7 @@ def plot_report(curves: list[Curve], rs: Resampler, out_dir: Path) -> list[Path]
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    paths.append(out_dir / "benchmark-epochs.png")
+    paths.append(out_dir / f"{stem}-epochs.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
@@ -373,12 +386,13 @@ def collect(src: Path, dest: Path) -> list[Path]:
     return written
 
 
-def splice(doc: str, block: str) -> str:
-    """`doc` with the text between the report markers replaced by `block`."""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+def splice(doc: str, block: str, name: str = "") -> str:
+    """`doc` with the text between the (named) report markers replaced by `block`."""
+    begin, end = markers(name)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
-        raise ValueError(f"no {BEGIN} … {END} markers to write the report between")
-    return pattern.sub(lambda _: f"{BEGIN}\n{block}{END}", doc)
+        raise ValueError(f"no {begin} … {end} markers to write the report between")
+    return pattern.sub(lambda _: f"{begin}\n{block}{end}", doc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -388,18 +402,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--doc", type=Path, help="write the tables between the report markers of this markdown file")
     ap.add_argument("--figures", type=Path, help="write the PNG figures here")
     ap.add_argument("--collect", type=Path, help="first copy this study folder's records into FOLDER")
+    ap.add_argument("--name", default="", help="a second model's study: its own markers in --doc and figure names")
     args = ap.parse_args(argv)
     if args.collect:
         print(f"collected {len(collect(args.collect, args.folder))} record files into {args.folder}")
     also = dict(a.split("=", 1) for a in args.also)
     curves, md = generate(args.folder, {k: Path(v) for k, v in also.items()})
     if args.doc:
-        atomic_write_text(args.doc, splice(args.doc.read_text(encoding="utf-8"), md))
+        atomic_write_text(args.doc, splice(args.doc.read_text(encoding="utf-8"), md, args.name))
         print(f"tables: {args.doc}")
     else:
         print(md)
     if args.figures:
-        for p in plot_report(curves, Resampler(), args.figures):
+        for p in plot_report(curves, Resampler(), args.figures, args.name):
             print(f"figure: {p}")
 
 
