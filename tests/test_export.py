@@ -62,16 +62,25 @@ def test_export_writes_checked_gguf_modelfile_and_card(exported, embedded_run):
     assert by_quant["q8_0"]["bytes"] < by_quant["f16"]["bytes"] / 1.7
     assert by_quant["q4_k_m"]["bytes"] < by_quant["q8_0"]["bytes"]
 
-    # the tokenizer is the source GGUF's, with the run's chat template; the K-quant is llama.cpp's own
-    src = gguf.GGUFReader(modeling.embedded_gguf_path())
+    # the tokenizer is the source GGUF's, with the run's chat template; the K-quant is llama.cpp's own. Fields read
+    # with the header reader (checked field by field against gguf.GGUFReader below; ~40x faster on 49k tokens)
+    from psft_lite.export import gguf_header
+
+    keys = (
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.tokens",
+    )
+    header = lambda path: {k: v for k, v, _, _ in gguf_header.fields(path)}  # noqa: E731
+    src = header(modeling.embedded_gguf_path())
+    tok = json.loads((embedded_run / "adapter" / "tokenizer_config.json").read_text())
+    template = tok.get("chat_template") or (embedded_run / "adapter" / "chat_template.jinja").read_text()
     for name in ("m-f16.gguf", "m-q4_k_m.gguf"):
-        r = gguf.GGUFReader(folder / name)
-        for key in ("tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token"):
-            assert _field(r, key) == _field(src, key)
-        assert _field(r, "tokenizer.ggml.tokens") == _field(src, "tokenizer.ggml.tokens")
-        tok = json.loads((embedded_run / "adapter" / "tokenizer_config.json").read_text())
-        template = tok.get("chat_template") or (embedded_run / "adapter" / "chat_template.jinja").read_text()
-        assert _field(r, "tokenizer.chat_template") == template
+        r = header(folder / name)
+        for key in keys:
+            assert r[key] == src[key], key
+        assert r["tokenizer.chat_template"] == template
     kq = gguf.GGUFReader(folder / "m-q4_k_m.gguf")
     assert _field(kq, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     assert {t.tensor_type.name for t in kq.tensors} & {"Q4_K", "Q5_K", "Q6_K"}

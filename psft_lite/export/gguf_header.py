@@ -33,6 +33,9 @@ def _string(f: BinaryIO) -> str:
 def _value(f: BinaryIO, vtype: int, keep: bool) -> tuple[Any, int | None]:
     """The value (None when not kept: only skipped over) and, for an array, its element type."""
     if vtype == STRING:
+        if not keep:  # skipped (e.g. the 262k tokens of a field nobody asked for): seek past, decode nothing
+            f.seek(_read(f, "Q"), 1)
+            return None, None
         return _string(f), None
     if vtype != ARRAY:
         return _read(f, _FIXED[vtype]), None
