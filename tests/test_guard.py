@@ -153,8 +153,7 @@ def test_advice_suggests_only_what_applies_to_the_running_method(method):
         text = per_method[method]
         for key, value in re.findall(r"objective\.(\w+)(?: = '(\w+)')?", text):
             if key in ("kind", "old_policy"):  # a switch: never to what is already running
-                assert value and value != own.get(key), (event, text)
-                assert key != "kind" or own["kind"] != "psft", (event, text)  # never "try psft" to a psft run
+                assert value and value != own.get(key), (event, text)  # e.g. never "try psft" to a psft run
             else:
                 assert key in reads, (event, key, text)  # a knob this method actually reads
 
@@ -167,5 +166,6 @@ def test_a_psft_snapshot_run_is_told_about_its_own_knobs():
         for ev in g.observe({"step": step, "entropy": h, "nll": 1.0, "loss": 1.0, "grad_norm": 1.0}, None)
     ]
     (ev,) = [e for e in events if e["event"] == "entropy_warning"]
-    assert "refresh_every" in ev["message"] and "old_policy = 'base'" in ev["message"]
-    assert "kind = 'psft'" not in ev["message"]
+    assert "refresh_every" in ev["message"] and "kind = 'sft_kl'" in ev["message"]
+    # the benchmark's psft base never learned the taught format: the guard no longer points there
+    assert "kind = 'psft'" not in ev["message"] and "old_policy = 'base'" not in ev["message"]

@@ -28,7 +28,7 @@ ADVICE: dict[str, dict[str, str]] = {
         "dft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
         "idft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
         "psft-snapshot": "A larger objective.refresh_every or a tighter objective.clip_high bounds each refresh's "
-        f"step, not the total; objective.old_policy = 'base' bounds the total; {_STUDY}.",
+        f"step, not the total; {_SFT_KL} bounds the total; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or fewer epochs; {_STUDY}.",
         "sft_kl": f"Options: a larger objective.kl_coef, fewer epochs or a lower train.lr; {_STUDY}.",
     },
@@ -36,8 +36,7 @@ ADVICE: dict[str, dict[str, str]] = {
         "sft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
         "dft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
         "idft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
-        "psft-snapshot": f"Options: objective.old_policy = 'base' (a trust region that does not move with each "
-        f"refresh), or fewer epochs; {_STUDY}.",
+        "psft-snapshot": f"Options: fewer epochs, or {_SFT_KL}; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or a lower train.lr; {_STUDY}.",
         "sft_kl": f"Options: a larger objective.kl_coef, or a lower train.lr; {_STUDY}.",
     },
