@@ -269,6 +269,30 @@ def test_report_reads_hand_written_records_exactly(tmp_path):
         report.splice(doc, md, "other")
 
 
+def test_a_seed_with_fewer_epochs_counts_where_it_was_evaluated(tmp_path):
+    """A third seed trained for epoch 1 only joins epoch 1's point (and its intervals) and none of epoch 2's."""
+    from psft_lite.study import report
+
+    recs = [
+        _bench_rec("base", 0, 0, "0000", [[0.0, 4]]),
+        _bench_rec("sft", 0, 1, "1100", [[0.4, 4]]),
+        _bench_rec("sft", 1, 1, "1110", [[0.8, 4]]),
+        _bench_rec("sft", 2, 1, "0000", [[1.2, 4]]),
+        _bench_rec("sft", 0, 2, "1111", [[0.4, 4]]),
+        _bench_rec("sft", 1, 2, "1111", [[0.4, 4]]),
+    ]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    curves, md = report.generate(tmp_path)
+    (sft,) = curves
+    assert sft.seeds == [0, 1, 2] and sft.epochs == [1, 2]
+    assert list(report.point(sft, "acc")) == pytest.approx([0.0, 125 / 3, 100.0])  # (50 + 75 + 0) / 3, then 2 seeds
+    assert list(report.point(sft, "kl")) == pytest.approx([0.0, 0.2, 0.1])
+    assert "| sft | 3 | 1 | 41.7 [" in md and "| sft | 2 | 2 | 100.0 [100.0, 100.0] |" in md
+    reps = report.replicates(sft, "acc", report.Resampler())
+    assert not np.isnan(reps).any() and (reps[:, 2] == 100.0).all()  # epoch 2 never draws the seed it lacks
+    assert reps[:, 1].min() == 0.0  # epoch 1 does draw it (a replicate of seed 2 alone, on any problems)
+
+
 def test_report_intervals_cover_the_mean_and_shrink_with_more_problems():
     from psft_lite.study import report
 

@@ -83,6 +83,13 @@ class Curve:
     epochs: list[int]
     data: dict[str, np.ndarray] = field(default_factory=dict)
     train_entropy: np.ndarray | None = None  # [seeds, epochs]
+    #: [seeds, epochs+1]: which (seed, epoch) was evaluated. A seed trained for fewer epochs (or still running) counts
+    #: at the epochs it has; its missing points are NaN in `data` and every statistic is taken over the seeds present.
+    present: np.ndarray | None = None
+
+    def seeds_at(self, j: int) -> np.ndarray:
+        """Indices (into `seeds`) of the seeds evaluated at point j (0 = the base: every seed)."""
+        return np.arange(len(self.seeds)) if self.present is None else np.flatnonzero(self.present[:, j])
 
 
 def _bits(s: str) -> np.ndarray:
@@ -108,18 +115,21 @@ def build_curves(labelled: list[tuple[str, dict[str, Any]]]) -> tuple[list[Curve
     for lab, recs in by_label.items():
         seeds = sorted({s for s, _ in recs})
         epochs = sorted({e for _, e in recs})
-        complete = [s for s in seeds if all((s, e) in recs for e in epochs)]  # a seed still running is left out
-        if not complete:
-            continue
-        curve = Curve(lab, complete, epochs)
+        present = np.array([[True] + [(s, e) in recs for e in epochs] for s in seeds])
+        curve = Curve(lab, seeds, epochs, present=present)
         for key in MEASURES:
             b = _values(base, key)
             if b is None:
                 continue
-            rows = [[b] + [_values(recs[(s, e)], key) for e in epochs] for s in complete]
+            missing = np.full_like(b, np.nan)
+            rows = [[b] + [_values(recs[(s, e)], key) if (s, e) in recs else missing for e in epochs] for s in seeds]
             curve.data[key] = np.stack([np.stack(r) for r in rows])
         curve.train_entropy = np.array(
-            [[recs[(s, e)].get("train_entropy") or np.nan for e in epochs] for s in complete], dtype=float
+            [
+                [(recs[(s, e)].get("train_entropy") if (s, e) in recs else None) or np.nan for e in epochs]
+                for s in seeds
+            ],
+            dtype=float,
         )
         curves.append(curve)
     return curves, base
@@ -150,8 +160,8 @@ def point(curve: Curve, key: str) -> np.ndarray:
     """The measure at each epoch, mean over seeds: [epochs+1] (a percentage, or the KL in nats per token)."""
     x = curve.data[key]
     if key == "kl":
-        return (x[..., 0].sum(-1) / np.maximum(x[..., 1].sum(-1), 1)).mean(0)
-    return 100 * x.mean(-1).mean(0)
+        return np.nanmean(x[..., 0].sum(-1) / np.maximum(x[..., 1].sum(-1), 1), axis=0)
+    return 100 * np.nanmean(x.mean(-1), axis=0)
 
 
 def replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
@@ -173,7 +183,13 @@ def _replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
     else:
         per_seed = 100 * x[:, :, idx].mean(-1)  # [S, E, B]
     per_seed = per_seed.transpose(2, 0, 1)  # [B, S, E]
-    return np.take_along_axis(per_seed, sidx[:, :, None], axis=1).mean(1)
+    if curve.present is None or curve.present.all():
+        return np.take_along_axis(per_seed, sidx[:, :, None], axis=1).mean(1)
+    out = np.empty(per_seed.shape[::2])  # a point with fewer seeds resamples among its own (the draws for that count)
+    for j in range(per_seed.shape[2]):
+        own = per_seed[:, curve.seeds_at(j), j]
+        out[:, j] = np.take_along_axis(own, rs.seed_idx(own.shape[1]), axis=1).mean(1)
+    return out
 
 
 def crossing(ys: np.ndarray, xs: np.ndarray, level: float) -> float:
@@ -224,8 +240,10 @@ def epoch_table(curves: list[Curve], rs: Resampler) -> str:
         reps = {k: replicates(c, k, rs) for k in keys}
         for j, e in enumerate(c.epochs, start=1):
             cells = [_with_ci(point(c, k)[j], reps[k][:, j], k) for k in keys]
-            h = np.nanmean(c.train_entropy[:, j - 1]) if c.train_entropy is not None else math.nan
-            lines.append(f"| {c.label} | {len(c.seeds)} | {e} | " + " | ".join(cells) + f" | {_fmt(h, 'kl')} |")
+            hs = c.train_entropy[:, j - 1] if c.train_entropy is not None else np.array([])
+            h = float(np.mean(hs[~np.isnan(hs)])) if (~np.isnan(hs)).any() else math.nan
+            n_seeds = len(c.seeds_at(j))
+            lines.append(f"| {c.label} | {n_seeds} | {e} | " + " | ".join(cells) + f" | {_fmt(h, 'kl')} |")
     return "\n".join(lines)
 
 
