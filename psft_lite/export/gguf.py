@@ -28,6 +28,7 @@ from rich.console import Console
 
 from psft_lite.core.errors import ModelError, RunError
 from psft_lite.core.files import atomic_write_text, partial_name
+from psft_lite.core.rundir import is_run_dir, metrics_file, recipe_file
 from psft_lite.export import gguf_check, gguf_convert, ollama
 from psft_lite.export.gguf_convert import Quant
 from psft_lite.model import modeling
@@ -464,7 +465,7 @@ def model_card(src: Source, report: dict[str, Any], fmt: Any, adapter: Path | No
     lines.append("")
     if src.info is not None:
         lines.append(f"- base model: `{src.info.base.name}`")
-    if src.run_dir is not None and (src.run_dir / "recipe.toml").is_file():
+    if src.run_dir is not None and is_run_dir(src.run_dir):
         lines += _card_run_lines(src.run_dir)
     lines += ["", "## Files and the llama.cpp check", ""]
     lines += _card_check_table(report, adapter)
@@ -495,7 +496,7 @@ def _card_run_lines(run_dir: Path) -> list[str]:
 
     lines = []
     try:
-        r = load_recipe(run_dir / "recipe.toml")
+        r = load_recipe(recipe_file(run_dir))
         obj = r.objective.kind + (f" (old policy: {r.objective.old_policy})" if r.objective.kind == "psft" else "")
         lines += [
             f"- objective: {obj}; LoRA r {r.lora.r}, alpha {r.lora.alpha}; lr {r.train.lr}",
@@ -503,7 +504,7 @@ def _card_run_lines(run_dir: Path) -> list[str]:
         ]
     except Exception:
         pass
-    steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "event" not in m and "loss" in m]
+    steps = [m for m in read_metrics(metrics_file(run_dir)) if "event" not in m and "loss" in m]
     if steps:
         last = steps[-1]
         lines.append(
@@ -511,7 +512,7 @@ def _card_run_lines(run_dir: Path) -> list[str]:
             + (f", nll {last['nll']:.3f}" if "nll" in last else "")
             + (f", entropy {last['entropy']:.3f}" if "entropy" in last else "")
         )
-    outcome = run_outcome(run_dir / "metrics.jsonl")
+    outcome = run_outcome(metrics_file(run_dir))
     if outcome.get("entropy_kept") is not None:
         lines.append(f"- entropy on trained tokens kept: {outcome['entropy_kept']:.0%} of the start")
     if "drift" in outcome:

@@ -10,6 +10,7 @@ from typing import Any
 
 from psft_lite.core.errors import DataError
 from psft_lite.core.extras import require_extra
+from psft_lite.core.rundir import metrics_file, recipe_file
 from psft_lite.tracking.metrics import read_metrics
 from psft_lite.training.objectives import OBJECTIVES, method_name
 
@@ -29,7 +30,7 @@ def run_label(run_dir: Path) -> str:
     from psft_lite.recipe.schema import load_recipe
 
     try:
-        recipe = load_recipe(run_dir / "recipe.toml")
+        recipe = load_recipe(recipe_file(run_dir))
         return f"{run_dir.name} ({method_name(recipe.objective)})"
     except Exception:  # a label is cosmetic; an unreadable recipe must not stop the plot
         return run_dir.name
@@ -37,7 +38,7 @@ def run_label(run_dir: Path) -> str:
 
 def load_series(run_dir: Path) -> tuple[dict[str, tuple[list[float], list[float]]], list[dict[str, Any]]]:
     """Per key: (steps, values) from metrics.jsonl (training steps and eval events), and the event records."""
-    path = run_dir / "metrics.jsonl"
+    path = metrics_file(run_dir)
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl; pass run directories written by `psft-lite train`.")
     series: dict[str, tuple[list[float], list[float]]] = {}
