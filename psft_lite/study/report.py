@@ -81,15 +81,15 @@ class Curve:
     label: str
     seeds: list[int]
     epochs: list[int]
-    data: dict[str, np.ndarray] = field(default_factory=dict)
-    train_entropy: np.ndarray | None = None  # [seeds, epochs]
     #: [seeds, epochs+1]: which (seed, epoch) was evaluated. A seed trained for fewer epochs (or still running) counts
     #: at the epochs it has; its missing points are NaN in `data` and every statistic is taken over the seeds present.
-    present: np.ndarray | None = None
+    present: np.ndarray
+    data: dict[str, np.ndarray] = field(default_factory=dict)
+    train_entropy: np.ndarray | None = None  # [seeds, epochs]
 
     def seeds_at(self, j: int) -> np.ndarray:
         """Indices (into `seeds`) of the seeds evaluated at point j (0 = the base: every seed)."""
-        return np.arange(len(self.seeds)) if self.present is None else np.flatnonzero(self.present[:, j])
+        return np.flatnonzero(self.present[:, j])
 
 
 def _bits(s: str) -> np.ndarray:
@@ -116,7 +116,7 @@ def build_curves(labelled: list[tuple[str, dict[str, Any]]]) -> tuple[list[Curve
         seeds = sorted({s for s, _ in recs})
         epochs = sorted({e for _, e in recs})
         present = np.array([[True] + [(s, e) in recs for e in epochs] for s in seeds])
-        curve = Curve(lab, seeds, epochs, present=present)
+        curve = Curve(lab, seeds, epochs, present)
         for key in MEASURES:
             b = _values(base, key)
             if b is None:
@@ -125,11 +125,7 @@ def build_curves(labelled: list[tuple[str, dict[str, Any]]]) -> tuple[list[Curve
             rows = [[b] + [_values(recs[(s, e)], key) if (s, e) in recs else missing for e in epochs] for s in seeds]
             curve.data[key] = np.stack([np.stack(r) for r in rows])
         curve.train_entropy = np.array(
-            [
-                [(recs[(s, e)].get("train_entropy") if (s, e) in recs else None) or np.nan for e in epochs]
-                for s in seeds
-            ],
-            dtype=float,
+            [[recs.get((s, e), {}).get("train_entropy") or np.nan for e in epochs] for s in seeds], dtype=float
         )
         curves.append(curve)
     return curves, base
@@ -174,8 +170,7 @@ def replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
 
 def _replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
     x = curve.data[key]
-    s, _, n = x.shape[:3]
-    idx, sidx = rs.problem_idx(n), rs.seed_idx(s)
+    idx = rs.problem_idx(x.shape[2])
     if key == "kl":
         sums = x[..., 0][:, :, idx].sum(-1)  # [S, E, B]
         counts = np.maximum(x[..., 1][:, :, idx].sum(-1), 1)
@@ -183,9 +178,7 @@ def _replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
     else:
         per_seed = 100 * x[:, :, idx].mean(-1)  # [S, E, B]
     per_seed = per_seed.transpose(2, 0, 1)  # [B, S, E]
-    if curve.present is None or curve.present.all():
-        return np.take_along_axis(per_seed, sidx[:, :, None], axis=1).mean(1)
-    out = np.empty(per_seed.shape[::2])  # a point with fewer seeds resamples among its own (the draws for that count)
+    out = np.empty(per_seed.shape[::2])  # each point resamples among its own seeds (the shared draws for that count)
     for j in range(per_seed.shape[2]):
         own = per_seed[:, curve.seeds_at(j), j]
         out[:, j] = np.take_along_axis(own, rs.seed_idx(own.shape[1]), axis=1).mean(1)
