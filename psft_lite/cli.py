@@ -96,6 +96,10 @@ def train(
         err.print(line)
     for line in where:
         out.print(line, highlight=False)
+    if summary.get("gate"):  # everything is written; the exit code says "do not ship"
+        from psft_lite.core.errors import ForgettingGate
+
+        raise ForgettingGate(summary["gate"])
 
 
 @app.command()
@@ -290,11 +294,31 @@ def eval_(
             show_default=False,
         ),
     ] = None,
+    retention: Annotated[
+        bool,
+        typer.Option(
+            "--retention",
+            help="The general-ability verdict: the shipped suite of 1,211 checkable items scored by the model and by "
+            "its base (adapter off), compared item by item; a plain model is compared with itself.",
+        ),
+    ] = False,
+    per_kind: Annotated[bool, typer.Option("--per-kind", help="With --retention: a line per kind of item.")] = False,
+    max_forgetting: Annotated[
+        Optional[float],
+        typer.Option(
+            "--max-forgetting",
+            min=0.0,
+            help="With --retention: exit 3 when general ability fell by more than POINTS with 95 % confidence (the "
+            "whole interval of the change below -POINTS).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Math-answer accuracy (#### N and \\boxed{} answers), generation entropy and reference NLL per data set; or,
-    with --tasks, standard benchmarks through lm-evaluation-harness.
+    """Math-answer accuracy (#### N and \\boxed{} answers), generation entropy and reference NLL per data set; with
+    --retention, what the model can still do; or, with --tasks, standard benchmarks through lm-evaluation-harness.
 
     [dim]Example: psft-lite eval runs/quickstart -d in_domain=data/arith/test.jsonl -d ood=data/arith/ood.jsonl[/dim]
+    [dim]Example: psft-lite eval runs/quickstart --retention --max-forgetting 2[/dim]
     [dim]Example: psft-lite eval runs/quickstart --tasks arith_test --include-path recipes/harness --compare-base[/dim]
     """
     from psft_lite.core.errors import RecipeError
@@ -309,20 +333,36 @@ def eval_(
         return
     if harness_only:
         raise RecipeError("--num-fewshot, --include-path, --compare-base and --chat-template go with --tasks.")
+    if (per_kind or max_forgetting is not None) and not retention:
+        raise RecipeError("--per-kind and --max-forgetting go with --retention.")
     if samples > 1 and temperature == 0:
         raise RecipeError("--samples > 1 needs --temperature > 0 (greedy answers are identical).")
     from psft_lite.inference import evaluate as ev
+    from psft_lite.inference import retention as ret
     from psft_lite.inference.generate import load_model
 
     loaded = load_model(model, _dtype(dtype))
-    sets = ev.named_sets(loaded, data, data_config, split, limit)
-    kw = dict(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    summaries, predictions = ev.evaluate_sets(loaded, sets, **kw, batch_size=batch_size, console=err)
-    for line in ev.summary_lines(summaries, samples):
-        out.print(line, highlight=False)
-    if out_dir is not None:
-        ev.write_outputs(out_dir, summaries, predictions)
-        out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'predictions.jsonl'}")
+    sets = ev.named_sets(loaded, data, data_config, split, limit) if data or not retention else {}
+    if sets:
+        kw = dict(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        summaries, predictions = ev.evaluate_sets(loaded, sets, **kw, batch_size=batch_size, console=err)
+        for line in ev.summary_lines(summaries, samples):
+            out.print(line, highlight=False)
+        if out_dir is not None:
+            ev.write_outputs(out_dir, summaries, predictions)
+            out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'predictions.jsonl'}")
+    if retention:
+        verdict = ret.evaluate_retention(loaded, console=err)
+        for line in ret.report_lines(verdict, per_kind):
+            out.print(line, highlight=False)
+        if out_dir is not None:
+            ret.write_verdict(out_dir, verdict)
+            out.print(f"wrote {out_dir / 'retention.json'} and {out_dir / 'retention-items.jsonl'}")
+        reason = ret.gate(verdict, max_forgetting)
+        if reason:
+            from psft_lite.core.errors import ForgettingGate
+
+            raise ForgettingGate(reason)
 
 
 def _harness(

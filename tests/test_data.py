@@ -33,7 +33,7 @@ def _trained_text(tokenizer, ex):
 def test_each_format_trains_exactly_the_response_and_end_of_turn(tmp_path, tokenizer, fmt, declared):
     f = write_jsonl(tmp_path / "d.jsonl", [ROWS[fmt]])
     data = DataSection(train=str(f), format=fmt if declared else "auto")
-    (ex,), stats = load_examples(data.train, data, tokenizer)
+    (ex,), stats = load_examples(data.train[0], data, tokenizer)
     assert _trained_text(tokenizer, ex) == A + tokenizer.eos_token  # <|im_end|> is trained although pad == eos
     assert ex.ids[ex.mask][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompt_text = tokenizer.decode(ex.ids[~ex.mask].tolist())
@@ -57,7 +57,7 @@ def test_multi_turn_trains_every_assistant_turn_only(tmp_path, tokenizer):
     ]
     f = write_jsonl(tmp_path / "d.jsonl", [{"messages": conv}])
     data = DataSection(train=str(f))
-    (ex,), _ = load_examples(data.train, data, tokenizer)
+    (ex,), _ = load_examples(data.train[0], data, tokenizer)
     eot = tokenizer.eos_token
     assert _trained_text(tokenizer, ex) == f"Hello!{eot}#### 4{eot}"
     assert "Be brief." not in _trained_text(tokenizer, ex)
@@ -66,7 +66,7 @@ def test_multi_turn_trains_every_assistant_turn_only(tmp_path, tokenizer):
 def test_field_mapping_and_system_prompt(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "d.jsonl", [{"question": Q, "answer": A}])
     data = DataSection(train=str(f), fields={"prompt": "question", "completion": "answer"}, system_prompt="You add.")
-    ((msgs, row),) = load_conversations(data.train, data)
+    ((msgs, row),) = load_conversations(data.train[0], data)
     assert msgs[0] == {"role": "system", "content": "You add."} and msgs[-1]["content"] == A
     assert row.where.endswith("d.jsonl:1") and row.data["question"] == Q
 
@@ -82,7 +82,7 @@ def test_json_parquet_csv_and_dataset_folder_read_the_same(tmp_path, tokenizer):
     seen = []
     for name in ("d.json", "d.parquet", "d.csv", "hub"):
         data = DataSection(train=str(tmp_path / name))
-        convs = load_conversations(data.train, data)
+        convs = load_conversations(data.train[0], data)
         seen.append([m for m, _ in convs])
     assert all(s == seen[0] for s in seen)
 
@@ -95,7 +95,7 @@ def _err(tmp_path, tokenizer, content, name="d.jsonl", **kw) -> str:
         p.write_text(content)
     data = DataSection(train=str(p), **kw)
     with pytest.raises(DataError) as e:
-        load_examples(data.train, data, tokenizer)
+        load_examples(data.train[0], data, tokenizer)
     return str(e.value)
 
 
@@ -121,17 +121,17 @@ def test_missing_file_suggests_a_near_name(tmp_path):
     (tmp_path / "train.jsonl").write_text("{}\n")
     data = DataSection(train=str(tmp_path / "trian.jsonl"))
     with pytest.raises(DataError, match="Did you mean .*train.jsonl"):
-        load_conversations(data.train, data)
+        load_conversations(data.train[0], data)
 
 
 def test_truncate_and_drop_policies(tmp_path, tokenizer):
     long = {"prompt": "Count.", "completion": " ".join(["one"] * 200)}
     f = write_jsonl(tmp_path / "d.jsonl", [long, {"prompt": Q, "completion": A}])
     data = DataSection(train=str(f), max_length=64, truncation="drop")
-    ex, stats = load_examples(data.train, data, tokenizer)
+    ex, stats = load_examples(data.train[0], data, tokenizer)
     assert len(ex) == 1 and stats.dropped_too_long == 1
     data = DataSection(train=str(f), max_length=64, truncation="truncate")
-    ex, stats = load_examples(data.train, data, tokenizer)
+    ex, stats = load_examples(data.train[0], data, tokenizer)
     assert len(ex) == 2 and stats.truncated == 1 and max(len(e) for e in ex) == 64
 
 
@@ -151,7 +151,7 @@ def test_plan_is_a_pure_function_of_step_and_covers_each_epoch():
 def test_collate_pads_right_and_masks(tokenizer, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": Q, "completion": A}, {"prompt": "1+1?", "completion": "#### 2"}])
     data = DataSection(train=str(f))
-    ex, _ = load_examples(data.train, data, tokenizer)
+    ex, _ = load_examples(data.train[0], data, tokenizer)
     b = collate(ex, [0, 1], tokenizer.pad_token_id)
     assert b.input_ids.shape == (2, max(len(e) for e in ex))
     assert b.n_trained == sum(e.n_trained for e in ex) and b.n_tokens == sum(len(e) for e in ex)

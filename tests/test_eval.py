@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -54,12 +55,12 @@ def test_answer_matching_and_normalisation():
 
 def test_gold_answers_come_from_the_answer_column_or_the_reference(tmp_path):
     items = eval_items(
-        DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")), limit=3
+        DataSection(train=str(ARITH / "test.jsonl")).train[0], DataSection(train=str(ARITH / "test.jsonl")), limit=3
     )
     assert all(it.gold == extract_answer(it.reference) for it in items)
     f = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "2+2=4\n#### 4"}])  # GSM8K columns
     d = DataSection(train=str(f))
-    (it,) = eval_items(d.train, d)
+    (it,) = eval_items(d.train[0], d)
     assert it.gold == "4" and it.prompt == [{"role": "user", "content": "2+2?"}]
 
 
@@ -71,7 +72,7 @@ def test_a_right_answer_scores_right_and_a_wrong_one_wrong_end_to_end(tiny_model
 
     loaded = load_model(tiny_model_dir, "fp32")
     d = DataSection(train=str(ARITH / "test.jsonl"))
-    items = eval_items(d.train, d, limit=4)
+    items = eval_items(d.train[0], d, limit=4)
     answers = [
         items[0].reference,  # the reference solution itself: right
         f"The answer is \\boxed{{{items[1].gold}}}.",  # right, in the other answer format
@@ -91,7 +92,7 @@ def test_eval_end_to_end_writes_summary_and_predictions(tmp_path, tiny_model_dir
 
     loaded = load_model(tiny_model_dir, "fp32")
     d = DataSection(train=str(ARITH / "test.jsonl"))
-    items = eval_items(d.train, d, limit=3)
+    items = eval_items(d.train[0], d, limit=3)
     summary, preds = evaluate_set(loaded, items, max_new_tokens=8, batch_size=2)
     assert summary["n"] == 3 and summary["accuracy"] == sum(p["correct"] for p in preds) / 3
     assert summary["mean_entropy"] > 0
@@ -236,7 +237,7 @@ def test_preflight_flags_pad_eos_and_a_recipe_that_trains_nothing(tmp_path, tiny
 
 def test_the_new_format_task_scores_only_answers_written_in_the_taught_format():
     d = DataSection(train=str(ARITH / "format_test.jsonl"))
-    items = eval_items(d.train, d, limit=3)
+    items = eval_items(d.train[0], d, limit=3)
     assert all(it.match == "format" and it.pattern == "[[answer: {answer}]]" for it in items)
     it = items[0]
     assert it.correct(f"Some steps.\n[[answer: {it.gold}]]") == (f"[[answer: {it.gold}]]", True)
@@ -247,45 +248,36 @@ def test_the_new_format_task_scores_only_answers_written_in_the_taught_format():
     assert it.format_scores(f"Some steps.\n#### {it.gold}") == (False, True)
     assert it.format_scores(f"[[answer: {int(it.gold) + 1}]]") == (True, False)
     assert it.format_scores(it.reference) == (True, True)
-    plain = eval_items(DataSection(train=str(ARITH / "test.jsonl")).train, DataSection(train=str(ARITH / "test.jsonl")))
-    assert [p.prompt for p in plain] == [p.prompt for p in eval_items(d.train, d)]  # the same held-out problems
+    plain = eval_items(
+        DataSection(train=str(ARITH / "test.jsonl")).train[0], DataSection(train=str(ARITH / "test.jsonl"))
+    )
+    assert [p.prompt for p in plain] == [p.prompt for p in eval_items(d.train[0], d)]  # the same held-out problems
 
 
-@pytest.mark.slow
-def test_the_base_model_keeps_every_answer_of_its_own_on_the_retention_set(capsys):
-    """Evaluated on the retention set, the base model itself (fp32, greedy, as the answers were written) gets back
-    every checkable answer it got right, with zero KL to itself and the NLL of its own greedy text."""
-    from test_cli import run_cli
-
-    retention = ROOT / "data" / "retention" / "base.jsonl"
-    args = ["eval", "smollm2-135m-instruct", "--data", f"retention={retention}", "--limit", "12", "--dtype", "fp32"]
-    code, out, err = run_cli(capsys, *args, "--max-new-tokens", "48")
-    assert code == 0, err
-    rows = [json.loads(x) for x in retention.read_text().splitlines()[:12]]
-    right = sum(bool(r.get("base_correct")) for r in rows)
-    assert right >= 8, right  # the capitals: the base knows most of them
-    assert f"kept {right} of the base's {right} right answers (100.0%)" in out, out
-    assert "KL to base 0.000" in out
-
-
-def test_a_retention_set_generates_only_the_rows_the_base_got_right(tiny_model_dir):
+def test_a_set_of_the_base_models_own_answers_is_scored_teacher_forced_and_nothing_is_generated(tiny_model_dir):
     from psft_lite.inference.evaluate import evaluate_sets
 
     d = DataSection(train=str(ROOT / "data" / "retention" / "base.jsonl"))
-    items = eval_items(d.train, d, limit=10)
-    right = [it for it in items if it.base_correct]
+    items = eval_items(d.train[0], d, limit=10)
     loaded = load_model(tiny_model_dir, "fp32")
     summaries, preds = evaluate_sets(loaded, {"retention": items}, max_new_tokens=4)
     sm = summaries["retention"]
-    assert sm["n"] == len(right) == len(preds["retention"]) and sm["rows"] == 10 and sm["base_right"] == len(right)
+    assert preds["retention"] == [] and sm["rows"] == 10 and len(sm["kl_rows"]) == 10
     assert sm["kl_to_base"] == 0.0 and math.isfinite(sm["mean_nll"]) and sm["mean_nll"] > 0  # no adapter: the base
 
 
-def test_eval_final_says_accuracy_before_and_after_and_what_the_base_knew_that_was_kept(
-    tmp_path, tiny_model_dir, capsys
+def test_eval_final_says_accuracy_before_and_after_the_kl_and_the_general_ability_verdict(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
 ):
+    """The end of `train` with `[eval] final`: accuracy before → after on each set, the KL on a set of the base's own
+    answers, and the verdict on the retention suite (here a 30-item slice of it, for time) with every item written."""
+    from psft_lite.inference import retention as ret
+
     from test_cli import run_cli
 
+    monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
+    suite = ret.load_suite()
+    monkeypatch.setattr(ret, "load_suite", lambda path=None: suite[::40])
     retention = ROOT / "data" / "retention" / "base.jsonl"
     recipe = make_recipe(
         tmp_path,
@@ -299,13 +291,24 @@ def test_eval_final_says_accuracy_before_and_after_and_what_the_base_knew_that_w
     )
     code, out, err = run_cli(capsys, "train", str(recipe))
     assert code == 0, err
-    final = json.loads((tmp_path / "run" / "eval" / "final.json").read_text())
+    folder = tmp_path / "run" / "eval"
+    final = json.loads((folder / "final.json").read_text())
     before, after = final["in_domain"]["before"], final["in_domain"]["after"]
     assert before["n"] == after["n"] == 4 and "before" not in final["retention"]
-    ret = final["retention"]["after"]
-    assert ret["rows"] == 4 and ret["kl_to_base"] > 0  # four rows spread over the kinds; the adapter moved the model
     assert f"in_domain accuracy: {before['accuracy']:.1%} → {after['accuracy']:.1%} (4 held-out problems)" in err
-    assert f"retention: kept {round(ret['accuracy'] * ret['n'])} of the base's {ret['base_right']} right answers" in err
+    kl = final["retention"]["after"]
+    assert kl["rows"] == 4 and kl["kl_to_base"] > 0  # the adapter moved the model
+    assert f"retention: KL to the base {kl['kl_to_base']:.3f} nats/token on its own answers to 4 prompts" in err
+    verdict = json.loads((folder / "retention.json").read_text())
+    assert verdict == {k: v for k, v in final["general_ability"].items() if k != "lines"}
+    items = [json.loads(x) for x in (folder / "retention-items.jsonl").read_text().splitlines()]
+    assert verdict["overall"]["n"] == len(items) == len(suite[::40])
+    assert {"id", "kind", "before", "after", "answer_before", "answer_after"} <= set(items[0])
+    assert re.search(
+        r"general ability: [\d.]+ % → [\d.]+ % \([+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] points on "
+        rf"{len(items)} items; \d+ right→wrong, \d+ wrong→right\)",
+        err,
+    ), err
 
 
 def test_retention_scores_in_one_pass_equal_the_separate_nll_and_kl_and_a_cache_changes_nothing(tiny_model_dir):
@@ -318,7 +321,7 @@ def test_retention_scores_in_one_pass_equal_the_separate_nll_and_kl_and_a_cache_
     from psft_lite.inference.generate import Loaded
 
     d = DataSection(train=str(ROOT / "data" / "retention" / "base.jsonl"))
-    items = eval_items(d.train, d, limit=11)  # two batches, the second one short
+    items = eval_items(d.train[0], d, limit=11)  # two batches, the second one short
     plain = load_model(tiny_model_dir, "fp32")
     torch.manual_seed(0)
     model = get_peft_model(plain.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

@@ -43,7 +43,7 @@ def test_gemma_turns_train_exactly_the_model_turn_and_its_end_of_turn(tmp_path, 
 
     tok = gemma_tokenizer
     recipe = load_recipe(make_recipe(tmp_path, GEMMA3))
-    examples, _ = load_examples(recipe.data.train, recipe.data, tok, limit=4)
+    examples, _ = load_examples(recipe.data.train[0], recipe.data, tok, limit=4)
     rows = (tmp_path / "train.jsonl").read_text().splitlines()[:4]
     for ex, row in zip(examples, map(json.loads, rows)):
         text = tok.decode(ex.ids)

@@ -173,7 +173,7 @@ def test_every_data_format_loads_or_names_file_and_row(
         f = write_rows(Path(tmp), suffix, items, cut, garbage)
         data = DataSection(train=str(f), format=fmt, max_length=max_length, truncation=truncation)
         try:
-            examples, stats = load_examples(data.train, data, tokenizer)
+            examples, stats = load_examples(data.train[0], data, tokenizer)
         except DataError as e:
             assert str(f) in str(e), str(e)
             return

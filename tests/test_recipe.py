@@ -22,14 +22,14 @@ def test_the_recipes_the_readme_names_are_shipped():
 @pytest.mark.parametrize("name", SHIPPED)  # every recipe in recipes/, by name: a new one is covered
 def test_every_shipped_recipe_validates(name):
     r = load_recipe(ROOT / "recipes" / name)
-    assert r.data.train.path
+    assert all(s.path for s in r.data.train)
     assert not r.warnings(), r.warnings()  # shipped recipes set nothing that is ignored or suspicious
 
 
 def test_math_recipe_is_qlora_gsm8k_with_the_default_objective():
     r = load_recipe(ROOT / "recipes" / "math.toml")
     assert r.model.load_in_4bit and r.model.name == "Qwen/Qwen2.5-1.5B-Instruct"
-    assert (r.data.train.path, r.data.train.config, r.data.train.split) == ("openai/gsm8k", "main", "train")
+    assert (r.data.train[0].path, r.data.train[0].config, r.data.train[0].split) == ("openai/gsm8k", "main", "train")
     assert r.objective.kind == "sft_kl" == ObjectiveSection().kind  # the recipes follow the default (docs/study.md)
     assert load_recipe(ROOT / "recipes" / "quickstart.toml").objective.kind == "sft_kl"
 
@@ -68,7 +68,7 @@ def test_overrides_are_typed_and_checked(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('[data]\ntrain = "x.jsonl"\n')
     r = load_recipe(p, ["train.lr=1e-3", "data.train.split=test", 'lora.target_modules=["q_proj"]', "model.name=a/b"])
-    assert r.train.lr == 1e-3 and r.data.train.split == "test" and r.lora.target_modules == ["q_proj"]
+    assert r.train.lr == 1e-3 and r.data.train[0].split == "test" and r.lora.target_modules == ["q_proj"]
     assert r.model.name == "a/b"
     assert parse_override("output.dir=runs/x y") == (["output", "dir"], "runs/x y")
     with pytest.raises(RecipeError, match="section.key=value"):

@@ -42,3 +42,10 @@ class Interrupted(RunError):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ForgettingGate(PsftError):
+    """`--max-forgetting` (or `eval.max_forgetting`): the model lost more general ability than allowed, with
+    confidence. Not bad input (2) and not a failed run (1): its own code, so a script can tell "do not ship"."""
+
+    exit_code = 3

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,18 @@ from psft_lite.core.errors import DataError
 from psft_lite.data.formats import detect_format, to_messages
 from psft_lite.data.sources import Row, read_rows
 from psft_lite.data.tokenize import EncodeStats, Example, encode_all
-from psft_lite.recipe.schema import RowFormat, Source
+from psft_lite.recipe.schema import DataSection, RowFormat, Source
 
-__all__ = ["Example", "EncodeStats", "Row", "load_examples", "load_conversations", "resolve_format"]
+__all__ = [
+    "Example",
+    "EncodeStats",
+    "Row",
+    "SourceData",
+    "load_examples",
+    "load_conversations",
+    "load_sources",
+    "resolve_format",
+]
 
 
 def load_conversations(
@@ -63,3 +73,40 @@ def load_examples(
             f'(all dropped). Raise data.max_length or set data.truncation = "truncate".'
         )
     return examples, stats
+
+
+@dataclass
+class SourceData:
+    """One training source, tokenized: its name in reports (the file name, or hub id) and its examples."""
+
+    name: str
+    examples: list[Example]
+    stats: EncodeStats
+
+
+def source_name(path: str) -> str:
+    return Path(path).name if Path(path).exists() else path
+
+
+def load_sources(
+    data: DataSection, tokenizer: Any, base_dir: Path | None = None, progress: Callable[[], None] | None = None
+) -> list[SourceData]:
+    """Every `data.train` source, read in its own format with its own row limit and tokenized."""
+    out = []
+    for src in data.train:
+        rows = data.row_format(src)
+        limit = src.limit if src.limit is not None else data.limit
+        examples, stats = load_examples(src, rows, tokenizer, limit=limit, base_dir=base_dir, progress=progress)
+        out.append(SourceData(source_name(src.path), examples, stats))
+    return out
+
+
+def total_stats(parts: list[EncodeStats]) -> EncodeStats:
+    """The statistics of several sources together."""
+    out = EncodeStats()
+    for s in parts:
+        for k in ("rows", "kept", "dropped_too_long", "truncated", "eos_appended", "trained_tokens", "total_tokens"):
+            setattr(out, k, getattr(out, k) + getattr(s, k))
+        out.max_len = max(out.max_len, s.max_len)
+        out.notes += s.notes
+    return out

@@ -1,11 +1,13 @@
 """A seeded generator of GSM8K-style arithmetic word problems with checkable `#### N` answers.
 
 Ten templates are "in-domain" (train and held-out test sets); five more are never trained on and make the
-out-of-domain set. Each solution reasons step by step and ends with `#### <answer>` as GSM8K does. `format_train`
-(the first 400 training problems) and `format_test` (the held-out ones) end with `[[answer: N]]` instead: an output
-format the base model never writes, scored only when written exactly so.
+out-of-domain set; five more, mostly one-step problems in new wordings, make the transfer set (`transfer.jsonl`, 320
+problems): the taught skill where the base model solves about a fifth of the problems, so transfer can go up or
+down (the OOD set sits at the floor: the base solves 2.5 %). Each solution reasons step by step and ends with
+`#### <answer>` as GSM8K does. `format_train` (the first 400 training problems) and `format_test` (the held-out ones)
+end with `[[answer: N]]` instead: an output format the base model never writes, scored only when written exactly so.
 
-    python -m psft_lite.data.arith --out data/arith     # regenerates train.jsonl, test.jsonl, ood.jsonl
+    python -m psft_lite.data.arith --out data/arith     # regenerates every set (the existing ones byte-identical)
 """
 
 from __future__ import annotations
@@ -164,6 +166,138 @@ def half_left(r: random.Random) -> Problem:
     return q, s, a // 2 + b
 
 
+# --- transfer templates: the taught skill (arithmetic word problems) in wordings never trained on, mostly one step, so
+# the base model solves a fair share of them (data/arith/transfer.jsonl; calibrated in docs/retention.md) -----------
+
+
+def bakery(r: random.Random) -> Problem:
+    a, b = r.randint(5, 40), r.randint(5, 40)
+    q = f"A bakery made {a} muffins in the morning and {b} muffins in the afternoon. How many muffins did it make?"
+    return q, f"It made {a} + {b} = {a + b} muffins.", a + b
+
+
+def birds(r: random.Random) -> Problem:
+    a = r.randint(8, 40)
+    b = r.randint(1, a - 1)
+    q = f"There were {a} birds on a tree. {b} of them flew away. How many birds are still on the tree?"
+    return q, f"{a} - {b} = {a - b} birds are still on the tree.", a - b
+
+
+def rows_of_desks(r: random.Random) -> Problem:
+    a, b = r.randint(2, 12), r.randint(2, 12)
+    q = f"A classroom has {a} rows of desks with {b} desks in each row. How many desks are in the classroom?"
+    return q, f"There are {a} * {b} = {a * b} desks.", a * b
+
+
+def piles(r: random.Random) -> Problem:
+    k, each = r.randint(2, 6), r.randint(2, 10)
+    q = f"{k * each} stickers are put into {k} equal piles. How many stickers are in each pile?"
+    return q, f"Each pile has {k * each} / {k} = {each} stickers.", each
+
+
+def bus(r: random.Random) -> Problem:
+    a = r.randint(10, 40)
+    b, c = r.randint(1, a - 1), r.randint(1, 15)
+    q = (
+        f"A bus had {a} passengers. At the next stop {b} got off and {c} got on. How many passengers are on the bus "
+        "now?"
+    )
+    return q, f"{a} - {b} = {a - b}, then {a - b} + {c} = {a - b + c} passengers.", a - b + c
+
+
+def price_pair(r: random.Random) -> Problem:
+    p, q_ = r.randint(3, 30), r.randint(3, 30)
+    q = f"A shirt costs {p} dollars and a hat costs {q_} dollars. How many dollars do they cost together?"
+    return q, f"Together they cost {p} + {q_} = {p + q_} dollars.", p + q_
+
+
+def twice_as_far(r: random.Random) -> Problem:
+    n, a = r.choice(NAMES), r.randint(2, 15)
+    q = f"{n} walked {a} kilometers on Monday and twice as far on Tuesday. How many kilometers did {n} walk on Tuesday?"
+    return q, f"Twice {a} is 2 * {a} = {2 * a} kilometers.", 2 * a
+
+
+def farm_animals(r: random.Random) -> Problem:
+    a, b = r.randint(3, 30), r.randint(3, 30)
+    q = f"A farmer has {a} chickens and {b} cows. How many animals does the farmer have?"
+    return q, f"The farmer has {a} + {b} = {a + b} animals.", a + b
+
+
+def candies_eaten(r: random.Random) -> Problem:
+    a = r.randint(10, 60)
+    b = r.randint(1, a - 1)
+    q = f"A jar held {a} candies before a party. After the party {b} candies are left. How many candies were eaten?"
+    return q, f"{a} - {b} = {a - b} candies were eaten.", a - b
+
+
+def wheels(r: random.Random) -> Problem:
+    n = r.randint(2, 12)
+    q = f"Each car has 4 wheels. How many wheels do {n} cars have?"
+    return q, f"{n} cars have {n} * 4 = {4 * n} wheels.", 4 * n
+
+
+def years_ago(r: random.Random) -> Problem:
+    n, a = r.choice(NAMES), r.randint(10, 60)
+    b = r.randint(2, a - 2)
+    q = f"{n} is {a} years old. How old was {n} {b} years ago?"
+    return q, f"{a} - {b} = {a - b}, so {n} was {a - b}.", a - b
+
+
+def pages_left(r: random.Random) -> Problem:
+    n, a = r.choice(NAMES), r.randint(20, 90)
+    b = r.randint(1, a - 1)
+    q = f"A book has {a} pages. {n} has read {b} pages. How many pages are left to read?"
+    return q, f"{a} - {b} = {a - b} pages are left.", a - b
+
+
+def balls_in_box(r: random.Random) -> Problem:
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    q = f"A box has {a} red balls and {b} blue balls. How many balls are in the box?"
+    return q, f"There are {a} + {b} = {a + b} balls.", a + b
+
+
+def garden_rows(r: random.Random) -> Problem:
+    a, b = r.randint(2, 12), r.randint(2, 12)
+    q = f"A garden has {a} rows of flowers with {b} flowers in each row. How many flowers are in the garden?"
+    return q, f"There are {a} * {b} = {a * b} flowers.", a * b
+
+
+def baby_animals(r: random.Random) -> Problem:
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    q = f"A cat has {a} kittens and a dog has {b} puppies. How many baby animals are there in all?"
+    return q, f"There are {a} + {b} = {a + b} baby animals.", a + b
+
+
+def weeks_days(r: random.Random) -> Problem:
+    a = r.randint(2, 9)
+    q = f"A week has 7 days. How many days are there in {a} weeks?"
+    return q, f"There are {a} * 7 = {7 * a} days.", 7 * a
+
+
+TRANSFER: list[Callable[[random.Random], Problem]] = [
+    price_pair,
+    garden_rows,
+    rows_of_desks,
+    farm_animals,
+    twice_as_far,
+]
+#: transfer templates tried and dropped: the base solved 0-15 % of their problems, most answers rambling past the
+#: length limit (docs/retention.md has the calibration)
+TRANSFER_DROPPED = [
+    bakery,
+    birds,
+    piles,
+    bus,
+    candies_eaten,
+    wheels,
+    years_ago,
+    pages_left,
+    balls_in_box,
+    baby_animals,
+    weeks_days,
+]
+
+
 IN_DOMAIN: list[Callable[[random.Random], Problem]] = [
     buy_more,
     give_away,
@@ -210,7 +344,9 @@ def with_new_format(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_sets(out: Path, n_train: int = 2000, n_test: int = 200, n_ood: int = 200) -> dict[str, int]:
+def write_sets(
+    out: Path, n_train: int = 2000, n_test: int = 200, n_ood: int = 200, n_transfer: int = 320
+) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     train = generate(n_train, IN_DOMAIN, seed=1)
     test = generate(n_test, IN_DOMAIN, seed=2, exclude={row["prompt"] for row in train})
@@ -218,6 +354,7 @@ def write_sets(out: Path, n_train: int = 2000, n_test: int = 200, n_ood: int = 2
     sizes = {}
     sets = {"train": train, "test": test, "ood": ood}
     sets |= {"format_train": with_new_format(train[:400]), "format_test": with_new_format(test)}
+    sets["transfer"] = generate(n_transfer, TRANSFER, seed=4)
     for name, rows in sets.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:

@@ -16,6 +16,39 @@ import torch
 from psft_lite.data.tokenize import Example
 
 
+def epoch_draws(
+    sizes: list[int], weights: list[float] | None = None, replay: tuple[int, float] | None = None
+) -> list[int]:
+    """Examples drawn per epoch from each source (and the replay source last, when given as (size, ratio)).
+
+    Without weights every row is drawn once. With weights an epoch draws as many examples as the sources have rows,
+    split by the weights (largest remainders, so the counts add up exactly). Replay at ratio r adds r/(1−r) × that
+    many base answers, so the user's data is still seen as often as without it and replay is a share r of the epoch.
+    """
+    total = sum(sizes)
+    if weights is None:
+        draws = list(sizes)
+    else:
+        shares = [w / sum(weights) * total for w in weights]
+        draws = [int(x) for x in shares]
+        for i in sorted(range(len(shares)), key=lambda i: (draws[i] - shares[i], i))[: total - sum(draws)]:
+            draws[i] += 1
+    if replay is not None and replay[1] > 0:
+        draws.append(max(1, round(replay[1] / (1 - replay[1]) * total)))
+    return draws
+
+
+def _interleave(draws: list[int]) -> list[int]:
+    """Source labels in the order an epoch draws them, each source spread evenly (every prefix of the epoch holds each
+    source at its share, to within one example), so each batch gets its share of every source."""
+    order, taken, n = [], [0] * len(draws), sum(draws)
+    for t in range(n):
+        i = max(range(len(draws)), key=lambda i: (draws[i] * (t + 1) / n - taken[i], -i))
+        order.append(i)
+        taken[i] += 1
+    return order
+
+
 @dataclass
 class DataPlan:
     n_examples: int
@@ -23,13 +56,21 @@ class DataPlan:
     micro_batch_size: int
     seed: int
     shuffle: bool = True
+    sizes: tuple[int, ...] = ()  # examples per source, in order (they add up to n_examples); () = one source
+    draws: tuple[int, ...] = ()  # examples drawn from each source per epoch; () = every row once
 
     def __post_init__(self) -> None:
         self._perms: dict[int, np.ndarray] = {}
+        self.sizes = tuple(self.sizes) or (self.n_examples,)
+        self.draws = tuple(self.draws) or self.sizes
+
+    @property
+    def epoch_size(self) -> int:
+        return sum(self.draws)
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n_examples / self.batch_size)
+        return math.ceil(self.epoch_size / self.batch_size)
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
         return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
@@ -40,12 +81,36 @@ class DataPlan:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch])
-                self._perms = {epoch: rng.permutation(self.n_examples)}
+            if self.sizes == self.draws and len(self.sizes) == 1:  # one source, every row once
+                if self.shuffle:
+                    self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)}
+                else:
+                    self._perms = {epoch: np.arange(self.n_examples)}
             else:
-                self._perms = {epoch: np.arange(self.n_examples)}
+                self._perms = {epoch: self._mixed(epoch)}
         return self._perms[epoch]
+
+    def _mixed(self, epoch: int) -> np.ndarray:
+        """Each source's draws for `epoch` (continuing through the source's rows across epochs, reshuffled every time
+        they are used up), interleaved evenly; global example indices."""
+        picks, offset = [], 0
+        for i, (size, k) in enumerate(zip(self.sizes, self.draws)):
+            start = epoch * k  # this epoch's draws are the source's stream positions [start, start + k)
+            rows = []
+            for cycle in range(start // size, (start + k - 1) // size + 1):
+                perm = (
+                    np.random.default_rng([self.seed, i, cycle]).permutation(size) if self.shuffle else np.arange(size)
+                )
+                rows.append(perm)
+            stream = np.concatenate(rows)
+            base = (start // size) * size
+            picks.append(iter((stream[start - base : start - base + k] + offset).tolist()))
+            offset += size
+        return np.array([next(picks[i]) for i in _interleave(list(self.draws))], dtype=np.int64)
+
+    def source_of(self, index: int) -> int:
+        """Which source an example index belongs to."""
+        return int(np.searchsorted(np.cumsum(self.sizes), index, side="right"))
 
     def step_indices(self, step: int) -> list[int]:
         """Example indices of optimizer step `step` (0-based); the last batch of an epoch may be smaller."""
@@ -126,15 +191,18 @@ class StepData:
         return sum(ex[i].n_trained for i in idx), sum(ex[i].n_sequences for i in idx), sum(len(ex[i]) for i in idx)
 
     def identity(self) -> dict[str, Any]:
-        """What fixes the order of examples: a resumed run must see the same."""
+        """What fixes the order of examples: a resumed run must see the same (and the same mix)."""
         p = self.plan
-        return {
+        ident = {
             "n_examples": len(self.examples),
             "tokens": int(self.lengths.sum()),
             "batch_size": p.batch_size,
             "seed": p.seed,
             "shuffle": p.shuffle,
         }
+        if len(p.sizes) > 1 or p.draws != p.sizes:
+            ident.update(sizes=list(p.sizes), draws=list(p.draws))
+        return ident
 
 
 def collate(examples: list[Example], index: list[int], pad_id: int) -> Batch:

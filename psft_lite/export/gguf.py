@@ -500,7 +500,8 @@ def _card_run_lines(run_dir: Path) -> list[str]:
         obj = r.objective.kind + (f" (old policy: {r.objective.old_policy})" if r.objective.kind == "psft" else "")
         lines += [
             f"- objective: {obj}; LoRA r {r.lora.r}, alpha {r.lora.alpha}; lr {r.train.lr}",
-            f"- data: `{_describe_source(r.data.train)}`",
+            f"- data: {', '.join(f'`{_describe_source(s)}`' for s in r.data.train)}"
+            + (f" (self-replay {r.data.replay.ratio:.0%})" if r.data.replay.ratio else ""),
         ]
     except Exception:
         pass

@@ -297,38 +297,33 @@ def evaluate_sets(
     over every generation. `base_cache`: see `retention_scores`."""
     summaries: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[dict[str, Any]]] = {}
-    to_generate = {name: _generated(items) for name, items in sets.items()}
-    with _progress(console, sum(len(v) for v in to_generate.values()) * samples) as advance:
+    to_generate = {name: items for name, items in sets.items() if not is_retention_set(items)}
+    with progress_bar(console, sum(len(v) for v in to_generate.values()) * samples) as advance:
         for name, items in sets.items():
+            if is_retention_set(items):  # the base's own answers: scored teacher-forced, nothing generated
+                summaries[name], predictions[name] = retention_scores(loaded, items, base_cache), []
+                continue
             advance(0, name)
-            retention = is_retention_set(items)
             summaries[name], predictions[name] = evaluate_set(
                 loaded,
-                to_generate[name],
+                items,
                 samples,
                 temperature,
                 top_p,
                 max_new_tokens,
                 batch_size,
                 progress=advance,
-                nll=nll and not retention,
+                nll=nll,
             )
-            if retention:
-                summaries[name].update(retention_scores(loaded, items, base_cache))
-            elif name in kl_sets:
+            if name in kl_sets:
                 summaries[name]["kl_to_base"] = kl_to_base(loaded, items)
     return summaries, predictions
 
 
 def is_retention_set(items: list[EvalItem]) -> bool:
-    """A general-retention set (data/retention/base.jsonl): every row's reference is the base model's own answer."""
+    """A set of the base model's own answers to general prompts (data/retention/base.jsonl, marked by its
+    `base_correct` column): what a fine-tune's NLL and KL to the base are measured on (teacher-forced)."""
     return bool(items) and any(it.base_correct is not None for it in items)
-
-
-def _generated(items: list[EvalItem]) -> list[EvalItem]:
-    """What is generated for a set: every problem; for a retention set, only the checkable rows the base got right
-    (so its accuracy is the share of the base's right answers that stay right)."""
-    return [it for it in items if it.base_correct] if is_retention_set(items) else items
 
 
 def retention_scores(loaded: Loaded, items: list[EvalItem], base_cache: dict | None = None) -> dict[str, Any]:
@@ -346,7 +341,6 @@ def retention_scores(loaded: Loaded, items: list[EvalItem], base_cache: dict | N
         "kl_to_base": sum(kl_sums) / tokens,
         "kl_rows": [[round(s, 6), n] for s, n in zip(kl_sums, counts)],
         "rows": len(items),
-        "base_right": sum(bool(it.base_correct) for it in items),
     }
 
 
@@ -388,14 +382,14 @@ def _base_hidden(loaded: Loaded, b: Any, hidden: torch.Tensor, cache: dict, i: i
 
 
 @contextlib.contextmanager
-def _progress(console: Console | None, total: int) -> Iterator[Callable[..., None]]:
+def progress_bar(console: Console | None, total: int, label: str = "eval") -> Iterator[Callable[..., None]]:
     """A transient rich bar on `console` (nothing without one); yields advance(n, description=None)."""
     if console is None:
         yield lambda n, description=None: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn())
+    columns = (TextColumn(f"[bold]{label}[/bold] {{task.description}}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("", total=total)
 
@@ -405,6 +399,25 @@ def _progress(console: Console | None, total: int) -> Iterator[Callable[..., Non
             bar.advance(task, n)
 
         yield advance
+
+
+def recipe_sets(recipe: Any) -> dict[str, tuple[Source, RowFormat]]:
+    """How a run's eval sets are read: `data.eval` in the training data's format (it is held-out training data),
+    each of `eval.sets` in its own format, detected per file (an eval set is not the user's training data: the
+    quickstart's arithmetic problems stay prompt/completion when the training data is ShareGPT)."""
+    d = recipe.data
+    own = RowFormat(max_length=d.max_length, system_prompt=d.system_prompt, truncation="truncate")
+    if recipe.eval.sets:
+        return {name: (src, own) for name, src in recipe.eval.sets.items()}
+    return {"eval": (d.eval, d)} if d.eval is not None else {}
+
+
+def recipe_eval_items(recipe: Any, limit: int | None = None) -> dict[str, list[EvalItem]]:
+    """Every eval set of a recipe, read and checked (a bad file is a DataError naming it, before any model loads)."""
+    base_dir = recipe.path.parent if recipe.path else None
+    return {
+        name: eval_items(src, rows, limit=limit, base_dir=base_dir) for name, (src, rows) in recipe_sets(recipe).items()
+    }
 
 
 def named_sets(
@@ -418,8 +431,8 @@ def named_sets(
         for item in data:
             name, _, path = item.rpartition("=") if "=" in item else (Path(item).stem, "", item)
             named[name] = (Source(path=path, config=data_config, split=split), rows)
-    elif recipe is not None and (recipe.eval.sets or recipe.data.eval):
-        named = {k: (v, recipe.data) for k, v in (recipe.eval.sets or {"eval": recipe.data.eval}).items()}
+    elif recipe is not None and recipe_sets(recipe):
+        return recipe_eval_items(recipe, limit)
     else:
         raise RecipeError(
             "no data to evaluate: pass --data FILE (or NAME=FILE), or a run whose recipe has data.eval or eval.sets."
@@ -433,11 +446,10 @@ def summary_lines(summaries: dict[str, dict[str, Any]], samples: int) -> list[st
     metric = "pass@1" if samples == 1 else f"avg@{samples}"
     lines = []
     for name, sm in summaries.items():
-        if "base_right" in sm:
+        if "kl_rows" in sm:
             lines.append(
-                f"{name:>12}  kept {round(sm['accuracy'] * sm['n'])} of the base's {sm['base_right']} right answers "
-                f"({sm['accuracy']:.1%})   on all {sm['rows']} base answers: NLL {sm['mean_nll']:.3f}, KL to base "
-                f"{sm['kl_to_base']:.3f}"
+                f"{name:>12}  on the base's own answers to {sm['rows']} prompts: NLL {sm['mean_nll']:.3f}, KL to the "
+                f"base {sm['kl_to_base']:.3f} nats/token"
             )
         else:
             lines.append(

@@ -31,6 +31,7 @@ class Loaded:
     dtype: torch.dtype
     recipe: Recipe | None = None  # the run's recipe, when loaded from a run directory
     adapter: Path | None = None
+    base_spec: dict[str, Any] | None = None  # how the base was loaded (its model section): what caches are keyed on
 
     @property
     def has_adapter(self) -> bool:
@@ -57,7 +58,8 @@ def load_model(spec: str | Path, dtype: str | None = None, device: str = "auto")
             from psft_lite.recipe.schema import load_recipe
 
             recipe = load_recipe(rundir.recipe_file(info.run_dir))
-        loaded = Loaded(model, tokenizer, str(path), dev, dt, recipe, info.path)
+        base_spec = info.base.model_dump(mode="json", exclude_none=True)
+        loaded = Loaded(model, tokenizer, str(path), dev, dt, recipe, info.path, base_spec)
     else:
         m = ModelSection(name=str(spec), dtype=dtype or "auto", device=device)
         dev = modeling.resolve_device(m.device)
@@ -65,7 +67,7 @@ def load_model(spec: str | Path, dtype: str | None = None, device: str = "auto")
         src = modeling.resolve_source(m)
         tokenizer = modeling.load_tokenizer(m, src)
         model = modeling.load_base_model(m, dev, dt, src)
-        loaded = Loaded(model, tokenizer, str(spec), dev, dt)
+        loaded = Loaded(model, tokenizer, str(spec), dev, dt, base_spec=m.model_dump(mode="json", exclude_none=True))
     loaded.model.eval()
     loaded.model.config.use_cache = True
     return loaded

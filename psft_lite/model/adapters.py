@@ -100,6 +100,7 @@ def run_conversations(run_dir: Path | None, n: int) -> list[list[dict[str, str]]
         from psft_lite.recipe.schema import load_recipe
 
         recipe = load_recipe(rundir.recipe_file(run_dir))
-        return [m for m, _ in load_conversations(recipe.data.train, recipe.data, limit=n)]
+        first = recipe.data.train[0]
+        return [m for m, _ in load_conversations(first, recipe.data.row_format(first), limit=n)]
     except Exception:  # the data may have moved since training; callers fall back to generic prompts
         return []

@@ -105,6 +105,11 @@ def _as_source(value: Any) -> Any:
     return {"path": value} if isinstance(value, str) else value
 
 
+def _as_sources(value: Any) -> Any:
+    """`data.train`: a path, a table, or a list of either → a list of tables."""
+    return [_as_source(v) for v in value] if isinstance(value, list) else [_as_source(value)]
+
+
 class RowFormat(Section):
     """How rows of a data source become chat messages and token ids. `DataSection` is one; eval, ddt and hint build
     one from their command-line options."""
@@ -127,9 +132,50 @@ class RowFormat(Section):
     )
 
 
+class TrainSource(Source):
+    """One training source of `data.train`; its format, field names and row limit default to the `[data]` ones."""
+
+    format: Literal[FORMATS] | None = Field(  # type: ignore[valid-type]
+        None, description="This source's format (default: `data.format`)."
+    )
+    fields: dict[str, str] | None = Field(None, description="This source's field names (default: `data.fields`).")
+    limit: int | None = Field(
+        None, gt=0, description="Use only the first N rows of this source (default: `data.limit`)."
+    )
+
+
+class ReplaySection(Section):
+    ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Self-replay: the share of every epoch's examples (and so of each batch) that are the base model's "
+        "own greedy answers to general prompts, trained as ordinary examples; 0: off. Generated once per model and "
+        "prompt file and cached in $PSFT_LITE_HOME/replay/. One of the options against forgetting (docs/study.md).",
+    )
+    prompts: str | None = Field(
+        None,
+        description="A .jsonl file of prompts (a `prompt` string per row) for self-replay. Default: the shipped pool "
+        "of 530 general requests, disjoint from every evaluation set.",
+    )
+    max_new_tokens: int = Field(
+        256, gt=0, description="Length limit of a replay answer; answers cut by it are not trained."
+    )
+
+
 class DataSection(RowFormat):
-    train: Source = Field(description="Training data: a path or hub id, or a table `{path, config, split}`.")
-    eval: Source | None = Field(None, description="Optional held-out data, same forms as `train`.")
+    train: list[TrainSource] = Field(
+        description="Training data: a path or hub id, a table `{path, config, split, format, fields, limit}`, or a "
+        "list of them to mix (see `weights`)."
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="With several `train` sources: each one's share of the examples drawn per epoch, e.g. "
+        "`[0.75, 0.25]` (normalised; an epoch draws as many examples as the sources have rows, each source's share "
+        "from it, repeating a small source and sub-sampling a large one). Default: every row once per epoch.",
+    )
+    replay: ReplaySection = Field(default_factory=ReplaySection)
+    eval: Source | None = Field(None, description="Optional held-out data, same forms as a `train` source.")
     shuffle: bool = Field(True, description="Reshuffle the examples every epoch (seeded by `train.seed`).")
     packing: bool = Field(
         False,
@@ -138,7 +184,15 @@ class DataSection(RowFormat):
     )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows of the training source.")
 
-    _coerce_train = field_validator("train", "eval", mode="before")(_as_source)
+    _coerce_train = field_validator("train", mode="before")(_as_sources)
+    _coerce_eval = field_validator("eval", mode="before")(_as_source)
+
+    def row_format(self, source: TrainSource) -> RowFormat:
+        """How `source`'s rows are read: its own format and fields where it names them, else the section's."""
+        fmt = source.format or self.format
+        fields = source.fields if source.fields is not None else (self.fields if source.format is None else {})
+        keep = RowFormat.model_fields.keys() - {"format", "fields"}
+        return RowFormat(format=fmt, fields=fields, **{k: getattr(self, k) for k in keep})
 
 
 class ObjectiveSection(Section):
@@ -239,8 +293,19 @@ class EvalSection(Section):
         "the base's right answers stay right and the KL to the base on its own answers. Printed, and written to "
         "RUN_DIR/eval/final.json.",
     )
-    final_limit: int = Field(
-        40, gt=0, description="Problems per set in the final evaluation (a retention set: rows spread over all kinds)."
+    final_limit: int = Field(40, gt=0, description="Problems per set in the final evaluation.")
+    retention: bool = Field(
+        True,
+        description="With `final`: also the general-ability verdict (`psft-lite eval RUN --retention`): the shipped "
+        "suite of checkable items scored by the trained model and by the base, the change with a 95 % interval, and "
+        "the KL to the base on its own answers. Written to RUN_DIR/eval/retention.json with every item's answers.",
+    )
+    max_forgetting: float | None = Field(
+        None,
+        ge=0,
+        description="With `final` and `retention`: the forgetting gate. When general ability fell by more than this "
+        "many points with 95 % confidence (the whole interval below −max_forgetting), `train` ends with exit code 3 "
+        "after writing everything.",
     )
 
     @field_validator("sets", mode="before")
@@ -374,16 +439,31 @@ class Recipe(Section):
             raise ValueError(
                 "objective.lambda_warmup + objective.lambda_transition must be <= 1 (fractions of training)"
             )
+        if d.weights is not None:
+            if len(d.weights) != len(d.train):
+                raise ValueError(
+                    f"data.weights has {len(d.weights)} value(s) for {len(d.train)} data.train source(s): give one "
+                    "weight per source, in the same order"
+                )
+            if any(w < 0 for w in d.weights) or sum(d.weights) <= 0:
+                raise ValueError(f"data.weights {d.weights}: weights must be >= 0 with a positive total")
         if self.eval.every and d.eval is None:
             raise ValueError("eval.every needs data.eval: the held-out data to evaluate on")
-        fmt = d.format
-        if d.fields:
-            allowed = set().union(*FORMAT_FIELDS.values()) if fmt == "auto" else set(FORMAT_FIELDS[fmt])
-            for key in d.fields:
-                if key not in allowed:
-                    raise ValueError(
-                        f"data.fields: unknown field {key!r} for format {fmt!r}{did_you_mean(key, allowed)}"
-                    )
+        if self.eval.max_forgetting is not None and not (self.eval.final and self.eval.retention):
+            raise ValueError(
+                "eval.max_forgetting needs eval.final = true and eval.retention = true: the gate reads "
+                "the final general-ability verdict"
+            )
+        for i, src in enumerate([None, *d.train]):
+            rows = d if src is None else d.row_format(src)
+            fmt, where = rows.format, "data.fields" if src is None else f"data.train[{i - 1}].fields"
+            if rows.fields and (src is None or src.fields is not None):
+                allowed = set().union(*FORMAT_FIELDS.values()) if fmt == "auto" else set(FORMAT_FIELDS[fmt])
+                for key in rows.fields:
+                    if key not in allowed:
+                        raise ValueError(
+                            f"{where}: unknown field {key!r} for format {fmt!r}{did_you_mean(key, allowed)}"
+                        )
         return self
 
     @property
@@ -524,6 +604,10 @@ RESUME_FREE = {
     "eval.max_new_tokens",
     "eval.batch_size",
     "eval.sets",
+    "eval.final",
+    "eval.final_limit",
+    "eval.retention",
+    "eval.max_forgetting",
     "data.eval",
     "guard",
 }

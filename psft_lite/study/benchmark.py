@@ -1,7 +1,7 @@
 """The general-retention set: what the base model already does, written down once, so a fine-tune can be measured
 against it.
 
-`data/retention/prompts.jsonl` holds 300 prompts written for this project, of seven kinds (facts, everyday
+`psft_lite/data/retention/prompts.jsonl` holds 300 prompts written for this project, of seven kinds (facts, everyday
 questions, instructions, short writing, code, simple reasoning, definitions); 80 of them have a checkable answer
 (`answer` with `|`-separated alternatives, `match = "contains"`). This module asks the base model for its own greedy
 answer to each, once, and writes them as a data set of prompt/completion rows:
@@ -22,7 +22,7 @@ from typing import Any
 
 from psft_lite.core.files import atomic_write_text
 
-PROMPTS = Path("data/retention/prompts.jsonl")
+PROMPTS = Path(__file__).resolve().parent.parent / "data" / "retention" / "prompts.jsonl"
 
 
 def read_prompts(path: Path = PROMPTS) -> list[dict[str, Any]]:

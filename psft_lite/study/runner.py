@@ -179,8 +179,6 @@ def plan_jobs(
     recipe: Recipe, methods: list[str], seeds: list[int], sweep: Sweep, out: Path, eval_every: int, tokenizer: Any
 ) -> list[Job]:
     """Every run of the study, its recipe checked before anything trains and its epoch length counted."""
-    from psft_lite.data import load_examples
-
     jobs, n_examples = [], {}
     base_dir = recipe.path.parent if recipe.path else None
     for method in methods:
@@ -194,14 +192,26 @@ def plan_jobs(
                     )
                 data_key = d.model_dump_json()
                 if data_key not in n_examples:  # the data section decides how many examples an epoch has
-                    found, _ = load_examples(d.train, d, tokenizer, limit=d.limit, base_dir=base_dir)
-                    n_examples[data_key] = len(found)
+                    n_examples[data_key] = epoch_size(d, tokenizer, base_dir)
                 steps = math.ceil(n_examples[data_key] / t.batch_size)
                 job_recipe.train.save_every = steps  # a checkpoint at every epoch end
                 epochs = int(t.epochs)
                 evals = sorted({e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs})
                 jobs.append(Job(method, cell, seed, job_recipe, steps, evals))
     return jobs
+
+
+def epoch_size(d: Any, tokenizer: Any, base_dir: Path | None) -> int:
+    """Examples an epoch draws, as training will count them (every source, packing, weights; self-replay's share
+    depends only on the ratio and the user's data, so its answers need not exist yet)."""
+    from psft_lite.data import load_sources
+    from psft_lite.data.batching import epoch_draws, pack_examples
+
+    sizes = [
+        len(pack_examples(s.examples, d.max_length) if d.packing else s.examples)
+        for s in load_sources(d, tokenizer, base_dir=base_dir)
+    ]
+    return sum(epoch_draws(sizes, d.weights, (1, d.replay.ratio) if d.replay.ratio > 0 else None))
 
 
 def study(

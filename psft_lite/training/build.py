@@ -14,8 +14,8 @@ from rich.console import Console
 
 from psft_lite.core import rundir
 from psft_lite.core.errors import RecipeError
-from psft_lite.data import EncodeStats, Example, load_examples
-from psft_lite.data.batching import Batch, DataPlan, StepData, pack_examples
+from psft_lite.data import EncodeStats, Example, SourceData, load_examples, load_sources, total_stats
+from psft_lite.data.batching import Batch, DataPlan, StepData, epoch_draws, pack_examples
 from psft_lite.data.tokenize import pad_eos_note
 from psft_lite.export import outputs
 from psft_lite.model import modeling
@@ -49,6 +49,7 @@ class Run:
     scaler: Any = None  # torch.amp.GradScaler for fp16 (dynamic loss scaling); None for bf16/fp32
     eval_examples: list[Example] = field(default_factory=list)  # data.eval, tokenized (reference NLL)
     eval_items: list[Any] = field(default_factory=list)  # the first eval.samples problems (generation accuracy)
+    final_items: dict[str, list[Any]] = field(default_factory=dict)  # eval.final's sets, read before the model loads
 
     @property
     def run_dir(self) -> Path:
@@ -98,10 +99,21 @@ def build_optimizer(
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=fused)
 
 
-def load_data(recipe: Recipe, tokenizer: Any, console: Console) -> tuple[list[Example], EncodeStats, list, list]:
-    """Training examples (packed if asked), their statistics, and the eval examples and problems; reported."""
+@dataclass
+class DataIn:
+    """What `load_data` read before the model loads: the training sources and every eval file a run will read."""
+
+    sources: list[SourceData]
+    eval_examples: list[Example]
+    eval_items: list[Any]
+    final_items: dict[str, list[Any]]
+
+
+def load_data(recipe: Recipe, tokenizer: Any, console: Console) -> DataIn:
+    """The training sources (each in its own format), the eval examples and problems, and the final evaluation's sets
+    (each read in its own format); reported. Every file a run will read fails here, before the model loads."""
     d, base_dir = recipe.data, recipe.path.parent if recipe.path else None
-    examples, stats = load_examples(d.train, d, tokenizer, limit=d.limit, base_dir=base_dir)
+    sources = load_sources(d, tokenizer, base_dir=base_dir)
     eval_examples, eval_items = [], []
     if d.eval is not None:  # fail now, not after training, if the eval data is unusable
         eval_examples, _ = load_examples(d.eval, d, tokenizer, base_dir=base_dir)
@@ -109,16 +121,77 @@ def load_data(recipe: Recipe, tokenizer: Any, console: Console) -> tuple[list[Ex
             from psft_lite.inference.evaluate import eval_items as read_items
 
             eval_items = read_items(d.eval, d, limit=recipe.eval.samples, base_dir=base_dir)
-    report_data(console, stats, tokenizer)
-    if d.packing:
-        n_before = len(examples)
-        examples = pack_examples(examples, d.max_length)
-        fill = sum(len(e) for e in examples) / (len(examples) * max(len(e) for e in examples))
+    final_items = {}
+    if recipe.eval.final:
+        from psft_lite.inference.evaluate import recipe_eval_items
+
+        final_items = recipe_eval_items(recipe)
+        if recipe.eval.retention:
+            from psft_lite.inference.retention import load_suite
+
+            load_suite()
+    report_data(console, total_stats([s.stats for s in sources]), tokenizer)
+    return DataIn(sources, eval_examples, eval_items, final_items)
+
+
+def self_replay(
+    recipe: Recipe, base: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype, console: Console, dist: Dist
+) -> SourceData:
+    """`data.replay`: the base model's own answers to the replay prompts as a training source — read from the cache,
+    or generated once (rank 0; the other ranks wait and read it)."""
+    from psft_lite.data.tokenize import encode_all
+    from psft_lite.inference import replay
+    from psft_lite.inference.generate import Loaded as Model
+
+    d = recipe.data
+    prompts = replay.read_prompts(d.replay, recipe.path.parent if recipe.path else None)
+    spec = recipe.model.model_dump(mode="json", exclude_none=True)
+    path = replay.cache_file(modeling.home(), spec, str(dtype), device.type, prompts, d)
+    if replay.read_cache(path) is None and dist.is_main:
+        was = base.training
+        base.eval()
+        seconds = replay.generate_answers(Model(base, tokenizer, "base", device, dtype), prompts, d, path, console)
+        base.train(was)
         console.print(
-            f"packing: {n_before} examples into {len(examples)} rows of up to {d.max_length} tokens ({fill:.0%} of "
+            f"self-replay: the base model answered {len(prompts)} prompts in {seconds:.0f} s (cached in {path})"
+        )
+    dist.barrier()
+    rows = replay.read_cache(path) or []
+    examples, stats = encode_all(tokenizer, replay.conversations(rows, d), d.max_length, "drop")
+    if not examples:
+        raise RecipeError(
+            f"data.replay: none of the base model's {len(rows)} answers to {replay.prompt_file(d.replay)} ended within "
+            f"data.replay.max_new_tokens = {d.replay.max_new_tokens} tokens and data.max_length; raise them."
+        )
+    return SourceData("self-replay", examples, stats)
+
+
+def assemble(recipe: Recipe, sources: list[SourceData], console: Console) -> tuple[list[Example], tuple, tuple]:
+    """The sources as one list of examples (each source packed on its own, if asked), with each source's size and
+    its draws per epoch; the mix is reported when there is one."""
+    d = recipe.data
+    parts = []
+    for s in sources:
+        parts.append(pack_examples(s.examples, d.max_length) if d.packing else s.examples)
+    if d.packing:
+        n_before, n_after = sum(len(s.examples) for s in sources), sum(len(p) for p in parts)
+        rows = [e for p in parts for e in p]
+        fill = sum(len(e) for e in rows) / (len(rows) * max(len(e) for e in rows))
+        console.print(
+            f"packing: {n_before} examples into {n_after} rows of up to {d.max_length} tokens ({fill:.0%} of "
             "the longest row's length filled on average)"
         )
-    return examples, stats, eval_examples, eval_items
+    sizes = [len(p) for p in parts]
+    replay = (sizes.pop(), d.replay.ratio) if d.replay.ratio > 0 else None
+    draws = epoch_draws(sizes, d.weights, replay)
+    sizes = sizes + ([replay[0]] if replay else [])
+    if len(sources) > 1:
+        for s, k in zip(sources, draws):
+            console.print(
+                f"  {s.name}: {len(s.examples)} examples, {s.stats.trained_tokens:,} trained tokens; "
+                f"{k / sum(draws):.1%} of the {sum(draws)} examples drawn per epoch"
+            )
+    return [e for p in parts for e in p], tuple(sizes), tuple(draws)
 
 
 def report_data(console: Console, s: EncodeStats, tokenizer: Any) -> None:
@@ -146,6 +219,10 @@ def check_before_loading(recipe: Recipe, dist: Dist, overwrite: bool, resuming: 
     t = recipe.train
     require(recipe.output.report_to, f"{recipe.path}: output.report_to" if recipe.path else "output.report_to")
     outputs.check(recipe.output.save, str(recipe.path or "the recipe"))
+    if recipe.data.replay.ratio > 0:  # the prompt file, before any model loads
+        from psft_lite.inference.replay import read_prompts
+
+        read_prompts(recipe.data.replay, recipe.path.parent if recipe.path else None)
     if t.batch_size % (t.micro_batch_size * dist.world):
         raise RecipeError(
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) × "
@@ -179,16 +256,20 @@ def build(
         console.print(f"converting the packaged model {m.name} into {modeling.home() / 'models'} (once)")
     src = modeling.resolve_source(m)
     tokenizer = modeling.load_tokenizer(m, src)
-    examples, stats, eval_examples, eval_items = load_data(recipe, tokenizer, console)
-
-    model = modeling.attach_lora(modeling.load_base_model(m, device, dtype, src), recipe.lora, m.gradient_checkpointing)
+    data_in = load_data(recipe, tokenizer, console)
+    base = modeling.load_base_model(m, device, dtype, src)
+    sources = list(data_in.sources)
+    if recipe.data.replay.ratio > 0:
+        sources.append(self_replay(recipe, base, tokenizer, device, dtype, console, dist))
+    examples, sizes, draws = assemble(recipe, sources, console)
+    model = modeling.attach_lora(base, recipe.lora, m.gradient_checkpointing)
     model.train()
     if dist.enabled:
         dist.broadcast_parameters(modeling.trainable_parameters(model))
         torch.manual_seed(t.seed + 1000 * dist.rank)  # own dropout masks per rank
     if dist.sharded:
         sharding.shard(model)
-    plan = DataPlan(len(examples), t.batch_size, t.micro_batch_size, t.seed, recipe.data.shuffle)
+    plan = DataPlan(len(examples), t.batch_size, t.micro_batch_size, t.seed, recipe.data.shuffle, sizes, draws)
     data = StepData(examples, plan, tokenizer.pad_token_id, device, dist.rank, dist.world)
     total = plan.total_steps(t.epochs, t.max_steps)
 
@@ -203,7 +284,7 @@ def build(
         tokenizer=tokenizer,
         model=model,
         data=data,
-        data_stats=stats,
+        data_stats=total_stats([s.stats for s in sources]),
         total_steps=total,
         optimizer=build_optimizer(modeling.trainable_parameters(model), t, device, console),
         policy=build_policy(recipe.objective, model, amp, data.batches, total),
@@ -211,6 +292,7 @@ def build(
         console=console,
         dist=dist,
         scaler=loss_scaler(device, dtype),
-        eval_examples=eval_examples,
-        eval_items=eval_items,
+        eval_examples=data_in.eval_examples,
+        eval_items=data_in.eval_items,
+        final_items=data_in.final_items,
     )

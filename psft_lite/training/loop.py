@@ -53,33 +53,32 @@ def quick_eval(run: Run, step: int) -> dict[str, Any]:
     return rec
 
 
-def _first_or_spread(items: list, n: int, spread: bool) -> list:
-    """The first `n` problems; for a retention set (ordered by kind), `n` rows spread evenly over all of them."""
-    if not spread or len(items) <= n:
-        return items[:n]
-    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
-
-
-def final_eval(run: Run) -> dict[str, Any]:
-    """`eval.final`: each of `eval.sets` scored by the base (adapter disabled) and by the trained model, greedy; a
-    retention set only by the trained model (the base keeps all of its own answers, at zero KL by definition)."""
+def final_eval(run: Run) -> tuple[dict[str, Any], Any]:
+    """`eval.final`: each eval set scored greedy by the base (adapter disabled) and by the trained model on its first
+    `final_limit` problems (a set of the base's own answers: only the KL and NLL of the model); with `eval.retention`,
+    the general-ability verdict. Returns (JSON-able results, the verdict or None)."""
     t0 = time.perf_counter()
-    from psft_lite.inference.evaluate import eval_items, evaluate_sets, is_retention_set
+    from psft_lite.inference import retention
+    from psft_lite.inference.evaluate import evaluate_sets, is_retention_set
     from psft_lite.inference.generate import Loaded
 
-    e, d = run.recipe.eval, run.recipe.data
-    base_dir = run.recipe.path.parent if run.recipe.path else None
-    sets = {name: eval_items(src, d, base_dir=base_dir) for name, src in e.sets.items()}
-    sets = {name: _first_or_spread(items, e.final_limit, is_retention_set(items)) for name, items in sets.items()}
-    loaded = Loaded(run.model, run.tokenizer, "run", run.device, run.dtype, adapter=run.run_dir)
+    e = run.recipe.eval
+    sets = {name: items[: e.final_limit] for name, items in run.final_items.items()}
+    base_spec = run.recipe.model.model_dump(mode="json", exclude_none=True)
+    loaded = Loaded(run.model, run.tokenizer, "run", run.device, run.dtype, adapter=run.run_dir, base_spec=base_spec)
     kw = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, nll=False)
     run.model.eval()
     after, _ = evaluate_sets(loaded, sets, **kw, console=run.console)
     with modeling.adapter_disabled(run.model):
         plain = {k: v for k, v in sets.items() if not is_retention_set(v)}
         before, _ = evaluate_sets(loaded, plain, **kw, console=run.console)
-    out = {name: {"after": after[name], **({"before": before[name]} if name in before else {})} for name in sets}
-    return {**out, "seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {
+        name: {"after": after[name], **({"before": before[name]} if name in before else {})} for name in sets
+    }
+    verdict = retention.evaluate_retention(loaded, console=run.console) if e.retention else None
+    if verdict is not None:
+        out["general_ability"] = {**verdict.as_dict(), "lines": retention.report_lines(verdict)}
+    return {**out, "seconds": time.perf_counter() - t0}, verdict
 
 
 # ---------------------------------------------------------------------------------------------------------------------

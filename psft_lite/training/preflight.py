@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.text import Text
 
 from psft_lite.core.errors import DataError, ModelError
-from psft_lite.data import load_examples
 from psft_lite.data.tokenize import Example, pad_eos_note
 from psft_lite.model import modeling
 from psft_lite.recipe.schema import Recipe
@@ -216,8 +215,10 @@ def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: in
         )
         return rep
     _check_template(tokenizer, rep)
-    examples = _check_data(recipe, tokenizer, rep, console, show)
+    examples = _check_data(recipe, tokenizer, rep, console, show, device, dtype)
     longest = rep.stats.get("longest", recipe.data.max_length)
+    if "replay_pending" in rep.stats:  # answers not generated yet: allow for their length limit
+        longest = min(recipe.data.max_length, longest + rep.stats.pop("replay_pending"))
     resp = max((e.n_trained for e in examples), default=min(longest, recipe.data.max_length))
     try:
         rep.memory = estimate_memory(recipe, src, device, dtype, longest, resp)
@@ -253,18 +254,36 @@ def _check_template(tokenizer: Any, rep: PreflightReport) -> None:
         )
 
 
-def _check_data(recipe: Recipe, tokenizer: Any, rep: PreflightReport, console: Console, show: int) -> list:
-    """Tokenize the training data as training will; record its statistics, warn about what was cut, and show the
-    first `show` examples with their trained tokens marked. A hub data set not in the cache is skipped."""
+def _check_data(
+    recipe: Recipe,
+    tokenizer: Any,
+    rep: PreflightReport,
+    console: Console,
+    show: int,
+    device: Any = None,
+    dtype: Any = None,
+) -> list:
+    """Tokenize the training data as training will (every source, and the self-replay answers when they are cached);
+    record its statistics and each source's share of an epoch, warn about what was cut, and show the first `show`
+    examples with their trained tokens marked. A hub data set not in the cache is skipped."""
+    from psft_lite.data import load_sources, total_stats
+    from psft_lite.data.batching import epoch_draws
+
     base_dir = recipe.path.parent if recipe.path else None
     d = recipe.data
     try:
-        examples, stats = load_examples(d.train, d, tokenizer, limit=d.limit, base_dir=base_dir)
+        sources = load_sources(d, tokenizer, base_dir=base_dir)
     except DataError as e:
-        if "Hugging Face Hub" in str(e) and d.train.path and not os.path.exists(d.train.path):
-            rep.notes.append(f"data preflight skipped: {d.train.path} is not in the local cache.")
+        missing = [s.path for s in d.train if s.path and not os.path.exists(s.path)]
+        if "Hugging Face Hub" in str(e) and missing:
+            rep.notes.append(f"data preflight skipped: {missing[0]} is not in the local cache.")
             return []
         raise
+    if d.replay.ratio > 0:
+        replayed = _replay_source(recipe, tokenizer, device, dtype, rep)
+        if replayed is not None:
+            sources.append(replayed)
+    stats = total_stats([s.stats for s in sources])
     share = stats.trained_tokens / max(stats.total_tokens, 1)
     rep.stats = {
         "examples": stats.kept,
@@ -276,6 +295,19 @@ def _check_data(recipe: Recipe, tokenizer: Any, rep: PreflightReport, console: C
         "truncated": stats.truncated,
         "longest": stats.max_len,
     }
+    user = [len(s.examples) for s in sources if s.name != "self-replay"]
+    replay = (len(sources[-1].examples), d.replay.ratio) if sources[-1].name == "self-replay" else None
+    if len(sources) > 1:
+        draws = epoch_draws(user, d.weights, replay)
+        rep.stats["sources"] = [
+            {
+                "name": s.name,
+                "examples": len(s.examples),
+                "trained_tokens": s.stats.trained_tokens,
+                "share": k / sum(draws),
+            }
+            for s, k in zip(sources, draws)
+        ]
     if stats.dropped_too_long or stats.truncated:
         rep.warnings.append(
             f"{stats.dropped_too_long} examples dropped and {stats.truncated} truncated at data.max_length = "
@@ -283,10 +315,33 @@ def _check_data(recipe: Recipe, tokenizer: Any, rep: PreflightReport, console: C
         )
     if share < 0.05:
         rep.warnings.append(f"only {share:.1%} of tokens are trained: long prompts, short responses.")
+    examples = [e for s in sources for e in s.examples]
     for ex in examples[:show]:
         console.print(Text(f"── {ex.where}  ({ex.n_trained} trained of {len(ex)} tokens)", style="bold"))
         console.print(render_example(tokenizer, ex))
     return examples
+
+
+def _replay_source(recipe: Recipe, tokenizer: Any, device: Any, dtype: Any, rep: PreflightReport) -> Any:
+    """The self-replay answers as a source when this base's are cached; else a note (and None): they are generated
+    once, at the start of the first training run, and the memory estimate allows for their length limit."""
+    from psft_lite.data import SourceData
+    from psft_lite.data.tokenize import encode_all
+    from psft_lite.inference import replay
+
+    d = recipe.data
+    prompts = replay.read_prompts(d.replay, recipe.path.parent if recipe.path else None)
+    spec = recipe.model.model_dump(mode="json", exclude_none=True)
+    rows = replay.read_cache(replay.cache_file(modeling.home(), spec, str(dtype), device.type, prompts, d))
+    if rows is None:
+        rep.notes.append(
+            f"self-replay: the base model's answers to {len(prompts)} prompts are not generated yet; training "
+            "generates them once (cached for later runs). The counts above leave them out."
+        )
+        rep.stats["replay_pending"] = d.replay.max_new_tokens
+        return None
+    examples, stats = encode_all(tokenizer, replay.conversations(rows, d), d.max_length, "drop")
+    return SourceData("self-replay", examples, stats)
 
 
 def deep_check(

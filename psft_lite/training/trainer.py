@@ -17,6 +17,7 @@ from psft_lite.core import rundir
 from psft_lite.core.errors import Interrupted, RecipeError, RunError
 from psft_lite.core.files import atomic_write_text
 from psft_lite.export import outputs
+from psft_lite.inference import retention
 from psft_lite.model import modeling
 from psft_lite.recipe.schema import Recipe
 from psft_lite.tracking.metrics import peak_memory_mb, run_outcome, truncate_metrics
@@ -159,7 +160,8 @@ def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, 
         raise
     finally:
         reporter.finish(
-            {k: v for k, v in summary.items() if k not in ("first", "last", "main", "trackers", "final_eval")}, status
+            {k: v for k, v in summary.items() if k not in ("first", "last", "main", "trackers", "final_eval", "gate")},
+            status,
         )
 
 
@@ -196,12 +198,15 @@ def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) ->
     }
     if records and "nll" in records[-1]:
         summary["final_nll"] = records[-1]["nll"]
-    if dist.evaluates and recipe.eval.final and recipe.eval.sets:
-        summary["final_eval"] = final_eval(run)
-        out = rundir.eval_dir(run.run_dir) / "final.json"
+    if dist.evaluates and recipe.eval.final and (recipe.eval.sets or recipe.data.eval or recipe.eval.retention):
+        summary["final_eval"], verdict = final_eval(run)
+        folder = rundir.eval_dir(run.run_dir)
         if dist.is_main:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out, json.dumps(summary["final_eval"], indent=2) + "\n")
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / "final.json", json.dumps(summary["final_eval"], indent=2) + "\n")
+            if verdict is not None:
+                retention.write_verdict(folder, verdict)
+                summary["gate"] = retention.gate(verdict, recipe.eval.max_forgetting)
     if dist.is_main and outputs.needs_model_memory(recipe.output.save):
         del run.model, run.optimizer  # the merge and the export load a model of their own
         summary.update(outputs.write(run.run_dir, recipe.output, console))
@@ -243,21 +248,21 @@ def end_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def final_eval_lines(final: dict[str, Any]) -> list[str]:
-    """`eval.final`, one line per set: accuracy before → after; for a retention set what the base knew that was kept."""
+    """`eval.final`, one line per set: accuracy before → after (for a set of the base's own answers, the KL to them);
+    then the general-ability verdict and its KL."""
     lines = []
     for name, r in final.items():
-        if name == "seconds":
+        if name in ("seconds", "general_ability"):
             continue
         a = r["after"]
-        if "base_right" in a:
-            kept = round(a["accuracy"] * a["n"])
+        if "kl_rows" in a:
             lines.append(
-                f"{name}: kept {kept} of the base's {a['base_right']} right answers; KL to the base "
-                f"{a['kl_to_base']:.3f} nats/token on its own answers to {a['rows']} prompts"
+                f"{name}: KL to the base {a['kl_to_base']:.3f} nats/token on its own answers to {a['rows']} prompts"
             )
         else:
             b = r["before"]
             lines.append(f"{name} accuracy: {b['accuracy']:.1%} → {a['accuracy']:.1%} ({a['n']} held-out problems)")
+    lines += final.get("general_ability", {}).get("lines", [])
     if lines:
         lines[-1] += f" (final evaluation: {final['seconds']:.0f} s)"
     return lines

@@ -16,7 +16,9 @@ def check_data_files(recipe: Recipe, label: Path) -> None:
     from psft_lite.data.sources import looks_local, resolve_local
 
     base_dir = recipe.path.parent if recipe.path else None
-    sources = [("data.train", recipe.data.train), ("data.eval", recipe.data.eval)]
+    train = recipe.data.train
+    sources = [(f"data.train[{i}]" if len(train) > 1 else "data.train", s) for i, s in enumerate(train)]
+    sources += [("data.eval", recipe.data.eval)]
     sources += [(f"eval.sets.{k}", v) for k, v in recipe.eval.sets.items()]
     for name, src in sources:
         if src is not None and resolve_local(src.path, base_dir) is None and looks_local(src.path):
@@ -33,9 +35,10 @@ def recipe_lines(r: Recipe) -> list[str]:
     return [
         f"  model     {r.model.name}" + (" (4-bit NF4)" if r.model.load_in_4bit else "") + f", dtype {r.model.dtype}",
         f"  lora      r={r.lora.r} alpha={r.lora.alpha:g} targets={r.lora.target_modules}",
-        f"  data      {d.train.path}"
-        + (f" [{d.train.config}]" if d.train.config else "")
-        + f" split={d.train.split} format={d.format} max_length={d.max_length}",
+        f"  data      {', '.join(s.path + (f' [{s.config}]' if s.config else '') for s in d.train)}"
+        + (f" split={d.train[0].split}" if len(d.train) == 1 else f" weights={d.weights or 'one pass each'}")
+        + f" format={d.format} max_length={d.max_length}"
+        + (f" self-replay={d.replay.ratio:.0%}" if d.replay.ratio else ""),
         f"  objective {o.kind}" + (psft if o.kind == "psft" else ""),
         f"  train     lr={t.lr:g} {steps} batch={t.batch_size} micro={t.micro_batch_size} seed={t.seed}",
         f"  output    {r.run_dir}",
@@ -47,6 +50,11 @@ def preflight_lines(rep: object) -> list[str]:
     from psft_lite.training.preflight import GB
 
     st, lines = rep.stats, []
+    for s in st.get("sources", []):
+        lines.append(
+            f"  source    {s['name']}: {s['examples']} examples, {s['trained_tokens']:,} trained tokens; "
+            f"{s['share']:.1%} of the examples drawn per epoch"
+        )
     if "examples" in st:
         lines.append(
             f"  examples  {st['examples']} of {st['rows']} rows; {st['trained_tokens']:,} trained of "
@@ -76,6 +84,10 @@ def validate(path: Path, overrides: list[str], deep: bool, preflight: bool, out:
     recipe = load_recipe(path, overrides)
     require(recipe.output.report_to, f"{path}: output.report_to")
     check_data_files(recipe, path)
+    if recipe.data.replay.ratio > 0:
+        from psft_lite.inference.replay import read_prompts
+
+        read_prompts(recipe.data.replay, recipe.path.parent if recipe.path else None)
     for w in recipe.warnings():
         err.print(f"[yellow]warning:[/yellow] {w}")
     out.print(f"[green]ok[/green] {path}")
