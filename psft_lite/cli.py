@@ -544,8 +544,12 @@ def study(
     eval_every: Annotated[
         int, typer.Option("--eval-every", min=1, help="Evaluate every N epochs (and always the last).")
     ] = 1,
+    no_base: Annotated[
+        bool, typer.Option("--no-base", help="Do not evaluate the base model (another process or unit does).")
+    ] = False,
 ) -> None:
-    """Train every objective for several epochs and seeds on one recipe, evaluate each epoch end, report.
+    """Train every objective for several epochs and seeds on one recipe, evaluate each epoch end (and the steps
+    train.save_at names), report. `--methods base` evaluates only the base model.
 
     With --sweep, every method runs at every point of a grid of recipe values (keys a method does not read, such as
     objective.refresh_every for sft, are not crossed with it). Resumable: rerun the same command to continue;
@@ -559,7 +563,7 @@ def study(
 
     parsed = load_recipe(recipe, set_ or [])
     results, tables, pngs = run_study(
-        parsed, methods, seeds, out_dir, limit, max_new_tokens, report, sweep or [], eval_every, err
+        parsed, methods, seeds, out_dir, limit, max_new_tokens, report, sweep or [], eval_every, err, not no_base
     )
     out.print(f"results: {results}\ntables: {tables}\nfigures: {', '.join(map(str, pngs))}")
 

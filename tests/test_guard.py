@@ -13,7 +13,7 @@ from psft_lite.core.errors import RunError
 from psft_lite.recipe.schema import GuardSection, load_recipe
 from psft_lite.training import trainer
 from psft_lite.training.build import build
-from psft_lite.training.guard import ADVICE, Guard
+from psft_lite.training.guard import ADVICE, DEFAULT_ADVICE, Guard
 from psft_lite.training.loop import train_loop
 from psft_lite.training.objectives import method_keys, methods
 
@@ -150,7 +150,7 @@ def test_advice_suggests_only_what_applies_to_the_running_method(method):
     own = methods()[method]
     reads = method_keys(method)
     for event, per_method in ADVICE.items():
-        text = per_method[method]
+        text = per_method.get(method, DEFAULT_ADVICE)  # a method without a row of its own gets the default
         for key, value in re.findall(r"objective\.(\w+)(?: = '(\w+)')?", text):
             if key in ("kind", "old_policy"):  # a switch: never to what is already running
                 assert value and value != own.get(key), (event, text)  # e.g. never "try psft" to a psft run

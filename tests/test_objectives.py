@@ -254,3 +254,96 @@ def test_chunked_kl_to_reference_equals_the_full_computation_with_gradient():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)  # the head runs in float32
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
     assert (got >= -1e-6).all()
+
+
+def _topk_entropy(z: torch.Tensor, k: int) -> torch.Tensor:
+    """H(softmax(top-k of z)) / ln k, from the definition."""
+    top = torch.softmax(z.topk(k, -1).values, -1)
+    return -(top * torch.log(top)).sum(-1) / math.log(k)
+
+
+def test_asft_matches_its_definition_in_float64():
+    """ASFT: ℓ = Σ_t w_t (−sg[p_t]·log p_t + λ·KL(p_base ‖ p)) — the forward KL, as the paper's code computes it."""
+    from psft_lite.training.objectives import asft_loss
+
+    logits, targets, mask, logp, _ = _inputs()
+    base = torch.roll(logits.detach(), 2, dims=-1) * 0.5
+    kl = _direct_kl(base, logits)  # KL(p_base ‖ p_θ): the reference first
+    w = token_weights(mask, "token", dtype=torch.float64)
+    loss, stats = asft_loss(logp, mask=mask, weights=w, kl_base=kl, asft_kl_coef=0.05)
+    (grad,) = torch.autograd.grad(loss, logits)
+    z = logits.detach().clone().requires_grad_(True)
+    ls = torch.log_softmax(z, -1)
+    lp = ls.gather(-1, targets[..., None]).squeeze(-1)
+    lb = torch.log_softmax(base, -1)
+    ref_kl = (lb.exp() * (lb - ls)).sum(-1)
+    ref_loss = (w * (-lp.detach().exp() * lp + 0.05 * ref_kl)).sum()
+    (ref_grad,) = torch.autograd.grad(ref_loss, z)
+    assert abs(loss.item() - ref_loss.item()) < ATOL
+    torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=0)
+    m = mask.double()
+    assert abs(stats["kl_base"].item() - ((ref_kl * m).sum() / m.sum()).item()) < ATOL
+
+
+def test_eaft_matches_its_definition_in_float64():
+    """EAFT: ℓ = Σ_t w_t · sg[(H_topk,t / ln k)^α] · (−log p_t): a confident token (low top-k entropy) is damped."""
+    from psft_lite.training.objectives import eaft_loss
+
+    logits, targets, mask, logp, _ = _inputs()
+    h = _topk_entropy(logits.detach(), 3)
+    w = token_weights(mask, "token", dtype=torch.float64)
+    loss, stats = eaft_loss(logp, mask=mask, weights=w, topk_entropy=h, eaft_alpha=1.5)
+    (grad,) = torch.autograd.grad(loss, logits)
+    z = logits.detach().clone().requires_grad_(True)
+    lp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
+    weight = -(
+        torch.softmax(z.detach().topk(3, -1).values, -1) * torch.log_softmax(z.detach().topk(3, -1).values, -1)
+    ).sum(-1) / math.log(3)
+    ref_loss = (w * weight**1.5 * -lp).sum()
+    (ref_grad,) = torch.autograd.grad(ref_loss, z)
+    assert abs(loss.item() - ref_loss.item()) < ATOL
+    torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=0)
+    assert 0 < stats["eaft_weight"].item() <= 1
+
+
+@pytest.mark.parametrize("kl", [None, "reverse", "forward"])
+@pytest.mark.parametrize("softcap,scale,bias", [(None, 1.0, False), (5.0, 0.7, True)])
+def test_the_fused_head_equals_the_full_computation_with_gradients(kl, softcap, scale, bias):
+    """One pass gives log p(target), entropy, the KL to a reference in either direction and the top-k entropy, and
+    the gradients of log p and the KL through the hidden states and the head, as full float logits give them."""
+    from psft_lite.model.logprobs import head_outputs
+
+    torch.manual_seed(0)
+    b, length, hid, vocab = 2, 7, 6, 11
+    h = torch.randn(b, length, hid, dtype=torch.float64, requires_grad=True)
+    h_ref = torch.randn(b, length, hid, dtype=torch.float64)
+    w = torch.randn(vocab, hid, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(vocab, dtype=torch.float64, requires_grad=True) if bias else None
+    targets = torch.randint(0, vocab, (b, length))
+    mask = torch.rand(b, length) > 0.3
+    out = head_outputs(
+        h, w, targets, mask, bb, h_ref if kl else None, kl, topk=4, chunk=3, softcap=softcap, scale=scale
+    )
+
+    def logits(x):
+        z = x @ w.t() + (bb if bias else 0)
+        z = z * scale
+        return softcap * torch.tanh(z / softcap) if softcap else z
+
+    z, zr = logits(h)[mask], logits(h_ref)[mask].detach()
+    ls, lr = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
+    want = {
+        "logp": ls.gather(-1, targets[mask][:, None]).squeeze(-1),
+        "entropy": -(ls.exp() * ls).sum(-1),
+        "topk_entropy": _topk_entropy(z.detach(), 4),
+    }
+    if kl:
+        want["kl"] = (ls.exp() * (ls - lr)).sum(-1) if kl == "reverse" else (lr.exp() * (lr - ls)).sum(-1)
+    for name, value in want.items():
+        torch.testing.assert_close(out[name][mask].double(), value.detach(), rtol=1e-5, atol=1e-5)  # head in fp32
+        assert (out[name][~mask] == 0).all()
+    params = [h, w] + ([bb] if bias else [])
+    got_loss = (out["logp"] * 0.3).sum() + (out["kl"].sum() * 0.7 if kl else 0)
+    want_loss = (want["logp"] * 0.3).sum() + (want["kl"].sum() * 0.7 if kl else 0)
+    for g, r in zip(torch.autograd.grad(got_loss, params), torch.autograd.grad(want_loss, params)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)

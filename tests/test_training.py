@@ -311,14 +311,14 @@ def test_sft_kl_logs_its_kl_to_the_base_and_stays_nearer_the_base_than_sft(tmp_p
     def kl_now(r):
         batch = collate(r.examples[:4], list(range(4)), r.pad_id)
         with torch.no_grad():
-            _, _, kl = modeling.response_logprobs_kl(r.model, batch)
+            kl = modeling.response_outputs(r.model, batch, kl="reverse")["kl"]
         return float(kl.sum() / batch.target_mask[:, 1:].sum())
 
     assert kl_now(reg) < kl_now(sft), (kl_now(reg), kl_now(sft))
 
     # the chunked penalty and its gradient equal KL computed from the model's full logits, with and without adapter
     batch = collate(sft.examples[:2], [0, 1], sft.pad_id)
-    _, _, kl = modeling.response_logprobs_kl(sft.model, batch)
+    kl = modeling.response_outputs(sft.model, batch, kl="reverse")["kl"]
     params = [p for p in sft.model.parameters() if p.requires_grad]
     got = torch.autograd.grad(kl.sum(), params)
     z = sft.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
@@ -356,3 +356,24 @@ def test_the_sharded_memory_estimate_splits_the_layers_and_names_the_fewest_devi
     assert "would not fit" in sharding_advice(recipe, src, cpu, f32, 64, 32, 1.0)
     quant = load_recipe(make_recipe(tmp_path / "q", tiny_model_dir, model={"load_in_4bit": True}))
     assert "cannot split 4-bit" in sharding_advice(quant, src, cpu, f32, 64, 32, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["asft", "eaft"])
+def test_asft_and_eaft_train_a_tiny_model(tmp_path, tiny_model_dir, kind):
+    """The two objectives peers ship against forgetting: the NLL falls and the adapter moves (asft's DFT-weighted loss
+    −p·log p rises while p < 1/e, as on a random model, so its loss is not the test); asft logs its forward KL to the
+    base (exactly zero at the start: LoRA B is zero), eaft its mean token weight (in (0, 1]) and its loss falls."""
+    r = _build(
+        tmp_path,
+        tiny_model_dir,
+        objective={"kind": kind},
+        train={"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-2},
+    )
+    before = _lora_state(r.model)
+    recs = train_loop(r)
+    assert recs[-1]["nll"] < recs[0]["nll"]
+    assert any(not torch.equal(before[k], v) for k, v in _lora_state(r.model).items())
+    if kind == "asft":
+        assert recs[0]["kl_base"] == 0.0 and recs[-1]["kl_base"] > 0
+    else:
+        assert all(0 < x["eaft_weight"] <= 1 for x in recs) and recs[-1]["loss"] < recs[0]["loss"]

@@ -20,7 +20,7 @@ import torch
 from psft_lite.core import hub
 from psft_lite.core.errors import ModelError
 from psft_lite.model import packaged
-from psft_lite.model.logprobs import kl_to_reference, target_logprobs
+from psft_lite.model.logprobs import head_outputs, target_logprobs
 from psft_lite.recipe.schema import EMBEDDED_MODEL, LoraSection, ModelSection
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels package missing" at import: harmless on CPU
@@ -402,22 +402,40 @@ def response_logprobs(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.
     return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1)
 
 
-def response_logprobs_kl(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`response_logprobs` plus KL(p_θ ‖ p_base) [B, L] over the full vocabulary at every trained token, with
-    gradient: one forward with the adapter (shared by both), one without it and without gradient."""
+def response_outputs(
+    model: Any,
+    batch: Any,
+    kl: str | None = None,
+    topk: int = 0,
+    chunk: int = 1024,
+    ref_hidden: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The fused head's outputs at the batch's trained tokens, each [B, L] (position t scores token t, zero
+    elsewhere): `logp` (with grad when enabled), `entropy`, and when asked `kl` — KL between the model and the base
+    (the adapter disabled), `kl` = "reverse" for KL(p_θ ‖ p_base), "forward" for KL(p_base ‖ p_θ), with gradient —
+    and `topk_entropy` (the entropy of the `topk` largest logits, over ln k). The base's hidden states come from
+    `ref_hidden` [B, L, H] when given (a cache), else from one forward with the adapter off and no gradient."""
     decoder = causal_lm(model).get_decoder()
     hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
-    with adapter_disabled(model), torch.no_grad():
-        base = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+    if kl and ref_hidden is None:
+        with adapter_disabled(model), torch.no_grad():
+            ref_hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
     head = lm_head(model)
-    mask = batch.target_mask[:, 1:]
-    args = (head.bias, chunk, head.softcap, head.scale)
-    logp, ent = target_logprobs(hidden[:, :-1], head.weight, batch.input_ids[:, 1:], mask, *args)
-    flat = mask.nonzero(as_tuple=True)
-    kl_sel = kl_to_reference(hidden[:, :-1][flat], base[:, :-1][flat], head.weight, *args)
-    kl = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(flat, kl_sel)
-    pad = logp.new_zeros(logp.shape[0], 1)
-    return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1), torch.cat([pad, kl], 1)
+    out = head_outputs(
+        hidden[:, :-1],
+        head.weight,
+        batch.input_ids[:, 1:],
+        batch.target_mask[:, 1:],
+        head.bias,
+        ref_hidden[:, :-1] if kl else None,
+        kl,
+        topk,
+        chunk,
+        head.softcap,
+        head.scale,
+    )
+    pad = hidden.new_zeros(hidden.shape[0], 1, dtype=torch.float32)
+    return {k: torch.cat([pad, v], 1) for k, v in out.items()}
 
 
 def response_hidden(model: Any, batch: Any) -> torch.Tensor:

@@ -224,6 +224,13 @@ class ObjectiveSection(Section):
         description="sft_kl: β, the weight of KL(π_θ ‖ π_base) over the full vocabulary at every trained token (the "
         "usual regularised baseline).",
     )
+    asft_kl_coef: float = Field(
+        0.05,
+        gt=0,
+        description="asft: λ, the weight of the forward KL(π_base ‖ π_θ) added to DFT's loss (the ASFT paper's 0.05).",
+    )
+    eaft_top_k: int = Field(20, gt=1, description="eaft: k, the logits whose entropy weights each token.")
+    eaft_alpha: float = Field(1.0, gt=0, description="eaft: α, the weight is (top-k entropy / ln k) ** α.")
     beta: float = Field(1.0, gt=0, description="idft: temperature of γ = exp(−φ / β).")
     gamma_min: float = Field(0.1, gt=0, description="idft: lower clamp of γ.")
     gamma_max: float = Field(2.0, gt=0, description="idft: upper clamp of γ.")
@@ -254,6 +261,11 @@ class TrainSection(Section):
     log_every: int = Field(10, gt=0, description="Print a progress line every N steps when not on a terminal.")
     save_every: int = Field(
         0, ge=0, description="Save a checkpoint every N optimizer steps (0: only at the end and when interrupted)."
+    )
+    save_at: list[int] = Field(
+        default_factory=list,
+        description="Also save a checkpoint after these optimizer steps, e.g. `[25, 50]` (the study evaluates early "
+        "points of the learning phase this way).",
     )
     keep_last: int = Field(2, ge=0, description="Checkpoints to keep (the newest; 0 keeps all).")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
@@ -589,6 +601,7 @@ RESUME_FREE = {
     "train.strategy",  # sharding changes where the weights live, not the trajectory (tested equal)
     "train.log_every",
     "train.save_every",
+    "train.save_at",
     "train.keep_last",
     "train.max_steps",
     "train.epochs",

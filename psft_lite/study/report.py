@@ -382,12 +382,15 @@ def generate(folder: Path, also: dict[str, Path] | None = None, ref: str = "sft"
 
 
 def collect(src: Path, dest: Path) -> list[Path]:
-    """Copy a study folder's records into `dest` for committing: results.jsonl, and each run's per-step metrics
-    gzipped (no weights)."""
+    """Copy a study folder's records into `dest` for committing: results.jsonl, every evaluation's answers
+    (evals/*.jsonl.gz) and each run's per-step metrics gzipped (no weights)."""
     import shutil
 
     dest.mkdir(parents=True, exist_ok=True)
     written = [Path(shutil.copyfile(src / "results.jsonl", dest / "results.jsonl"))]
+    for details in sorted(src.glob("evals/*.jsonl.gz")):
+        (dest / "evals").mkdir(exist_ok=True)
+        written.append(Path(shutil.copyfile(details, dest / "evals" / details.name)))
     for metrics in sorted(src.glob("*/metrics.jsonl")):
         out = dest / "runs" / metrics.parent.name / "metrics.jsonl.gz"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -414,9 +417,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--figures", type=Path, help="write the PNG figures here")
     ap.add_argument("--collect", type=Path, help="first copy this study folder's records into FOLDER")
     ap.add_argument("--name", default="", help="a second model's study: its own markers in --doc and figure names")
+    ap.add_argument("--only-collect", action="store_true", help="with --collect: copy the records, no report")
     args = ap.parse_args(argv)
     if args.collect:
         print(f"collected {len(collect(args.collect, args.folder))} record files into {args.folder}")
+        if args.only_collect:
+            return
     also = dict(a.split("=", 1) for a in args.also)
     curves, md = generate(args.folder, {k: Path(v) for k, v in also.items()})
     if args.doc:

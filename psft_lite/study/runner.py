@@ -30,17 +30,34 @@ from psft_lite.tracking.metrics import read_metrics
 from psft_lite.training.objectives import method_keys, methods
 
 #: Each method is a set of objective.* settings (objectives.py's table); everything else (lr, batch, steps, seed) is
-#: shared.
-METHODS: dict[str, dict[str, Any]] = methods()
+#: shared. Methods that change more than the objective name their other recipe keys with dots: self-replay is sft with
+#: a fifth of every epoch the base model's own answers to general prompts.
+METHODS: dict[str, dict[str, Any]] = {**methods(), "sft-replay": {"kind": "sft", "data.replay.ratio": 0.2}}
+
+
+def _reads(method: str) -> set[str]:
+    """The objective.* keys a study method reads (a method with extra recipe keys reads what its objective reads)."""
+    kind = METHODS[method]["kind"]
+    return method_keys(method if method in methods() else kind)
+
+
 PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to the base model
 
 
 def evaluate_model(
-    spec: str | Path, sets: dict[str, Any], limit: int, max_new_tokens: int, base_cache: dict | None = None
-) -> dict[str, Any]:
-    """Accuracy, generation entropy and reference NLL on each set (its first `limit` problems), the KL to the base
-    model on the probe set, and what a bootstrap over problems resamples: per generated problem a 0/1 string
-    (`correct`; for a taught-format set also `format_used`, `answer_right`) and a retention set's per-prompt KL."""
+    spec: str | Path,
+    sets: dict[str, Any],
+    limit: int,
+    max_new_tokens: int,
+    base_cache: dict | None = None,
+    general: bool = False,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(scores, details) of one model. Scores: accuracy, generation entropy and reference NLL on each set (its first
+    `limit` problems), the KL to the base on the probe and retention sets, and what a bootstrap resamples — per
+    generated problem a 0/1 string (`correct`; for a taught-format set also `format_used`, `answer_right`), a
+    retention set's per-prompt KL, and with `general` the retention suite's 0/1 per item (`general.right`, the base's
+    results cached per base model). Details: every generation and every suite answer, for the record."""
+    from psft_lite.inference import retention
     from psft_lite.inference.evaluate import evaluate_sets
     from psft_lite.inference.generate import load_model
 
@@ -49,14 +66,23 @@ def evaluate_model(
     summaries, predictions = evaluate_sets(
         loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,), base_cache=base_cache
     )
-    keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base", "rows", "base_right", "finished")
+    keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base", "rows", "finished")
     keep += ("format_rate", "answer_accuracy", "kl_rows")
     out = {name: {k: sm[k] for k in keep if k in sm} for name, sm in summaries.items()}
+    details = {name: preds for name, preds in predictions.items() if preds}
     for name, preds in predictions.items():
         for flag in ("correct", "format_used", "answer_right"):
             if preds and flag in preds[0]:
                 out[name][flag] = "".join("1" if p[flag] else "0" for p in preds)
-    return out
+    if general:
+        verdict = retention.evaluate_retention(loaded, kl_prompts=0)
+        run = verdict.after
+        out["general"] = {"n": len(run.items), "accuracy": run.accuracy(), "right": run.to_json()["right"]}
+        details["general"] = [
+            {"id": it.id, "kind": it.kind, "right": ok, "answer": answer}
+            for it, ok, answer in zip(run.items, run.right, run.answers)
+        ]
+    return out, details
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -127,7 +153,7 @@ def parse_sweep(items: list[str]) -> Sweep:
 
 def grid(sweep: Sweep, method: str) -> list[Cell]:
     """The distinct cells of `method`: the cross product of the sweeps, less the objective keys it does not read."""
-    reads = method_keys(method)
+    reads = _reads(method)
     cells: list[Cell] = [Cell()]
     for keys, values in sweep:
         cells = [Cell(c.values + tuple(zip(keys, v))) for c in cells for v in values]
@@ -141,8 +167,10 @@ def grid(sweep: Sweep, method: str) -> list[Cell]:
 def cell_recipe(base: Recipe, method: str, cell: Cell, seed: int, run_dir: Path) -> Recipe:
     """The recipe of one run of the study; a bad sweep key or value is reported under the sweep's name."""
     raw = base.model_dump(mode="json", exclude_none=True)
-    raw["objective"] = {**raw["objective"], **METHODS[method]}
-    for key, value in cell.values:
+    settings = METHODS[method]
+    raw["objective"] = {**raw["objective"], **{k: v for k, v in settings.items() if "." not in k}}
+    extra = tuple((k, v) for k, v in settings.items() if "." in k)
+    for key, value in extra + cell.values:
         node = raw
         *path, last = key.split(".")
         for part in path:
@@ -158,21 +186,27 @@ def cell_recipe(base: Recipe, method: str, cell: Cell, seed: int, run_dir: Path)
 
 @dataclass
 class Job:
-    """One training run of the study and the epochs at which it is evaluated."""
+    """One training run of the study and the optimizer steps at which it is evaluated (epoch ends, and the early
+    steps the recipe's `train.save_at` names)."""
 
     method: str
     cell: Cell
     seed: int
     recipe: Recipe
     steps_per_epoch: int
-    eval_epochs: list[int]
+    eval_steps: list[int]
 
     @property
     def run_dir(self) -> Path:
         return self.recipe.run_dir
 
-    def key(self, epoch: int) -> tuple[str, str, int, int]:
-        return (self.method, self.cell.label, self.seed, epoch)
+    def key(self, step: int) -> tuple[str, str, int, int]:
+        return (self.method, self.cell.label, self.seed, step)
+
+    def epoch(self, step: int) -> float:
+        """Epochs done after `step` steps: a whole number at an epoch end, else to three decimals."""
+        whole, rest = divmod(step, self.steps_per_epoch)
+        return whole if not rest else round(step / self.steps_per_epoch, 3)
 
 
 def plan_jobs(
@@ -197,7 +231,8 @@ def plan_jobs(
                 job_recipe.train.save_every = steps  # a checkpoint at every epoch end
                 epochs = int(t.epochs)
                 evals = sorted({e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs})
-                jobs.append(Job(method, cell, seed, job_recipe, steps, evals))
+                early = {s for s in t.save_at if s < epochs * steps}
+                jobs.append(Job(method, cell, seed, job_recipe, steps, sorted({e * steps for e in evals} | early)))
     return jobs
 
 
@@ -225,6 +260,7 @@ def study(
     sweep: list[str],
     eval_every: int,
     console: Console,
+    base: bool = True,
 ) -> tuple[Path, Path, list[Path]]:
     """`psft-lite study`: run (or resume) the study, then write its tables and figures; returns (results.jsonl,
     tables.md, figures)."""
@@ -236,7 +272,16 @@ def study(
     folder = out or recipe.run_dir
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     results_path = run_study(
-        recipe, method_list, seed_list, folder, limit, max_new_tokens, console, sweep=grid, eval_every=eval_every
+        recipe,
+        method_list,
+        seed_list,
+        folder,
+        limit,
+        max_new_tokens,
+        console,
+        sweep=grid,
+        eval_every=eval_every,
+        base=base,
     )
     results = latest_results(read_metrics(results_path))
     dest = report or folder
@@ -256,12 +301,15 @@ def run_study(
     console: Console,
     sweep: Sweep | None = None,
     eval_every: int = 1,
+    base: bool = True,
 ) -> Path:
-    """Train and evaluate everything that is not done yet; returns OUT/results.jsonl."""
-    from psft_lite.inference.evaluate import eval_items
+    """Train and evaluate everything that is not done yet (the base model too, unless `base` is False; `methods`
+    ["base"] evaluates only it); returns OUT/results.jsonl."""
+    from psft_lite.inference.evaluate import recipe_eval_items
     from psft_lite.training import trainer
 
     require_extra("matplotlib", "psft-lite study draws its figures with matplotlib")  # before hours of training
+    methods = [m for m in methods if m != "base"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise RecipeError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
@@ -270,12 +318,16 @@ def run_study(
     jobs = plan_jobs(recipe, methods, seeds, sweep or [], out, eval_every, modeling.load_tokenizer(recipe.model))
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["epoch"]) for rec in _read(results_path)}
-    base_dir = recipe.path.parent if recipe.path else None
-    sets = {name: eval_items(src, recipe.data, base_dir=base_dir) for name, src in recipe.eval.sets.items()}
+    done = {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["step"]) for rec in _read(results_path)}
+    sets = recipe_eval_items(recipe)  # each set in its own format, every file checked before anything trains
+    general = recipe.eval.retention  # the general-ability suite at every evaluation
+    if general:
+        from psft_lite.inference.retention import load_suite
+
+        load_suite()
     n_steps = sum(int(j.recipe.train.epochs) * j.steps_per_epoch for j in jobs if not _trained(j.run_dir))
     base_key = ("base", "", 0, 0)
-    n_evals = len(({j.key(e) for j in jobs for e in j.eval_epochs} | {base_key}) - done)
+    n_evals = len(({j.key(s) for j in jobs for s in j.eval_steps} | {base_key}) - done)
     cells = len({(j.method, j.cell) for j in jobs})
     plan = f"study: {len(jobs)} runs ({cells} method × sweep cells × {len(seeds)} seed(s))"
     if n_steps:  # an interrupted run counts whole: a rough upper bound
@@ -286,8 +338,9 @@ def run_study(
     )
     t0 = time.perf_counter()
     base_cache: dict = {}  # every run adapts one base model: its retention forward is computed once
-    if base_key not in done:
-        scores = evaluate_model(recipe.model.name, sets, limit, max_new_tokens, base_cache)
+    if base and base_key not in done:
+        scores, details = evaluate_model(recipe.model.name, sets, limit, max_new_tokens, base_cache, general)
+        _write_details(out, "base", 0, details)
         _append(
             results_path, {"method": "base", "cell": {}, "cell_label": "", "seed": 0, "epoch": 0, "step": 0, **scores}
         )
@@ -297,20 +350,32 @@ def run_study(
             resume = "latest" if list_checkpoints(job.run_dir) else None
             console.print(f"{what}: " + ("resuming" if resume else "training"))
             trainer.run(job.recipe, console=console, overwrite=resume is None, resume=resume)
-        evaluate_checkpoints(job, sets, limit, max_new_tokens, base_cache, done, results_path)
+        evaluate_checkpoints(job, sets, limit, max_new_tokens, base_cache, done, results_path, general)
         console.print(f"  done {what} ({(time.perf_counter() - t0) / 60:.0f} min so far)")
     return results_path
 
 
 def evaluate_checkpoints(
-    job: Job, sets: dict[str, Any], limit: int, max_new_tokens: int, base_cache: dict, done: set, results: Path
+    job: Job,
+    sets: dict[str, Any],
+    limit: int,
+    max_new_tokens: int,
+    base_cache: dict,
+    done: set,
+    results: Path,
+    general: bool = False,
 ) -> None:
-    """Evaluate each epoch-end checkpoint of a run that is not in `done`, appending one record per epoch."""
+    """Evaluate each checkpoint of a run at one of its evaluation steps that is not in `done`, appending one record
+    per checkpoint and writing its details (every answer) beside the results."""
+    previous = 0
     for step, ckpt in list_checkpoints(job.run_dir):
-        epoch, rest = divmod(step, job.steps_per_epoch)
-        if rest or epoch not in job.eval_epochs or job.key(epoch) in done:
+        if step not in job.eval_steps:
             continue
-        scores = evaluate_model(ckpt, sets, limit, max_new_tokens, base_cache)
+        window, previous = (previous, step), step
+        if job.key(step) in done:
+            continue
+        scores, details = evaluate_model(ckpt, sets, limit, max_new_tokens, base_cache, general)
+        _write_details(results.parent, job.cell.run_name(job.method, job.seed), step, details)
         _append(
             results,
             {
@@ -318,13 +383,27 @@ def evaluate_checkpoints(
                 "cell": dict(job.cell.values),
                 "cell_label": job.cell.label,
                 "seed": job.seed,
-                "epoch": epoch,
+                "epoch": job.epoch(step),
                 "step": step,
-                **_train_stats(job.run_dir, step, job.steps_per_epoch),
+                **_train_stats(job.run_dir, *window),
                 **scores,
             },
         )
-        done.add(job.key(epoch))
+        done.add(job.key(step))
+
+
+def _write_details(folder: Path, run: str, step: int, details: dict[str, Any]) -> None:
+    """Every answer behind one evaluation (each generation and what it was scored, each suite item's answer), so
+    anyone can recheck a verdict: OUT/evals/<run>-step<N>.jsonl.gz, one line per set."""
+    import gzip
+
+    path = folder / "evals" / f"{run}-step{step}.jsonl.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps({"set": name, "rows": rows}, ensure_ascii=False) + "\n" for name, rows in details.items())
+    tmp = path.with_suffix(".tmp")
+    with gzip.GzipFile(tmp, "wb", mtime=0) as g:
+        g.write(text.encode())
+    tmp.replace(path)
 
 
 def _trained(run_dir: Path) -> bool:
@@ -346,13 +425,11 @@ def _time_one_step(recipe: Recipe, console: Console) -> float:
     return time.perf_counter() - t0
 
 
-def _train_stats(run_dir: Path, step: int, steps_per_epoch: int) -> dict[str, float | None]:
-    """Means over the epoch that ended at `step`, from the run's metrics: entropy and NLL of the trained tokens and
-    (psft) the clip fraction."""
+def _train_stats(run_dir: Path, start: int, step: int) -> dict[str, float | None]:
+    """Means over the steps after `start` up to `step` (since the previous evaluation), from the run's metrics:
+    entropy and NLL of the trained tokens and (psft) the clip fraction."""
     steps = [
-        rec
-        for rec in read_metrics(rundir.metrics_file(run_dir))
-        if "event" not in rec and step - steps_per_epoch < rec["step"] <= step
+        rec for rec in read_metrics(rundir.metrics_file(run_dir)) if "event" not in rec and start < rec["step"] <= step
     ]
     out: dict[str, float | None] = {}
     for name, key in (("train_entropy", "entropy"), ("train_nll", "nll"), ("clip_frac", "clip_frac")):
@@ -387,9 +464,7 @@ def _cell(values: list[float], pct: bool) -> str:
 
 def latest_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per (method, cell, seed, epoch), the last written (processes side by side may repeat one)."""
-    return list(
-        {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["epoch"]): rec for rec in results}.values()
-    )
+    return list({(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["step"]): rec for rec in results}.values())
 
 
 def _runs(results: list[dict[str, Any]]) -> list[tuple[str, Cell]]:
@@ -418,7 +493,7 @@ def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
             rows = [rec for rec in results if rec["method"] == m and (rec["epoch"] == epoch or m == "base")]
             if not rows:
                 continue
-            cells = [_cell([rec[s]["accuracy"] for rec in rows if s in rec], True) for s in sets]
+            cells = [_cell([rec[s]["accuracy"] for rec in rows if "accuracy" in rec.get(s, {})], True) for s in sets]
             cells.append(_cell([rec["train_entropy"] for rec in rows if rec.get("train_entropy") is not None], False))
             cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
             cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
@@ -453,7 +528,7 @@ def sweep_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
             continue
         last = max(rec["epoch"] for rec in mine)
         rows = [rec for rec in mine if rec["epoch"] == last]
-        cells = [_cell([rec[s]["accuracy"] for rec in rows if s in rec], True) for s in sets]
+        cells = [_cell([rec[s]["accuracy"] for rec in rows if "accuracy" in rec.get(s, {})], True) for s in sets]
         cells.append(_cell([rec[first]["mean_entropy"] for rec in rows if first in rec], False))
         for key in ("train_nll", "train_entropy", "clip_frac"):
             cells.append(_cell([rec[key] for rec in rows if rec.get(key) is not None], False))
@@ -499,7 +574,8 @@ def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, set
     paths.append(out_dir / "study-entropy.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
-    panels = [*sets, "kl"] if PROBE in sets else list(sets)
+    scored = [s for s in sets if any("accuracy" in rec.get(s, {}) for rec in results)]  # not a set of base answers
+    panels = [*scored, "kl"] if PROBE in sets else scored
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     base = next((rec for rec in results if rec["method"] == "base"), None)
 

@@ -31,6 +31,7 @@ ADVICE: dict[str, dict[str, str]] = {
         f"step, not the total; {_SFT_KL} bounds the total; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or fewer epochs; {_STUDY}.",
         "sft_kl": f"Options: a larger objective.kl_coef, fewer epochs or a lower train.lr; {_STUDY}.",
+        "asft": f"Options: a larger objective.asft_kl_coef, fewer epochs or a lower train.lr; {_STUDY}.",
     },
     "drift": {
         "sft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
@@ -39,8 +40,11 @@ ADVICE: dict[str, dict[str, str]] = {
         "psft-snapshot": f"Options: fewer epochs, or {_SFT_KL}; {_STUDY}.",
         "psft-base": f"Options: a tighter objective.clip_high, or a lower train.lr; {_STUDY}.",
         "sft_kl": f"Options: a larger objective.kl_coef, or a lower train.lr; {_STUDY}.",
+        "asft": f"Options: a larger objective.asft_kl_coef, or a lower train.lr; {_STUDY}.",
     },
 }
+#: for a method with no row of its own (eaft, or an objective registered later)
+DEFAULT_ADVICE = f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}."
 
 
 class Guard:
@@ -120,7 +124,7 @@ class Guard:
                         f"step {step}: the model has drifted from the base: on the training tokens it is "
                         f"e^{drift:.2f} = {math.exp(drift):.1f}× more likely than the base model on average "
                         f"(threshold guard.drift_max = {self.cfg.drift_max:g}). It is moving far from what it knew. "
-                        f"{ADVICE['drift'][self.method]}"
+                        f"{ADVICE['drift'].get(self.method, DEFAULT_ADVICE)}"
                     ),
                 }
             )
@@ -169,7 +173,7 @@ class Guard:
                 "message": (
                     f"step {step}: entropy on the trained tokens is collapsing — {reason} ({self.entropy_ema:.3f} vs "
                     f"{self.baseline:.3f}). The model is becoming certain of exactly the training text. "
-                    f"{ADVICE['entropy'][self.method]}"
+                    f"{ADVICE['entropy'].get(self.method, DEFAULT_ADVICE)}"
                 ),
             }
         ]

@@ -183,10 +183,10 @@ def train_loop(
     should_stop: Callable[[int], bool] | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Optimizer steps start..total-1. Checkpoints every `train.save_every` steps and at the end; on SIGINT/SIGTERM
-    (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises `Interrupted`; a guard
-    event asking to stop saves a checkpoint and raises `RunError`. Every metrics record also goes to `report` (the
-    trackers)."""
+    """Optimizer steps start..total-1. Checkpoints every `train.save_every` steps, at `train.save_at` and at the end;
+    on SIGINT/SIGTERM (or when `should_stop(step)` says so) finishes the step, saves a checkpoint and raises
+    `Interrupted`; a guard event asking to stop saves a checkpoint and raises `RunError`. Every metrics record also
+    goes to `report` (the trackers)."""
     t, d = run.recipe.train, run.dist
     records: list[dict[str, Any]] = []
     with (
@@ -205,7 +205,7 @@ def train_loop(
             stopping = stop.signum is not None or (should_stop is not None and should_stop(done))
             if d.enabled:  # a signal may reach one rank first: all stop after the same step
                 stopping = bool(d.all_reduce(torch.tensor([float(stopping)]), op="max")[0])
-            if stopping or done == run.total_steps or (t.save_every and done % t.save_every == 0):
+            if stopping or done == run.total_steps or (t.save_every and done % t.save_every == 0) or done in t.save_at:
                 path = save_state(run, done)
             if stopping:
                 raise Interrupted(

@@ -73,6 +73,26 @@ def sft_kl_loss(
     return (weights * (kl_coef * kl_base - logp)).sum(), {"kl_base": _mean(kl_base.detach(), mask)}
 
 
+def asft_loss(
+    logp: Tensor, *, mask: Tensor, weights: Tensor, kl_base: Tensor, asft_kl_coef: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """docs/METHODS.md §9 (ASFT, arXiv 2509.23753): ℓ_t = −sg[p_t]·log p_t + λ·KL(π_base ‖ π_θ), DFT's weighting
+    anchored to the base by the *forward* KL over the full vocabulary (the direction of the paper's code, which
+    LLaMA-Factory and Unsloth follow; the paper's text writes it reversed), λ = `asft_kl_coef`."""
+    dft = -(logp.detach().exp() * logp)
+    return (weights * (dft + asft_kl_coef * kl_base)).sum(), {"kl_base": _mean(kl_base.detach(), mask)}
+
+
+def eaft_loss(
+    logp: Tensor, *, mask: Tensor, weights: Tensor, topk_entropy: Tensor, eaft_alpha: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """docs/METHODS.md §9 (EAFT, arXiv 2601.02151): ℓ_t = −sg[H̃_t^α]·log p_t, H̃_t the entropy of the model's own
+    top-k logits (renormalised) over ln k, so a token the model is confidently wrong about ("a confident conflict":
+    low entropy, low probability) is damped. k = `eaft_top_k` (20), α = `eaft_alpha` (1)."""
+    weight = topk_entropy.detach().clamp(min=0) ** eaft_alpha
+    return -(weights * weight * logp).sum(), {"eaft_weight": _mean(weight, mask)}
+
+
 def dft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """docs/METHODS.md §4 with λ = 0: ℓ_t = −sg[p_t] · log p_t (Dynamic Fine-Tuning)."""
     return -(weights * logp.detach().exp() * logp).sum(), {}
@@ -144,7 +164,10 @@ def psft_loss(
 class Objective:
     loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     label: str  # what it optimises, one line
-    inputs: tuple[str, ...] = ()  # per-step inputs besides logp/mask/weights: "entropy", "old_logp", "lam", "kl_base"
+    inputs: tuple[str, ...] = ()  # per-step inputs besides logp/mask/weights: "entropy", "old_logp", "lam", "kl_base",
+    # "topk_entropy"
+    kl: str | None = None  # with "kl_base": its direction, "reverse" KL(p_θ ‖ p_base) or "forward" KL(p_base ‖ p_θ)
+    topk_key: str | None = None  # with "topk_entropy": the objective.* key that holds k
     params: tuple[str, ...] = ()  # objective.* recipe keys passed to the loss by keyword
     keys: tuple[str, ...] = ()  # every objective.* key it reads (params, schedule, old policy); others are ignored
     stats: tuple[str, ...] = ()  # token-mean statistics its loss returns (metrics.jsonl keys)
@@ -166,12 +189,33 @@ OBJECTIVES: dict[str, Objective] = {
         sft_kl_loss,
         "−log p + β·KL(p ‖ p_base)",
         inputs=("kl_base",),
+        kl="reverse",
         params=("kl_coef",),
         keys=("kl_coef",),
         stats=("kl_base",),
         panels=(("kl_base", "sft_kl: KL to base (full vocabulary)"),),
     ),
     "dft": Objective(dft_loss, "−sg[p]·log p"),
+    "asft": Objective(
+        asft_loss,
+        "−sg[p]·log p + λ·KL(p_base ‖ p)",
+        inputs=("kl_base",),
+        kl="forward",
+        params=("asft_kl_coef",),
+        keys=("asft_kl_coef",),
+        stats=("kl_base",),
+        panels=(("kl_base", "asft: forward KL to base"),),
+    ),
+    "eaft": Objective(
+        eaft_loss,
+        "−sg[H̃_topk^α]·log p",
+        inputs=("topk_entropy",),
+        topk_key="eaft_top_k",
+        params=("eaft_alpha",),
+        keys=("eaft_alpha", "eaft_top_k"),
+        stats=("eaft_weight",),
+        panels=(("eaft_weight", "eaft: mean token weight"),),
+    ),
     "psft": Objective(
         psft_loss,
         "−min(r, 1+ε_high), r = p / p_old",

@@ -80,15 +80,20 @@ def micro_step(
 ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
     """Forward one micro-batch and compute its share of the step's loss; returns (loss, stats, log-probs)."""
     o, spec = run.recipe.objective, run.objective
-    kl = None
-    with run.amp():
-        if "kl_base" in spec.inputs:  # the penalty needs the base's distribution at the same positions
-            logp, ent, kl = modeling.response_logprobs_kl(run.model, b)
-        else:
-            logp, ent = modeling.response_logprobs(run.model, b)
+    topk = getattr(o, spec.topk_key) if spec.topk_key else 0
+    with run.amp():  # one fused head: the KL to the base and the top-k entropy when the objective reads them
+        out = modeling.response_outputs(run.model, b, kl=spec.kl if "kl_base" in spec.inputs else None, topk=topk)
+    logp, ent = out["logp"], out["entropy"]
     mask = b.target_mask
     weights = token_weights(mask, o.normalize, n_tok, n_seq, seq_ids=b.seq_ids)
-    inputs = {"entropy": ent, "old_logp": logp.detach() if old is None else old, "lam": lam, "kl_base": kl}
+    old_logp = logp.detach() if old is None else old
+    inputs = {
+        "entropy": ent,
+        "old_logp": old_logp,
+        "lam": lam,
+        "kl_base": out["kl"],
+        "topk_entropy": out["topk_entropy"],
+    }
     params = {k: getattr(o, k) for k in spec.params}
     loss, s = spec.loss(logp, mask=mask, weights=weights, **{k: inputs[k] for k in spec.inputs}, **params)
     s = {**s, "nll": -masked_mean(logp.detach(), mask), "entropy": masked_mean(ent, mask)}

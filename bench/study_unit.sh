@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One unit of the forgetting benchmark (docs/study.md): train one method for one seed, evaluate its checkpoints
+# (steps 25, 50, 100, 200), copy the records (no weights) into the repository and commit them. A unit already
+# committed is skipped, so the plan survives a machine that stops: rerun the same lines on a fresh clone.
+#   bench/study_unit.sh STUDY UNIT [psft-lite study options]
+#   bench/study_unit.sh forgetting base                     # the base model once (before the methods' units)
+#   bench/study_unit.sh forgetting sft-s0                   # METHOD-sSEED
+#   bench/study_unit.sh forgetting sft_kl-s0 --sweep objective.kl_coef=0.3    # an exploratory setting
+# STUDY names the recipe (recipes/study/benchmark.toml for forgetting, benchmark-gemma3.toml for forgetting-gemma3)
+# and the records' folder docs/study/STUDY/units/. Runs on one core (OMP_NUM_THREADS=1); run two units side by side.
+# Environment: PYTHON (default python), RUNS (run folders with weights, default ../study-runs), COMMIT=0 to not commit.
+set -euo pipefail
+study=${1:?usage: bench/study_unit.sh STUDY UNIT [options]}
+unit=${2:?unit: base or METHOD-sSEED}
+shift 2
+cd "$(dirname "$0")/.."
+case "$study" in
+  forgetting) recipe=recipes/study/benchmark.toml ;;
+  forgetting-gemma3) recipe=recipes/study/benchmark-gemma3.toml ;;
+  *) echo "unknown study $study (forgetting, forgetting-gemma3)" >&2; exit 2 ;;
+esac
+records="docs/study/$study/units"
+if git ls-files --error-unmatch "$records/$unit/results.jsonl" >/dev/null 2>&1; then
+  echo "$study/$unit: already committed, skipped"; exit 0
+fi
+runs=${RUNS:-../study-runs}/$study
+export OMP_NUM_THREADS=1
+py=${PYTHON:-python}
+if [ "$unit" = base ]; then
+  args=(--methods base --seeds 0)
+else
+  args=(--methods "${unit%-s*}" --seeds "${unit##*-s}" --no-base)
+fi
+start=$(date +%s)
+"$py" -m psft_lite study "$recipe" "${args[@]}" --limit 320 --max-new-tokens 128 --out "$runs/$unit" "$@"
+"$py" -m psft_lite.study.report "$records/$unit" --collect "$runs/$unit" --only-collect
+echo "$(( $(date +%s) - start ))" > "$records/$unit/seconds"
+if [ "${COMMIT:-1}" = 1 ]; then
+  git add "$records/$unit"
+  git commit -q -m "Study records: $study unit $unit ($(( ($(date +%s) - start) / 60 )) min on one core)" -- "$records/$unit"
+  echo "$study/$unit: committed"
+fi
