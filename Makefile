@@ -19,7 +19,7 @@ LLAMA_NO_AMX := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
                 -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 endif
 
-.PHONY: setup model-gemma3 quickstart lint test test-fast data data-retention data-gsm8k docs bench study study-report clean
+.PHONY: setup model-gemma3 quickstart lint test test-fast data data-retention data-gsm8k docs bench study study-report retention-docs clean
 
 setup: $(VENV)/.setup-done
 
@@ -79,6 +79,10 @@ study-report: setup
 	$(BIN)/python -m psft_lite.study.report docs/study/benchmark --doc docs/study.md --figures docs/study
 	@if test -d docs/study/benchmark-gemma3; then $(BIN)/python -m psft_lite.study.report docs/study/benchmark-gemma3 \
 	  --name gemma3-270m --doc docs/study.md --figures docs/study; fi
+
+# docs/retention.md's tables from the committed teeth-check records (bench/retention_teeth.sh makes the records)
+retention-docs: setup
+	$(BIN)/python -m psft_lite.study.retention_docs docs/retention/teeth --doc docs/retention.md
 
 # GSM8K test rows for the study's natural-language repeat (training dynamics only; never committed)
 data-gsm8k: setup

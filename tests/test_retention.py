@@ -278,3 +278,22 @@ def test_eval_retention_on_a_run_and_on_a_plain_model_and_the_gate_exit_code(
     assert "forgetting gate: general ability fell 10.0 points" in err and "general ability: 60.0 % → 50.0 %" in out
     code, _, err = run_cli(capsys, "eval", str(run), "--max-forgetting", "2")
     assert code == 2 and "go with --retention" in err
+
+
+def test_the_retention_page_is_what_its_committed_records_generate():
+    """docs/retention.md's tables (calibration, teeth checks, power) regenerate from docs/retention/teeth/ exactly,
+    and the three checks show what they were built to show."""
+    from conftest import ROOT
+
+    from psft_lite.study.report import splice
+    from psft_lite.study.retention_docs import blocks, read
+
+    page = (ROOT / "docs" / "retention.md").read_text()
+    regenerated = page
+    for name, block in blocks(ROOT / "docs" / "retention" / "teeth").items():
+        regenerated = splice(regenerated, block + "\n", name)
+    assert regenerated == page, "run make retention-docs"
+    teeth = read(ROOT / "docs" / "retention" / "teeth")
+    assert teeth["damaged"]["overall"]["high"] < -10  # a large drop, far from 0
+    assert teeth["gentle"]["overall"]["low"] <= 0 <= teeth["gentle"]["overall"]["high"]
+    assert teeth["base"]["overall"]["delta"] == teeth["base"]["overall"]["low"] == 0
