@@ -74,11 +74,12 @@ data: setup
 data-retention: setup
 	$(BIN)/python -m psft_lite.study.benchmark --out data/retention/base.jsonl
 
-# docs/study.md's benchmark tables and figures, from the records committed under docs/study/benchmark (no training)
+# docs/study.md's benchmark tables and figures, from the records committed under docs/study/forgetting (no training)
 study-report: setup
-	$(BIN)/python -m psft_lite.study.report docs/study/benchmark --doc docs/study.md --figures docs/study
-	@if test -d docs/study/benchmark-gemma3; then $(BIN)/python -m psft_lite.study.report docs/study/benchmark-gemma3 \
-	  --name gemma3-270m --doc docs/study.md --figures docs/study; fi
+	@if test -d docs/study/forgetting/units; then $(BIN)/python -m psft_lite.study.report docs/study/forgetting \
+	  --doc docs/study.md --figures docs/study; fi
+	@if test -d docs/study/forgetting-gemma3/units; then $(BIN)/python -m psft_lite.study.report \
+	  docs/study/forgetting-gemma3 --name gemma3-270m --doc docs/study.md --figures docs/study; fi
 
 # docs/retention.md's tables from the committed teeth-check records (bench/retention_teeth.sh makes the records)
 retention-docs: setup
@@ -97,16 +98,14 @@ bench: setup
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/hint_decode.py
 
-# the runs behind docs/study.md's committed records (~9-10 core-hours: one process per core; rerun to resume), then
-# their records copied into docs/study/benchmark (no weights) and the page regenerated. docs/study.md lists the
-# planned runs that were not made, with their commands.
+# every unit of docs/study.md's plan, two side by side (one per core; rerun to continue: committed units are skipped),
+# then the page. About 80 core-hours in all (docs/study.md says what each unit took).
+UNITS_A := base sft-s0 psft-snapshot-s0 sft-replay-s0 eaft-s0 sft_kl-s1 idft-s1 asft-s1 sft-s2 psft-snapshot-s2 sft-replay-s2 eaft-s2
+UNITS_B := sft_kl-s0 idft-s0 asft-s0 sft-s1 psft-snapshot-s1 sft-replay-s1 eaft-s1 sft_kl-s2 idft-s2 asft-s2
 study: setup
-	export PYTHON=$(BIN)/python; bench/benchmark_study.sh runs/benchmark 0 sft,psft-base,sft_kl & \
-	  bench/benchmark_study.sh runs/benchmark 1 sft,psft-base,sft_kl & wait
-	export PYTHON=$(BIN)/python; bench/benchmark_study.sh runs/benchmark 2 sft & \
-	  bench/benchmark_study.sh runs/benchmark 2 sft_kl & wait
-	export PYTHON=$(BIN)/python; bench/benchmark_study.sh runs/benchmark 2 psft-base --set train.epochs=2
-	$(BIN)/python -m psft_lite.study.report docs/study/benchmark --collect runs/benchmark --doc docs/study.md --figures docs/study
+	export PYTHON=$(BIN)/python; (for u in $(UNITS_A); do bench/study_unit.sh forgetting $$u; done) & \
+	  (for u in $(UNITS_B); do bench/study_unit.sh forgetting $$u; done) & wait
+	$(MAKE) study-report
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,14 +1,22 @@
-"""The forgetting benchmark's report (docs/study.md): per-epoch tables, trade-off curves and verdicts with bootstrap
-confidence intervals, generated from a study folder's records alone, so every figure can be regenerated and checked.
+"""The forgetting benchmark's report (docs/study.md): every evaluated checkpoint, comparisons at matched learning, and
+figures, generated from a study folder's committed records alone, so every figure can be regenerated and checked.
 
-Each evaluated checkpoint of a (method, seed) run is a point: in-domain accuracy (learning), retention KL to the base
-(forgetting), OOD accuracy. A method's curve runs from the base model (epoch 0) through its epochs. Methods are
-compared at matched in-domain accuracy (how much did each forget to get there?) and at matched forgetting (how much
-did each learn by then?), reading each curve where it first crosses the level (linear between epochs), so no epoch is
-chosen per method. Confidence intervals resample problems (the same problems for every method: paired) and seeds.
+A (method, seed) run is evaluated at measured steps (25, 50 and each epoch end); every point carries, per item, what
+was learned (in-domain accuracy in the taught format; the transfer set) and what the model can still do (the
+general-ability suite, compared item by item with the base model's answers). Forgetting is the *behavioural* change
+first — the suite's accuracy change against the base, in points — and the KL to the base second (it is what sft_kl's
+penalty minimises, so it cannot be the yardstick sft_kl is judged by).
 
-    python -m psft_lite.study.report STUDY_FOLDER [--also LABEL=FOLDER] --doc docs/study.md --figures docs/study
-    python -m psft_lite.study.report docs/study/benchmark-gemma3 --name gemma3-270m --doc docs/study.md   # a 2nd model
+Statistics, honest for 2–5 seeds (psft_lite.core.stats):
+- within a seed, the standard error of a mean over items (analytic, the limit of a bootstrap over items; for a change
+  against the base or a difference between methods, of the per-item paired differences);
+- across seeds, a t-interval on the seed means (df = seeds − 1), never narrower than the within-seed error allows;
+- point estimates are the mean of the seeds' observed values, never a mean of replicates;
+- matched comparisons interpolate each seed's curve between its two measured checkpoints that bracket the level
+  (the base counts as the checkpoint at step 0; the bracket used is shown), and say how many seeds reach it.
+
+    python -m psft_lite.study.report docs/study/forgetting --doc docs/study.md --figures docs/study  # make study-report
+    python -m psft_lite.study.report docs/study/forgetting/units/U --collect RUNS/U --only-collect  # a unit's records
 """
 
 from __future__ import annotations
@@ -25,293 +33,356 @@ from typing import Any
 import numpy as np
 
 from psft_lite.core.files import atomic_write_text
+from psft_lite.core.stats import LEVEL, seed_interval
 from psft_lite.study.plot import pyplot
 
-B = 2000  # bootstrap replicates
-LEVEL = 0.95  # confidence level of every interval
 BEGIN, END = "<!-- benchmark-report:begin -->", "<!-- benchmark-report:end -->"
+
+#: one checkpoint's measures: key → (set in the record, 0/1 string in it, label in tables)
+MEASURES = {
+    "acc": ("in_domain", "correct", "in-domain %"),
+    "format": ("in_domain", "format_used", "format used %"),
+    "transfer": ("transfer", "correct", "transfer %"),
+    "general": ("general", "right", "general ability %"),
+}
 
 
 def markers(name: str = "") -> tuple[str, str]:
-    """The markers a study's generated block sits between in docs/study.md; `name` tells a second model's study apart
-    (`<!-- benchmark-report gemma3-270m:begin -->`)."""
+    """The markers a generated block sits between in a page; `name` tells blocks apart (`<!-- benchmark-report
+    gemma3-270m:begin -->`)."""
     if not name:
         return BEGIN, END
     return f"<!-- benchmark-report {name}:begin -->", f"<!-- benchmark-report {name}:end -->"
 
 
-#: the measures of one checkpoint: key → (set, what, label in tables)
-MEASURES = {
-    "acc": ("in_domain", "correct", "in-domain acc %"),
-    "format": ("in_domain", "format_used", "format used %"),
-    "answer": ("in_domain", "answer_right", "right in any format %"),
-    "ood": ("ood", "correct", "OOD acc %"),
-    "kept": ("retention", "correct", "retention kept %"),
-    "kl": ("retention", "kl_rows", "retention KL"),
-}
-
-
-def read_records(folder: Path) -> list[dict[str, Any]]:
-    """The latest record per (method, cell, seed, epoch) of `folder`/results.jsonl (or .jsonl.gz)."""
-    path = folder / "results.jsonl"
-    if not path.exists():
-        path = folder / "results.jsonl.gz"
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    return list({(r["method"], r.get("cell_label", ""), r["seed"], r["epoch"]): r for r in recs}.values())
-
-
-def label_of(rec: dict[str, Any], prefix: str | None = None) -> str:
-    """`psft-base`, `psft-base clip_high=1` or, for a study folder given a name, that name."""
-    if rec["method"] == "base":
-        return "base"
-    return prefix or (rec["method"] + (f" {rec['cell_label']}" if rec.get("cell_label") else ""))
+def splice(doc: str, block: str, name: str = "") -> str:
+    """`doc` with the text between the (named) report markers replaced by `block`."""
+    begin, end = markers(name)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(doc):
+        raise ValueError(f"no {begin} … {end} markers to write the report between")
+    return pattern.sub(lambda _: f"{begin}\n{block}{end}", doc)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Bootstrap
+# Records
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """Every record of a study folder — its own results.jsonl and each committed unit's (units/*/results.jsonl) —
+    the latest per (method, cell, seed, step)."""
+    paths = [p for p in [folder / "results.jsonl", folder / "results.jsonl.gz"] if p.exists()]
+    paths += sorted(folder.glob("units/*/results.jsonl"))
+    recs = [r for p in paths for r in _read_jsonl(p)]
+    return list({(r["method"], r.get("cell_label", ""), r["seed"], r["step"]): r for r in recs}.values())
+
+
+def label_of(rec: dict[str, Any]) -> str:
+    """`sft`, `psft-snapshot refresh_every=64`, or `base`."""
+    if rec["method"] == "base":
+        return "base"
+    return rec["method"] + (f" {rec['cell_label']}" if rec.get("cell_label") else "")
+
+
+def _bits(rec: dict[str, Any], key: str) -> np.ndarray | None:
+    name, what, _ = MEASURES[key]
+    s = rec.get(name, {}).get(what)
+    return None if s is None else (np.frombuffer(s.encode(), dtype=np.uint8) - ord("0")).astype(float)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Curves and their statistics
 
 
 @dataclass
 class Curve:
-    """One method's points: per measure, an array [seeds, epochs+1, problems] (epoch 0 = the base model) — a 0/1
-    outcome, or for the KL (sum, tokens) per prompt as [..., 2]."""
+    """One method's measured points: the base (step 0) and each evaluated step, per seed. `bits[key]` is
+    [seeds, points, items] (NaN where a seed was not evaluated), `kl` [seeds, points, prompts, 2] (sum, tokens)."""
 
     label: str
     seeds: list[int]
-    epochs: list[int]
-    #: [seeds, epochs+1]: which (seed, epoch) was evaluated. A seed trained for fewer epochs (or still running) counts
-    #: at the epochs it has; its missing points are NaN in `data` and every statistic is taken over the seeds present.
-    present: np.ndarray
-    data: dict[str, np.ndarray] = field(default_factory=dict)
-    train_entropy: np.ndarray | None = None  # [seeds, epochs]
+    steps: list[int]  # 0 first: the base
+    epochs: list[float]
+    bits: dict[str, np.ndarray] = field(default_factory=dict)
+    kl: np.ndarray | None = None
+    train: dict[str, np.ndarray] = field(default_factory=dict)  # train_entropy, clip_frac: [seeds, points]
 
-    def seeds_at(self, j: int) -> np.ndarray:
-        """Indices (into `seeds`) of the seeds evaluated at point j (0 = the base: every seed)."""
-        return np.flatnonzero(self.present[:, j])
-
-
-def _bits(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode(), dtype=np.uint8) - ord("0")
+    def present(self, j: int) -> np.ndarray:
+        """Indices of the seeds evaluated at point j."""
+        key = next(iter(self.bits))
+        return np.flatnonzero(~np.isnan(self.bits[key][:, j, 0]))
 
 
-def _values(rec: dict[str, Any], key: str) -> np.ndarray | None:
-    name, what, _ = MEASURES[key]
-    entry = rec.get(name, {})
-    if what not in entry:
-        return None
-    return np.asarray(entry[what], dtype=float) if what == "kl_rows" else _bits(entry[what]).astype(float)
+@dataclass
+class Estimate:
+    """A mean over seeds with its interval, and how many seeds it rests on."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+
+    def fmt(self, digits: int = 1, signed: bool = False) -> str:
+        if math.isnan(self.mean):
+            return "—"
+        f = f"{{:{'+' if signed else ''}.{digits}f}}"
+        return f"{f.format(self.mean)} [{f.format(self.low)}, {f.format(self.high)}]"
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
 
 
-def build_curves(labelled: list[tuple[str, dict[str, Any]]]) -> tuple[list[Curve], dict[str, Any]]:
-    """Curves of every label from (label, record) pairs; every curve starts at the base record."""
-    base = next(r for lab, r in labelled if lab == "base")
+def build_curves(records: list[dict[str, Any]]) -> tuple[list[Curve], dict[str, Any]]:
+    """A curve per label, every one starting at the base record."""
+    base = next(r for r in records if r["method"] == "base")
     by_label: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
-    for lab, r in labelled:
-        if lab != "base":
-            by_label.setdefault(lab, {})[(r["seed"], r["epoch"])] = r
+    for r in records:
+        if r["method"] != "base":
+            by_label.setdefault(label_of(r), {})[(r["seed"], r["step"])] = r
     curves = []
-    for lab, recs in by_label.items():
+    for label, recs in by_label.items():
         seeds = sorted({s for s, _ in recs})
-        epochs = sorted({e for _, e in recs})
-        present = np.array([[True] + [(s, e) in recs for e in epochs] for s in seeds])
-        curve = Curve(lab, seeds, epochs, present)
+        steps = [0, *sorted({st for _, st in recs})]
+        epochs = [0.0] + [next(float(r["epoch"]) for (_, st), r in recs.items() if st == step) for step in steps[1:]]
+        curve = Curve(label, seeds, steps, epochs)
         for key in MEASURES:
-            b = _values(base, key)
+            b = _bits(base, key)
             if b is None:
                 continue
-            missing = np.full_like(b, np.nan)
-            rows = [[b] + [_values(recs[(s, e)], key) if (s, e) in recs else missing for e in epochs] for s in seeds]
-            curve.data[key] = np.stack([np.stack(r) for r in rows])
-        curve.train_entropy = np.array(
-            [[recs.get((s, e), {}).get("train_entropy") or np.nan for e in epochs] for s in seeds], dtype=float
-        )
+            arr = np.full((len(seeds), len(steps), len(b)), np.nan)
+            arr[:, 0] = b
+            for (s, st), r in recs.items():
+                v = _bits(r, key)
+                if v is not None:
+                    arr[seeds.index(s), steps.index(st)] = v
+            curve.bits[key] = arr
+        kl_base = base.get("retention", {}).get("kl_rows")
+        if kl_base is not None:
+            kl = np.full((len(seeds), len(steps), len(kl_base), 2), np.nan)
+            kl[:, 0] = np.asarray(kl_base, dtype=float)
+            for (s, st), r in recs.items():
+                rows = r.get("retention", {}).get("kl_rows")
+                if rows is not None:
+                    kl[seeds.index(s), steps.index(st)] = np.asarray(rows, dtype=float)
+            curve.kl = kl
+        for name in ("train_entropy", "clip_frac"):
+            arr = np.full((len(seeds), len(steps)), np.nan)
+            for (s, st), r in recs.items():
+                if r.get(name) is not None:
+                    arr[seeds.index(s), steps.index(st)] = r[name]
+            curve.train[name] = arr
         curves.append(curve)
     return curves, base
 
 
-class Resampler:
-    """Shared bootstrap draws: per set size, problem indices [B, n]; per seed count, seed indices [B, S]. Every curve
-    uses the same draws, so differences between methods are paired over problems (and seeds, by seed number)."""
-
-    def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-        self.problems: dict[int, np.ndarray] = {}
-        self.seeds: dict[int, np.ndarray] = {}
-        self.done: dict[tuple[int, str], np.ndarray] = {}  # (curve, measure) → its replicates: drawn once, read often
-
-    def problem_idx(self, n: int) -> np.ndarray:
-        if n not in self.problems:
-            self.problems[n] = self.rng.integers(0, n, size=(B, n))
-        return self.problems[n]
-
-    def seed_idx(self, s: int) -> np.ndarray:
-        if s not in self.seeds:
-            self.seeds[s] = self.rng.integers(0, s, size=(B, s))
-        return self.seeds[s]
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean (in points) of a 0/1 (or −1/0/1) vector and its standard error."""
+    return 100 * float(x.mean()), 100 * float(x.std() / math.sqrt(len(x)))
 
 
-def point(curve: Curve, key: str) -> np.ndarray:
-    """The measure at each epoch, mean over seeds: [epochs+1] (a percentage, or the KL in nats per token)."""
-    x = curve.data[key]
-    if key == "kl":
-        return np.nanmean(x[..., 0].sum(-1) / np.maximum(x[..., 1].sum(-1), 1), axis=0)
-    return 100 * np.nanmean(x.mean(-1), axis=0)
+def _combine(values: list[tuple[float, float]]) -> Estimate:
+    if not values:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean, lo, hi = seed_interval([v for v, _ in values], [se for _, se in values])
+    return Estimate(mean, lo, hi, len(values))
 
 
-def replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
-    """The measure at each epoch in every bootstrap replicate: [B, epochs+1] (computed once per curve and measure;
-    every table and figure reads the same draws)."""
-    if (id(curve), key) not in rs.done:
-        rs.done[(id(curve), key)] = _replicates(curve, key, rs)
-    return rs.done[(id(curve), key)]
+def level(c: Curve, key: str, j: int) -> Estimate:
+    """The measure at point j, across the seeds evaluated there."""
+    return _combine([_mean_se(c.bits[key][s, j]) for s in c.present(j)])
 
 
-def _replicates(curve: Curve, key: str, rs: Resampler) -> np.ndarray:
-    x = curve.data[key]
-    idx = rs.problem_idx(x.shape[2])
-    if key == "kl":
-        sums = x[..., 0][:, :, idx].sum(-1)  # [S, E, B]
-        counts = np.maximum(x[..., 1][:, :, idx].sum(-1), 1)
-        per_seed = sums / counts
-    else:
-        per_seed = 100 * x[:, :, idx].mean(-1)  # [S, E, B]
-    per_seed = per_seed.transpose(2, 0, 1)  # [B, S, E]
-    out = np.empty(per_seed.shape[::2])  # each point resamples among its own seeds (the shared draws for that count)
-    for j in range(per_seed.shape[2]):
-        own = per_seed[:, curve.seeds_at(j), j]
-        out[:, j] = np.take_along_axis(own, rs.seed_idx(own.shape[1]), axis=1).mean(1)
-    return out
+def change(c: Curve, key: str, j: int) -> Estimate:
+    """The change at point j against the base, paired by item within each seed (points)."""
+    return _combine([_mean_se(c.bits[key][s, j] - c.bits[key][s, 0]) for s in c.present(j)])
 
 
-def crossing(ys: np.ndarray, xs: np.ndarray, level: float) -> float:
-    """x where the curve (xs, ys), in epoch order, first reaches y ≥ level (linear between points); nan if never."""
-    for i in range(len(ys)):
-        if ys[i] >= level:
-            if i == 0 or ys[i] == ys[i - 1]:
-                return float(xs[i])
-            t = (level - ys[i - 1]) / (ys[i] - ys[i - 1])
-            return float(xs[i - 1] + t * (xs[i] - xs[i - 1]))
-    return math.nan
+def difference(c: Curve, ref: Curve, key: str, j: int) -> Estimate:
+    """c − ref at the same step, paired by seed (same data order and initialisation) and by item."""
+    if c.steps[j] not in ref.steps:
+        return _combine([])
+    k = ref.steps.index(c.steps[j])
+    pairs = [(c.seeds.index(s), ref.seeds.index(s)) for s in c.seeds if s in ref.seeds]
+    vals = [
+        _mean_se(c.bits[key][a, j] - ref.bits[key][b, k])
+        for a, b in pairs
+        if not np.isnan(c.bits[key][a, j, 0]) and not np.isnan(ref.bits[key][b, k, 0])
+    ]
+    return _combine(vals)
 
 
-def at_level(curve: Curve, rs: Resampler, by: str, level: float, read: str) -> np.ndarray:
-    """Per replicate, `read` where the curve first reaches `level` of `by` (e.g. the KL at 60 % in-domain)."""
-    yb, xb = replicates(curve, by, rs), replicates(curve, read, rs)
-    return np.array([crossing(yb[b], xb[b], level) for b in range(B)])
+def kl_at(c: Curve, j: int) -> Estimate:
+    """KL(base ‖ model) per token on the base's answers at point j (secondary); the within-seed error by the delta
+    method over prompts."""
+    if c.kl is None:
+        return _combine([])
+    vals = []
+    for s in c.present(j):
+        sums, n = c.kl[s, j, :, 0], c.kl[s, j, :, 1]
+        r = sums.sum() / n.sum()
+        resid = (sums - r * n) / n.mean()
+        vals.append((float(r), float(resid.std() / math.sqrt(len(n)))))
+    mean, lo, hi = seed_interval([v for v, _ in vals], [se for _, se in vals])
+    return Estimate(mean, lo, hi, len(vals))
 
 
-def ci(values: np.ndarray) -> tuple[float, float]:
-    v = values[~np.isnan(values)]
-    if not len(v):
-        return (math.nan, math.nan)
-    lo, hi = np.quantile(v, [(1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2])
-    return float(lo), float(hi)
+@dataclass
+class Matched:
+    """A curve read where it reaches a level of `by`: the value of `read` there (interpolated within each seed
+    between the two measured points that bracket the level), the seeds that reach it, and the brackets used."""
+
+    estimate: Estimate
+    reached: int
+    of: int
+    brackets: set[tuple[int, int]]
+
+
+def at_level(c: Curve, by: str, lvl: float, read: str, ref: Curve | None = None) -> Matched:
+    """`read` (a change against the base in points, or with `ref` the difference to ref at ref's own crossing)
+    where each seed's `by` curve first reaches `lvl` %."""
+    vals, brackets = [], set()
+    for si, seed in enumerate(c.seeds):
+        got = _crossing(c, si, by, lvl, read)
+        if got is None:
+            continue
+        value, se, bracket = got
+        if ref is not None:
+            if seed not in ref.seeds:
+                continue
+            other = _crossing(ref, ref.seeds.index(seed), by, lvl, read)
+            if other is None:
+                continue
+            value, se = value - other[0], math.hypot(se, other[1])
+        vals.append((value, se))
+        brackets.add(bracket)
+    return Matched(_combine(vals), len(vals), len(c.seeds), brackets)
+
+
+def _crossing(c: Curve, si: int, by: str, lvl: float, read: str) -> tuple[float, float, tuple[int, int]] | None:
+    ys = [100 * np.nanmean(c.bits[by][si, j]) for j in range(len(c.steps))]
+    for j in range(1, len(ys)):
+        if math.isnan(ys[j]) or math.isnan(ys[j - 1]):
+            continue
+        if ys[j - 1] < lvl <= ys[j]:
+            t = (lvl - ys[j - 1]) / (ys[j] - ys[j - 1])
+            a = _mean_se(c.bits[read][si, j - 1] - c.bits[read][si, 0])
+            b = _mean_se(c.bits[read][si, j] - c.bits[read][si, 0])
+            return (1 - t) * a[0] + t * b[0], (1 - t) * a[1] + t * b[1], (c.steps[j - 1], c.steps[j])
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tables
 
 
-def _fmt(x: float, key: str) -> str:
-    return "—" if math.isnan(x) else (f"{x:.3f}" if key == "kl" else f"{x:.1f}")
+def _train(c: Curve, name: str, j: int) -> str:
+    v = c.train[name][:, j]
+    v = v[~np.isnan(v)]
+    return f"{v.mean():.3f}" if len(v) else "—"
 
 
-def _with_ci(mean: float, reps: np.ndarray, key: str) -> str:
-    lo, hi = ci(reps)
-    return f"{_fmt(mean, key)} [{_fmt(lo, key)}, {_fmt(hi, key)}]"
+def _r2w(c: Curve, j: int) -> str:
+    """Mean right→wrong / wrong→right counts of the suite over the seeds at point j."""
+    g = c.bits["general"]
+    pairs = [(((g[s, 0] == 1) & (g[s, j] == 0)).sum(), ((g[s, 0] == 0) & (g[s, j] == 1)).sum()) for s in c.present(j)]
+    if not pairs:
+        return "—"
+    return f"{np.mean([a for a, _ in pairs]):.1f} / {np.mean([b for _, b in pairs]):.1f}"
 
 
-def epoch_table(curves: list[Curve], rs: Resampler) -> str:
-    keys = [k for k in MEASURES if all(k in c.data for c in curves)]
-    head = "| method | seeds | epoch | " + " | ".join(MEASURES[k][2] for k in keys) + " | train entropy |"
-    lines = [head, "|---|---|---|" + "---|" * (len(keys) + 1)]
-    base = curves[0]
-    lines.append("| base | — | 0 | " + " | ".join(_fmt(point(base, k)[0], k) for k in keys) + " | — |")
+def checkpoint_table(curves: list[Curve], base: dict[str, Any]) -> str:
+    head = (
+        "| method | step (epoch) | seeds | in-domain % | format used % | transfer % | general ability, change "
+        "(points) | right→wrong / wrong→right | KL to base (secondary) | train entropy |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    c0 = curves[0]
+    cells = [f"{level(c0, k, 0).mean:.1f}" for k in ("acc", "format", "transfer")]
+    lines.append(f"| base | 0 | — | {' | '.join(cells)} | {level(c0, 'general', 0).mean:.1f} % | — | 0 | — |")
     for c in curves:
-        reps = {k: replicates(c, k, rs) for k in keys}
-        for j, e in enumerate(c.epochs, start=1):
-            cells = [_with_ci(point(c, k)[j], reps[k][:, j], k) for k in keys]
-            hs = c.train_entropy[:, j - 1] if c.train_entropy is not None else np.array([])
-            h = float(np.mean(hs[~np.isnan(hs)])) if (~np.isnan(hs)).any() else math.nan
-            n_seeds = len(c.seeds_at(j))
-            lines.append(f"| {c.label} | {n_seeds} | {e} | " + " | ".join(cells) + f" | {_fmt(h, 'kl')} |")
-    return "\n".join(lines)
-
-
-def levels(curves: list[Curve], key: str, step: float) -> list[float]:
-    """Round levels of `key` that every learning curve reaches on its mean: up to the lowest of their peaks."""
-    peaks = [point(c, key)[1:].max() for c in curves]
-    top = min(p for p in peaks if p > step) if any(p > step for p in peaks) else 0.0
-    n = int(top // step)
-    picks = sorted({max(1, round(n * f)) for f in (1 / 3, 2 / 3, 1.0)}) if n else []
-    return [k * step for k in picks]
-
-
-def matched_table(curves: list[Curve], rs: Resampler, by: str, read: str, lv: list[float], ref: str) -> str:
-    """`read` where each curve first reaches each level of `by`, with CIs, and the paired difference to `ref`."""
-    name_by, name_read = MEASURES[by][2], MEASURES[read][2]
-    head = f"| {name_by} reached | method | {name_read} there | difference to {ref} | reached in % of replicates |"
-    lines = [head, "|---|---|---|---|---|"]
-    refc = next((c for c in curves if c.label == ref), None)
-    for level in lv:
-        ref_vals = at_level(refc, rs, by, level, read) if refc else None
-        for c in curves:
-            vals = at_level(c, rs, by, level, read)
-            mean_curve = crossing(point(c, by), point(c, read), level)
-            diff = "—"
-            if ref_vals is not None and c.label != ref:
-                d = vals - ref_vals
-                lo, hi = ci(d)
-                if not math.isnan(lo):
-                    diff = f"{_fmt(float(np.nanmean(d)), read)} [{_fmt(lo, read)}, {_fmt(hi, read)}]"
-                    diff += " *" if lo > 0 or hi < 0 else ""
-            lo, hi = ci(vals)
-            cell = (
-                f"{_fmt(mean_curve, read)} [{_fmt(lo, read)}, {_fmt(hi, read)}]"
-                if not math.isnan(mean_curve)
-                else "not reached"
+        for j in range(1, len(c.steps)):
+            cells = [level(c, k, j).fmt() for k in ("acc", "format", "transfer")]
+            lines.append(
+                f"| {c.label} | {c.steps[j]} ({c.epochs[j]:g}) | {len(c.present(j))} | {' | '.join(cells)} | "
+                f"{change(c, 'general', j).fmt(signed=True)} | {_r2w(c, j)} | {kl_at(c, j).fmt(3)} | "
+                f"{_train(c, 'train_entropy', j)} |"
             )
-            reached = 100 * float(np.mean(~np.isnan(vals)))
-            lines.append(f"| {_fmt(level, by)} | {c.label} | {cell} | {diff} | {reached:.0f} |")
     return "\n".join(lines)
 
 
-def report_markdown(curves: list[Curve], base: dict[str, Any], rs: Resampler, ref: str = "sft") -> str:
+def levels(curves: list[Curve], key: str = "acc", step: float = 10.0) -> list[float]:
+    """Round levels of `key` that every learning curve's seed mean reaches: multiples of `step` up to the lowest peak
+    (curves that learn nothing — a peak under `step` — are left out, and show as 'not reached')."""
+    peaks = [max(100 * np.nanmean(c.bits[key][:, j]) for j in range(1, len(c.steps))) for c in curves]
+    learning = [p for p in peaks if p >= step]
+    top = min(learning) if learning else 0.0
+    return [k * step for k in range(1, int(top // step) + 1)]
+
+
+def matched_table(curves: list[Curve], ref: str, lv: list[float], read: str = "general") -> str:
+    name = MEASURES[read][2].replace(" %", "")
+    lines = [
+        f"| in-domain % reached | method | {name} change there (points) | difference to {ref} | seeds reaching | "
+        "between steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    refc = next((c for c in curves if c.label == ref), None)
+    for lvl in lv:
+        for c in curves:
+            m = at_level(c, "acc", lvl, read)
+            d = at_level(c, "acc", lvl, read, refc) if refc is not None and c is not refc else None
+            diff = (
+                "—"
+                if d is None or not d.reached
+                else d.estimate.fmt(signed=True) + (" *" if d.estimate.excludes_zero else "")
+            )
+            value = m.estimate.fmt(signed=True) if m.reached else "not reached"
+            brackets = ", ".join(f"{a}–{b}" for a, b in sorted(m.brackets)) or "—"
+            lines.append(f"| {lvl:.0f} | {c.label} | {value} | {diff} | {m.reached} of {m.of} | {brackets} |")
+    return "\n".join(lines)
+
+
+def report_markdown(curves: list[Curve], base: dict[str, Any], ref: str = "sft") -> str:
     seeds = sorted({s for c in curves for s in c.seeds})
-    n = {k: curves[0].data[k].shape[2] for k in MEASURES if k in curves[0].data}
+    n = {k: curves[0].bits[k].shape[2] for k in MEASURES if k in curves[0].bits}
+    n_kl = curves[0].kl.shape[2] if curves[0].kl is not None else 0
     parts = [
-        f"Generated by `make study-report` from the committed records; {B} bootstrap replicates over problems and "
-        f"seeds (paired across methods), {LEVEL:.0%} intervals in brackets. Seeds present: {seeds}. Problems: "
-        f"in-domain {n.get('acc', 0)}, OOD {n.get('ood', 0)}, retention {n.get('kl', 0)} prompts (KL) of which "
-        f"{n.get('kept', 0)} checkable answers the base got right (kept).",
+        f"Generated by `make study-report` from the committed records (seeds present: {seeds}; items: in-domain "
+        f"{n.get('acc', 0)}, transfer {n.get('transfer', 0)}, general-ability suite {n.get('general', 0):,}, KL on "
+        f"the base's answers to {n_kl} prompts). Brackets: {LEVEL:.0%} intervals — within each seed the standard "
+        "error over items (paired by item for a change against the base or a difference between methods), across "
+        "seeds a t-interval on the seed means (one seed: the within-seed normal interval). The point is the mean "
+        "of the seeds' observed values.",
         "",
         "#### Every evaluated checkpoint",
         "",
-        epoch_table(curves, rs),
+        checkpoint_table(curves, base),
     ]
-    acc_levels = levels(curves, "acc", 5.0)
-    kl_levels = levels(curves, "kl", 0.01)
-    if acc_levels:
+    lv = levels(curves)
+    if lv:
         parts += [
             "",
-            "#### At matched in-domain accuracy: how much was forgotten (retention KL; lower is better)",
+            "#### At matched in-domain accuracy: what the model can still do (general ability change against the "
+            "base; higher is better)",
             "",
-            matched_table(curves, rs, "acc", "kl", acc_levels, ref),
+            matched_table(curves, ref, lv),
             "",
-            matched_table(curves, rs, "acc", "ood", acc_levels, ref),
+            "#### At matched in-domain accuracy: transfer (change against the base, points)",
+            "",
+            matched_table(curves, ref, lv, "transfer"),
         ]
-    if kl_levels:
-        parts += [
-            "",
-            "#### At matched forgetting (retention KL): how much was learned (higher is better)",
-            "",
-            matched_table(curves, rs, "kl", "acc", kl_levels, ref),
-            "",
-            matched_table(curves, rs, "kl", "answer", kl_levels, ref),
-        ]
-    parts += ["", "`*`: the interval of the difference excludes 0."]
+    parts += [
+        "",
+        '`*`: the interval of the difference excludes 0. "between steps": the measured checkpoints that bracket the '
+        "level in the seeds that reach it (0 is the base).",
+    ]
     return "\n".join(parts) + "\n"
 
 
@@ -319,48 +390,65 @@ def report_markdown(curves: list[Curve], base: dict[str, Any], rs: Resampler, re
 # Figures
 
 
-def plot_report(curves: list[Curve], rs: Resampler, out_dir: Path, name: str = "") -> list[Path]:
-    """benchmark-tradeoff.png (in-domain and OOD accuracy against retention KL, every epoch a point, 95 % intervals
-    both ways) and benchmark-epochs.png (format used, right in any format, retention kept, per epoch); a named study
-    writes benchmark-NAME-tradeoff.png and benchmark-NAME-epochs.png."""
+def plot_report(curves: list[Curve], out_dir: Path, name: str = "") -> list[Path]:
+    """benchmark-tradeoff.png (in-domain accuracy against the general-ability change, every checkpoint a point with
+    its intervals) and benchmark-steps.png (in-domain, transfer and general ability against the step)."""
     plt = pyplot("the benchmark report's figures")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"benchmark-{name}" if name else "benchmark"
     paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
     for i, c in enumerate(curves):
-        x, xr = point(c, "kl"), replicates(c, "kl", rs)
-        for ax, key in zip(axes, ("acc", "ood")):
-            y, yr = point(c, key), replicates(c, key, rs)
-            xerr = np.abs(np.array([ci(xr[:, j]) for j in range(len(x))]).T - x)
-            yerr = np.abs(np.array([ci(yr[:, j]) for j in range(len(y))]).T - y)
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=3, lw=1.2, capsize=2, color=f"C{i}", label=c.label)
-    for ax, key in zip(axes, ("acc", "ood")):
-        ax.set_xlabel("retention KL to base (nats/token; forgetting grows right)")
-        ax.set_ylabel(MEASURES[key][2].replace(" %", " (%)"))
-        ax.grid(alpha=0.3)
-    axes[0].set_title("learning vs forgetting (each point an epoch; base at 0)", fontsize=10)
-    axes[1].set_title("out-of-domain vs forgetting", fontsize=10)
-    axes[0].legend(fontsize=8, loc="best")
+        xs = [change(c, "general", j) for j in range(len(c.steps))]
+        ys = [level(c, "acc", j) for j in range(len(c.steps))]
+        x = np.array([e.mean for e in xs])
+        y = np.array([e.mean for e in ys])
+        xerr = np.abs(np.array([[e.low, e.high] for e in xs]).T - x)
+        yerr = np.abs(np.array([[e.low, e.high] for e in ys]).T - y)
+        ax.errorbar(
+            x,
+            y,
+            xerr=np.nan_to_num(xerr),
+            yerr=np.nan_to_num(yerr),
+            marker="o",
+            ms=3,
+            lw=1.2,
+            capsize=2,
+            color=f"C{i}",
+            label=c.label,
+        )
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_xlabel("general ability, change against the base (points; forgetting goes left)")
+    ax.set_ylabel("in-domain accuracy (%)")
+    ax.set_title("learning vs forgetting (each point a measured checkpoint; base at 0, 0)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     paths.append(out_dir / f"{stem}-tradeoff.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    keys = [k for k in ("format", "answer", "kept") if all(k in c.data for c in curves)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    keys = [("acc", level), ("transfer", change), ("general", change)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for i, c in enumerate(curves):
-        xs = [0, *c.epochs]
-        for ax, key in zip(axes[0], keys):
-            y, yr = point(c, key), replicates(c, key, rs)
-            err = np.abs(np.array([ci(yr[:, j]) for j in range(len(y))]).T - y)
-            ax.errorbar(xs, y, yerr=err, marker="o", ms=3, lw=1.2, capsize=2, color=f"C{i}", label=c.label)
-    for ax, key in zip(axes[0], keys):
-        ax.set_title(MEASURES[key][2].replace(" %", " (%)"), fontsize=10)
-        ax.set_xlabel("epoch (0 = base)")
+        for ax, (key, fn) in zip(axes, keys):
+            es = [fn(c, key, j) for j in range(len(c.steps))]
+            y = np.array([e.mean for e in es])
+            err = np.abs(np.array([[e.low, e.high] for e in es]).T - y)
+            ax.errorbar(
+                c.steps, y, yerr=np.nan_to_num(err), marker="o", ms=3, lw=1.2, capsize=2, color=f"C{i}", label=c.label
+            )
+    titles = [
+        "in-domain accuracy (%)",
+        "transfer, change against the base (points)",
+        "general ability, change against the base (points)",
+    ]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step (0 = base)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="best")
+    axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    paths.append(out_dir / f"{stem}-epochs.png")
+    paths.append(out_dir / f"{stem}-steps.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
@@ -370,15 +458,13 @@ def plot_report(curves: list[Curve], rs: Resampler, out_dir: Path, name: str = "
 # Entry point
 
 
-def generate(folder: Path, also: dict[str, Path] | None = None, ref: str = "sft") -> tuple[list[Curve], str]:
-    """(curves, markdown) of a study folder and any extra folders given a label (e.g. hint+idft=FOLDER)."""
-    labelled = [(label_of(r), r) for r in read_records(folder)]
-    for name, extra in (also or {}).items():
-        labelled += [(name, r) for r in read_records(extra) if r["method"] != "base"]
-    curves, base = build_curves(labelled)
-    order = {lab: i for i, (lab, _) in enumerate(labelled)}
-    curves.sort(key=lambda c: (c.label != ref, order[c.label]))
-    return curves, report_markdown(curves, base, Resampler(), ref)
+def generate(folder: Path, ref: str = "sft") -> tuple[list[Curve], str]:
+    """(curves, markdown) of a study folder."""
+    records = read_records(folder)
+    curves, base = build_curves(records)
+    order = {lab: i for i, lab in enumerate(dict.fromkeys(label_of(r) for r in records))}
+    curves.sort(key=lambda c: (c.label != ref, order.get(c.label, 0), c.label))
+    return curves, report_markdown(curves, base, ref)
 
 
 def collect(src: Path, dest: Path) -> list[Path]:
@@ -400,38 +486,27 @@ def collect(src: Path, dest: Path) -> list[Path]:
     return written
 
 
-def splice(doc: str, block: str, name: str = "") -> str:
-    """`doc` with the text between the (named) report markers replaced by `block`."""
-    begin, end = markers(name)
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if not pattern.search(doc):
-        raise ValueError(f"no {begin} … {end} markers to write the report between")
-    return pattern.sub(lambda _: f"{begin}\n{block}{end}", doc)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder", type=Path, help="a study folder (results.jsonl)")
-    ap.add_argument("--also", action="append", default=[], help="LABEL=FOLDER: another study's runs under one label")
+    ap.add_argument("folder", type=Path, help="a study folder (results.jsonl and/or units/*/results.jsonl)")
     ap.add_argument("--doc", type=Path, help="write the tables between the report markers of this markdown file")
     ap.add_argument("--figures", type=Path, help="write the PNG figures here")
     ap.add_argument("--collect", type=Path, help="first copy this study folder's records into FOLDER")
-    ap.add_argument("--name", default="", help="a second model's study: its own markers in --doc and figure names")
     ap.add_argument("--only-collect", action="store_true", help="with --collect: copy the records, no report")
+    ap.add_argument("--name", default="", help="a second model's study: its own markers in --doc and figure names")
     args = ap.parse_args(argv)
     if args.collect:
         print(f"collected {len(collect(args.collect, args.folder))} record files into {args.folder}")
         if args.only_collect:
             return
-    also = dict(a.split("=", 1) for a in args.also)
-    curves, md = generate(args.folder, {k: Path(v) for k, v in also.items()})
+    curves, md = generate(args.folder)
     if args.doc:
         atomic_write_text(args.doc, splice(args.doc.read_text(encoding="utf-8"), md, args.name))
         print(f"tables: {args.doc}")
     else:
         print(md)
     if args.figures:
-        for p in plot_report(curves, Resampler(), args.figures, args.name):
+        for p in plot_report(curves, args.figures, args.name):
             print(f"figure: {p}")
 
 
