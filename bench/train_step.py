@@ -26,6 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = {
     "sft": {"kind": "sft"},
+    # the default, as in a run's first epoch (the base's forward every step) and after it (its states cached)
+    "sft_kl": {"kind": "sft_kl", "reference_cache_mb": 0},
+    "sft_kl-cached": {"kind": "sft_kl"},
+    "asft": {"kind": "asft", "reference_cache_mb": 0},
+    "eaft": {"kind": "eaft"},
     "psft-snapshot-K8": {"kind": "psft", "old_policy": "snapshot", "refresh_every": 8},
     "psft-base": {"kind": "psft", "old_policy": "base"},
     "idft": {"kind": "idft"},
@@ -102,7 +107,7 @@ def worker_psft_lite(name: str, length: int, warmup: int, steps: int, workdir: P
     torch.manual_seed(0)
     tok = modeling.load_tokenizer(modeling.ModelSection())
     n_steps = warmup + steps
-    n_examples = BATCH * warmup  # psft-base: the warm-up epoch scores every example once; measured steps hit the cache
+    n_examples = BATCH * warmup  # psft-base, sft_kl-cached: the warm-up epoch fills their caches, measured steps read
     rows = synthetic_rows(max(n_examples, BATCH * steps), length, tok)
     data = workdir / f"data-{length}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

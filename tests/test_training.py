@@ -377,3 +377,51 @@ def test_asft_and_eaft_train_a_tiny_model(tmp_path, tiny_model_dir, kind):
         assert recs[0]["kl_base"] == 0.0 and recs[-1]["kl_base"] > 0
     else:
         assert all(0 < x["eaft_weight"] <= 1 for x in recs) and recs[-1]["loss"] < recs[0]["loss"]
+
+
+def test_the_reference_cache_gives_the_recomputed_objective_and_survives_a_resume(tmp_path, tiny_model_dir):
+    """sft_kl with the base's states cached equals sft_kl recomputing them (loss and every LoRA gradient within
+    float rounding); from the second epoch every micro-batch reads the cache; a run stopped after the first epoch and
+    resumed reads it too (it travels in the checkpoint) and continues exactly as the uninterrupted run."""
+    from psft_lite.core.errors import Interrupted
+    from psft_lite.recipe.schema import load_recipe
+    from psft_lite.training import trainer
+    from psft_lite.training.step import micro_step
+
+    sections = {
+        "objective": {"kind": "sft_kl", "kl_coef": 5.0},
+        "data": {"limit": 8},
+        "train": {"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-2},
+    }
+    full = _build(tmp_path / "full", tiny_model_dir, **sections)
+    assert full.reference is not None and full.data.plan.steps_per_epoch == 2
+    expected = train_loop(full)
+    assert full.reference.misses == 4 and full.reference.hits == 8 and len(full.reference.cache) == 8
+
+    # the same micro-batch, the same state: the objective from the cache and recomputed
+    b = full.step_batches(6)[0]
+    n_tok, n_seq, _ = full.data.totals(6)
+    grads = []
+    for reference in (full.reference, None):
+        full.reference = reference
+        loss, s, _ = micro_step(full, b, None, 0.0, n_tok, n_seq)
+        grads.append(
+            (float(loss.detach()), s["kl_base"], torch.autograd.grad(loss, modeling.trainable_parameters(full.model)))
+        )
+    (l1, k1, g1), (l2, k2, g2) = grads
+    assert math.isclose(l1, l2, rel_tol=1e-5) and math.isclose(float(k1), float(k2), rel_tol=1e-4, abs_tol=1e-7)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-7)
+
+    path = make_recipe(tmp_path / "cut", tiny_model_dir, **sections)
+    cut = build(load_recipe(path), Console(quiet=True))
+    trainer.prepare_run_dir(cut)
+    with pytest.raises(Interrupted):
+        train_loop(cut, should_stop=lambda done: done == 2)
+    resumed = build(load_recipe(cut.run_dir / "recipe.toml"), Console(quiet=True), resuming=True)
+    start, _ = trainer.resume_point(resumed, "latest")
+    assert len(resumed.reference.cache) == 8  # filled by the first epoch, read back from the checkpoint
+    got = train_loop(resumed, start)
+    assert resumed.reference.misses == 0  # no base forward after the resume
+    for a, c in zip(expected[2:], got):
+        assert a["step"] == c["step"] and math.isclose(a["loss"], c["loss"], rel_tol=1e-5)

@@ -415,11 +415,9 @@ def response_outputs(
     (the adapter disabled), `kl` = "reverse" for KL(p_θ ‖ p_base), "forward" for KL(p_base ‖ p_θ), with gradient —
     and `topk_entropy` (the entropy of the `topk` largest logits, over ln k). The base's hidden states come from
     `ref_hidden` [B, L, H] when given (a cache), else from one forward with the adapter off and no gradient."""
-    decoder = causal_lm(model).get_decoder()
-    hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+    hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
     if kl and ref_hidden is None:
-        with adapter_disabled(model), torch.no_grad():
-            ref_hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+        ref_hidden = base_hidden(model, batch)
     head = lm_head(model)
     out = head_outputs(
         hidden[:, :-1],
@@ -436,6 +434,13 @@ def response_outputs(
     )
     pad = hidden.new_zeros(hidden.shape[0], 1, dtype=torch.float32)
     return {k: torch.cat([pad, v], 1) for k, v in out.items()}
+
+
+@torch.no_grad()
+def base_hidden(model: Any, batch: Any) -> torch.Tensor:
+    """The base model's final hidden states [B, L, H] (the adapter disabled, no gradient)."""
+    with adapter_disabled(model):
+        return causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
 
 
 def response_hidden(model: Any, batch: Any) -> torch.Tensor:

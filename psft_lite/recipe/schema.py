@@ -224,6 +224,13 @@ class ObjectiveSection(Section):
         description="sft_kl: β, the weight of KL(π_θ ‖ π_base) over the full vocabulary at every trained token (the "
         "usual regularised baseline).",
     )
+    reference_cache_mb: int = Field(
+        2048,
+        ge=0,
+        description="sft_kl and asft: keep the base model's hidden states at every trained token in host memory the "
+        "first time an example is seen, so later epochs skip the base's forward (exact, saved with checkpoints), "
+        "when they fit in this many MB; 0: recompute every step.",
+    )
     asft_kl_coef: float = Field(
         0.05,
         gt=0,

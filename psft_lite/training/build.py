@@ -25,7 +25,7 @@ from psft_lite.training import sharding
 from psft_lite.training.distributed import Dist
 from psft_lite.training.guard import Guard
 from psft_lite.training.objectives import OBJECTIVES, Objective, method_name
-from psft_lite.training.policy import OldPolicy, build_policy
+from psft_lite.training.policy import OldPolicy, ReferenceCache, build_policy
 
 
 @dataclass(kw_only=True)
@@ -44,6 +44,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     policy: OldPolicy | None
     guard: Guard
+    reference: ReferenceCache | None = None  # the base's hidden states per example (sft_kl, asft)
     console: Console
     dist: Dist = field(default_factory=Dist)
     scaler: Any = None  # torch.amp.GradScaler for fp16 (dynamic loss scaling); None for bf16/fp32
@@ -295,4 +296,30 @@ def build(
         eval_examples=data_in.eval_examples,
         eval_items=data_in.eval_items,
         final_items=data_in.final_items,
+        reference=reference_cache(recipe, examples, model, dtype, total > plan.steps_per_epoch, console),
     )
+
+
+def reference_cache(
+    recipe: Recipe, examples: list[Example], model: Any, dtype: torch.dtype, repeats: bool, console: Console
+) -> ReferenceCache | None:
+    """A cache of the base's hidden states when the objective reads the base's distribution, the run sees its
+    examples more than once (a cache that is never read is only memory) and it fits `objective.reference_cache_mb`;
+    its size is said either way."""
+    budget = recipe.objective.reference_cache_mb
+    if OBJECTIVES[recipe.objective.kind].kl is None or not budget or not repeats:
+        return None
+    hidden = modeling.causal_lm(model).config.get_text_config().hidden_size
+    size = ReferenceCache.size_bytes(sum(e.n_trained for e in examples), hidden, dtype)
+    if size > budget * 2**20:
+        console.print(
+            f"note: the base model's states at every trained token would take {size / 2**20:,.0f} MB, more than "
+            f"objective.reference_cache_mb = {budget}: the base's forward is recomputed every step. Raise the key "
+            "to cache them (every epoch after the first then skips that forward)."
+        )
+        return None
+    console.print(
+        f"reference cache: the base model's states at every trained token, {size / 2**20:,.1f} MB in host memory "
+        "(filled in the first epoch; later epochs skip the base's forward)"
+    )
+    return ReferenceCache()

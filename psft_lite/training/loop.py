@@ -140,6 +140,8 @@ def save_state(run: Run, step: int) -> Path:
             scaler=run.scaler.state_dict() if run.scaler is not None else {},
         )
         policy_state = run.policy.state_dict() if run.policy is not None else {}
+        if run.reference is not None:  # the base's cached hidden states travel with the old-policy state
+            policy_state = {**policy_state, **run.reference.state_dict()}
         t = run.recipe.train
         path = checkpoint.save_checkpoint(
             run.run_dir, run.model, run.optimizer, policy_state, state, run.recipe.to_toml(), t.keep_last, **gathered

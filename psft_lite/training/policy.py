@@ -150,3 +150,60 @@ def build_policy(
     if objective.old_policy == "base":
         return BasePolicy(score, model)
     return SnapshotPolicy(score, objective.refresh_every, step_batches, total_steps)
+
+
+class ReferenceCache:
+    """The base model's final hidden states at each example's trained positions, for the objectives whose loss reads
+    the base's whole next-token distribution (sft_kl, asft). The base never changes, so an example's states are
+    computed the first time it is seen (the adapter-off forward its micro-batch needs anyway) and reused after: from
+    the second epoch on the reference costs one LM-head pass over the trained positions instead of a forward through
+    the whole model. Exact, not an approximation: the same states a fresh forward gives (up to the float rounding of
+    a different micro-batch's padding). Kept in host memory in the compute dtype, sized against
+    `objective.reference_cache_mb`, and saved with checkpoints so a resumed run keeps it."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, torch.Tensor] = {}  # example index → [n_trained, H]
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def size_bytes(trained_tokens: int, hidden: int, dtype: torch.dtype) -> int:
+        return trained_tokens * hidden * torch.tensor([], dtype=dtype).element_size()
+
+    def get(self, b: Batch) -> torch.Tensor | None:
+        """[B, L, H] with each row's cached states at the positions that predict its trained tokens (zeros elsewhere),
+        or None when any example of the micro-batch is not cached yet."""
+        if not self.cache or any(i not in self.cache for i in b.index):
+            self.misses += 1
+            return None
+        self.hits += 1
+        first = self.cache[b.index[0]]
+        out = torch.zeros(*b.target_mask.shape, first.shape[-1], dtype=first.dtype, device=b.target_mask.device)
+        pred = b.target_mask[:, 1:]
+        for row, i in enumerate(b.index):
+            out[row, :-1][pred[row]] = self.cache[i].to(out.device)
+        return out
+
+    def put(self, b: Batch, hidden: torch.Tensor) -> None:
+        pred = b.target_mask[:, 1:]
+        for row, i in enumerate(b.index):
+            if i not in self.cache:
+                self.cache[i] = hidden[row, :-1][pred[row]].detach().to("cpu", copy=True)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        idx = sorted(self.cache)
+        return {
+            "reference_index": torch.tensor(idx, dtype=torch.long),
+            "reference_lengths": torch.tensor([len(self.cache[i]) for i in idx], dtype=torch.long),
+            "reference_values": torch.cat([self.cache[i] for i in idx]) if idx else torch.zeros(0),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "reference_index" not in state:
+            return
+        values = state["reference_values"].split(state["reference_lengths"].tolist())
+        self.cache = dict(zip(state["reference_index"].tolist(), values))

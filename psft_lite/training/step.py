@@ -81,8 +81,10 @@ def micro_step(
     """Forward one micro-batch and compute its share of the step's loss; returns (loss, stats, log-probs)."""
     o, spec = run.recipe.objective, run.objective
     topk = getattr(o, spec.topk_key) if spec.topk_key else 0
+    kl = spec.kl if "kl_base" in spec.inputs else None
     with run.amp():  # one fused head: the KL to the base and the top-k entropy when the objective reads them
-        out = modeling.response_outputs(run.model, b, kl=spec.kl if "kl_base" in spec.inputs else None, topk=topk)
+        ref = reference_hidden(run, b) if kl else None
+        out = modeling.response_outputs(run.model, b, kl=kl, topk=topk, ref_hidden=ref)
     logp, ent = out["logp"], out["entropy"]
     mask = b.target_mask
     weights = token_weights(mask, o.normalize, n_tok, n_seq, seq_ids=b.seq_ids)
@@ -98,6 +100,18 @@ def micro_step(
     loss, s = spec.loss(logp, mask=mask, weights=weights, **{k: inputs[k] for k in spec.inputs}, **params)
     s = {**s, "nll": -masked_mean(logp.detach(), mask), "entropy": masked_mean(ent, mask)}
     return loss, s, logp.detach()
+
+
+def reference_hidden(run: Run, b: Batch) -> torch.Tensor:
+    """The base's hidden states for a micro-batch: from the reference cache when every example in it was seen
+    before, else one adapter-off forward (whose states the cache then keeps)."""
+    cached = run.reference.get(b) if run.reference is not None else None
+    if cached is not None:
+        return cached
+    hidden = modeling.base_hidden(run.model, b)
+    if run.reference is not None:
+        run.reference.put(b, hidden)
+    return hidden
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:

@@ -48,6 +48,8 @@ def resume_point(run: Run, spec: str) -> tuple[int, int]:
         raise RecipeError(f"--resume: the training data changed since {path} ({state.data} vs {run.data.identity()}).")
     if run.policy is not None:
         run.policy.load_state_dict(policy_state)
+    if run.reference is not None:
+        run.reference.load_state_dict(policy_state)
     for w in warnings:
         run.console.print(f"[yellow]warning:[/yellow] {w}")
     run.guard.load_state_dict(state.guard)
