@@ -88,18 +88,18 @@ def train(
     from psft_lite.training.trainer import end_lines, run
 
     overrides = (set_ or []) + ([f"output.report_to={report_to}"] if report_to is not None else [])
-    summary = run(load_recipe(recipe, overrides), console=err, overwrite=overwrite, resume=resume)
-    if not summary["main"]:
+    result = run(load_recipe(recipe, overrides), console=err, overwrite=overwrite, resume=resume)
+    if not result.main:
         return  # other ranks of a distributed run stay quiet
-    notes, where = end_lines(summary)
+    notes, where = end_lines(result)
     for line in notes:
         err.print(line)
     for line in where:
         out.print(line, highlight=False)
-    if summary.get("gate"):  # everything is written; the exit code says "do not ship"
+    if result.gate:  # everything is written; the exit code says "do not ship"
         from psft_lite.core.errors import ForgettingGate
 
-        raise ForgettingGate(summary["gate"])
+        raise ForgettingGate(result.gate)
 
 
 @app.command()

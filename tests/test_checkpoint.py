@@ -80,6 +80,47 @@ def test_resume_refuses_a_recipe_that_changes_the_math(tmp_path, tiny_model_dir)
         trainer.resume_point(same, "latest")
 
 
+def test_a_resume_that_changes_the_schedule_says_exactly_what_changes_or_is_refused(tmp_path, tiny_model_dir, capsys):
+    """Resuming a cosine run with more epochs changes the learning rate of every remaining step: the resume says the
+    lr it will use and the one the original run had, and where the decay now ends; a constant schedule past its
+    warm-up says nothing (nothing changes); a change of batch size or warm-up is refused, naming the key."""
+    from rich.console import Console
+
+    from psft_lite.training.schedules import lr_at
+
+    path = make_recipe(tmp_path, tiny_model_dir, train={"epochs": 1, "schedule": "cosine", "warmup_steps": 1})
+    import tomli_w
+    import tomllib
+
+    raw = tomllib.loads(path.read_text())
+    raw["train"].pop("max_steps", None)
+    path.write_text(tomli_w.dumps(raw))
+    r = build(load_recipe(path), QUIET)
+    trainer.prepare_run_dir(r)
+    train_loop(r)  # 16 examples, batch 4: 4 steps
+    console = Console(file=None, record=True, width=200)
+    longer = build(load_recipe(path, ["train.epochs=2"]), console, resuming=True)
+    assert trainer.resume_point(longer, "latest")[0] == 4
+    said = console.export_text()
+    t = longer.recipe.train
+    assert (
+        f"the run now has 8 steps instead of 4, so its cosine learning-rate schedule changes: from step 5 the lr is "
+        f"{lr_at(4, 8, t):.3g} (the original run had {lr_at(4, 4, t):.3g}), and it decays to its floor at step 8 "
+        "instead of 4" in " ".join(said.split())
+    )
+    for key, value in (("train.batch_size", 8), ("train.warmup_steps", 2)):
+        other = build(load_recipe(path, ["train.epochs=2", f"{key}={value}"]), QUIET, resuming=True)
+        with pytest.raises(RecipeError, match=rf"trained with {key} = "):
+            trainer.resume_point(other, "latest")
+    flat = make_recipe(tmp_path / "flat", tiny_model_dir, train={"max_steps": 4, "schedule": "constant"})
+    r = build(load_recipe(flat), QUIET)
+    trainer.prepare_run_dir(r)
+    train_loop(r)
+    console = Console(file=None, record=True, width=200)
+    more = build(load_recipe(flat, ["train.max_steps=6"]), console, resuming=True)
+    assert trainer.resume_point(more, "latest")[0] == 4 and "schedule changes" not in console.export_text()
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path, tiny_model_dir):
     r = build(
         load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 5, "save_every": 1, "keep_last": 2})),

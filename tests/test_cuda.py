@@ -223,7 +223,7 @@ def test_sharded_bf16_training_on_two_gpus_tracks_one_gpu_and_refuses_a_4bit_bas
     )
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
-    ref = [json.loads(x) for x in open(one["metrics"]).read().splitlines() if '"event"' not in x]
+    ref = [json.loads(x) for x in open(one.metrics_file).read().splitlines() if '"event"' not in x]
     assert [r["step"] for r in recs] == [r["step"] for r in ref]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(recs, ref)) < 2e-2
     assert (two / "adapter" / "adapter_model.safetensors").is_file()

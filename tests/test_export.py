@@ -4,7 +4,6 @@ its base matches the merged GGUF, the export loads back as a base, and every bad
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -156,7 +155,7 @@ def test_exported_gguf_loads_back_as_a_base_and_trains(tmp_path, tiny_model_dir)
     export_mod.export(tiny_model_dir, out=out, quant="q8_0", console=QUIET)
     recipe = load_recipe(make_recipe(tmp_path, out, train={"max_steps": 2, "lr": 1e-3}))
     summary = trainer.run(recipe, console=QUIET)
-    assert summary["steps"] == 2 and np.isfinite(summary["last"]["loss"])
+    assert summary.steps == 2 and np.isfinite(summary.last["loss"])
 
 
 def test_f32_export_of_the_base_reproduces_the_source_gguf_bit_exactly(tmp_path, embedded_dir):
@@ -218,7 +217,7 @@ def test_other_families_export_and_check_in_llama_cpp(tmp_path, tokenizer, embed
     path = _tiny(tmp_path, tokenizer, embedded_dir, model_type)
     recipe = make_recipe(tmp_path, path, train={"max_steps": 2, "lr": 1e-2, "batch_size": 2, "micro_batch_size": 2})
     run = trainer.run(load_recipe(recipe), console=QUIET)
-    report = export_mod.export(Path(run["run_dir"]), out=tmp_path / "out" / "m.gguf", quant="f32", console=QUIET)
+    report = export_mod.export(run.run_dir, out=tmp_path / "out" / "m.gguf", quant="f32", console=QUIET)
     c = report["files"][0]["check"]
     assert c["passed"] and c["tokenizer_mismatches"] == 0 and c["max_abs_dlogit"] < 0.05, c
     r = gguf.GGUFReader(tmp_path / "out" / "m.gguf")
@@ -244,7 +243,7 @@ def test_recipe_save_gguf_exports_at_the_end_of_training(tmp_path, tiny_model_di
         make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 2}, output={"save": "gguf", "gguf_quant": "f16"})
     )
     summary = trainer.run(recipe, console=QUIET)
-    [path] = summary["gguf"]
+    [path] = map(str, summary.gguf)
     assert path.endswith("run-f16.gguf")
     assert _field(gguf.GGUFReader(path), "general.file_type") == int(gguf.LlamaFileType.MOSTLY_F16)
 

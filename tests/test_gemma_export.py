@@ -30,7 +30,7 @@ def gemma_run(tmp_path_factory, gemma_dir) -> Path:
     }  # fp32: the merge is exact
     recipe = make_recipe(tmp, GEMMA3, train=train, data={"limit": 2})
     summary = trainer.run(load_recipe(recipe), console=QUIET)
-    return Path(summary["run_dir"])
+    return summary.run_dir
 
 
 def test_gemma_merge_is_exact(tmp_path, gemma_run):

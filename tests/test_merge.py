@@ -119,7 +119,7 @@ def test_recipe_save_merged_merges_at_the_end_of_training(tmp_path, tiny_model_d
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 2}, output={"save": "merged"}))
     summary = trainer.run(recipe, console=QUIET)
     merged = tmp_path / "run" / "merged"
-    assert summary["merged"] == str(merged)
+    assert summary.merged == merged
     meta = json.loads((merged / "psft_lite.json").read_text())
     assert meta["check"]["max_abs_dlogit"] < 1e-3
 

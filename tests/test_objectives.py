@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from psft_lite.model.logprobs import logprobs_from_logits, target_logprobs
-from psft_lite.training.objectives import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
+from psft_lite.training.losses import dft_loss, idft_loss, psft_loss, sft_loss, token_weights
 
 REF = json.loads((Path(__file__).parent / "data" / "objectives_reference.json").read_text())
 PSFT_DEFAULTS = {"clip_high": 0.28, "clip_low": 0.2}  # METHODS.md §2
@@ -213,7 +213,7 @@ def _direct_kl(z: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
 
 def test_sft_kl_matches_its_definition_in_float64():
     """ℓ = Σ_t w_t (−log p_t + β·KL_t): loss and gradient w.r.t. the logits against autograd on the definition."""
-    from psft_lite.training.objectives import sft_kl_loss
+    from psft_lite.training.losses import sft_kl_loss
 
     logits, targets, mask, logp, _ = _inputs()
     base = torch.roll(logits.detach(), 1, dims=-1) * 0.7  # a different, fixed distribution at every position
@@ -264,7 +264,7 @@ def _topk_entropy(z: torch.Tensor, k: int) -> torch.Tensor:
 
 def test_asft_matches_its_definition_in_float64():
     """ASFT: ℓ = Σ_t w_t (−sg[p_t]·log p_t + λ·KL(p_base ‖ p)) — the forward KL, as the paper's code computes it."""
-    from psft_lite.training.objectives import asft_loss
+    from psft_lite.training.losses import asft_loss
 
     logits, targets, mask, logp, _ = _inputs()
     base = torch.roll(logits.detach(), 2, dims=-1) * 0.5
@@ -287,7 +287,7 @@ def test_asft_matches_its_definition_in_float64():
 
 def test_eaft_matches_its_definition_in_float64():
     """EAFT: ℓ = Σ_t w_t · sg[(H_topk,t / ln k)^α] · (−log p_t): a confident token (low top-k entropy) is damped."""
-    from psft_lite.training.objectives import eaft_loss
+    from psft_lite.training.losses import eaft_loss
 
     logits, targets, mask, logp, _ = _inputs()
     h = _topk_entropy(logits.detach(), 3)

@@ -203,7 +203,7 @@ def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny
     text = console.export_text()
     assert text.count("reporting to tensorboard failed (OSError: [Errno 28] No space left on device)") == 1
     assert "metrics.jsonl stays complete" in text
-    assert summary["steps"] == 3 and Path(summary["adapter"], "adapter_config.json").is_file()
+    assert summary.steps == 3 and (summary.adapter / "adapter_config.json").is_file()
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 

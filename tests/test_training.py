@@ -210,7 +210,7 @@ def test_qlora_eval_forward_does_not_drop_gradients(tmp_path, embedded_dir):
 
 def test_packed_rows_score_every_example_as_if_it_were_alone(tmp_path, tiny_model_dir):
     from psft_lite.data.batching import pack_examples, pack_groups
-    from psft_lite.training.objectives import token_weights
+    from psft_lite.training.losses import token_weights
 
     r = _build(tmp_path, tiny_model_dir)
     r.model.eval()

@@ -173,63 +173,83 @@ class _FusedHead(torch.autograd.Function):
     2 for KL(q ‖ p), 0 for none) and the entropy of the top-k logits renormalised, over ln k (`topk` > 1; EAFT).
 
     Gradients are written out (d log p_t/dz = onehot − p; d KL(p‖q)/dz = p·(log p − log q − KL); d KL(q‖p)/dz
-    = p − q), so the backward pass recomputes each chunk's logits once instead of once per quantity. Memory stays one
-    [chunk × V] float32 block at a time, as in `_TargetLogProbs`."""
+    = p − q), so the backward pass recomputes each chunk's logits once instead of once per quantity. On a CPU the
+    vocabulary-sized elementwise passes, not the matmuls, are most of the cost, so each chunk makes as few as it can:
+    one exp per distribution, log-probabilities as z − logsumexp with the row's logsumexp kept from the forward pass,
+    the reverse KL from the entropy already computed (KL(p‖q) = −H(p) − Σ p·log q), row dot products without
+    temporaries, and the gradient built in place. Memory stays a few [chunk × V] float32 blocks at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref, kl, topk, chunk, softcap, scale):  # type: ignore[override]
         n = hidden.shape[0]
-        logp, ent, kls, htop = (hidden.new_zeros(n, dtype=torch.float32) for _ in range(4))
+        logp, ent, kls, htop, lse, lse_ref = (hidden.new_zeros(n, dtype=torch.float32) for _ in range(6))
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, chunk):
-                z, _ = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap, scale)
-                ls = torch.log_softmax(z, -1)  # as the reference's: a policy equal to it has a KL of exactly 0
-                p = ls.exp()
-                logp[s : s + chunk] = ls.gather(1, targets[s : s + chunk, None]).squeeze(1)
-                ent[s : s + chunk] = -(p * ls).sum(-1)
-                if kl:
-                    lq = torch.log_softmax(_chunk_logits(ref[s : s + chunk], weight, bias, softcap, scale)[0], -1)
-                    kls[s : s + chunk] = (p * (ls - lq)).sum(-1) if kl == 1 else (lq.exp() * (lq - ls)).sum(-1)
+                e = slice(s, s + chunk)
+                z, _ = _chunk_logits(hidden[e], weight, bias, softcap, scale)
                 if topk > 1:
                     top = torch.log_softmax(z.topk(topk, dim=-1).values, -1)
-                    htop[s : s + chunk] = -(top.exp() * top).sum(-1) / math.log(topk)
-        saved = (hidden, weight, bias if bias is not None else torch.empty(0), targets, ref if kl else torch.empty(0))
-        ctx.save_for_backward(*saved)
+                    htop[e] = -(top.exp() * top).sum(-1) / math.log(topk)
+                lse[e] = torch.logsumexp(z, -1)
+                ls = z.sub_(lse[e, None])  # log p, in z's memory
+                p = ls.exp()
+                logp[e] = ls.gather(1, targets[e, None]).squeeze(1)
+                ent[e] = -torch.linalg.vecdot(p, ls)
+                if kl:
+                    zr, _ = _chunk_logits(ref[e], weight, bias, softcap, scale)
+                    lse_ref[e] = torch.logsumexp(zr, -1)
+                    lq = zr.sub_(lse_ref[e, None])  # computed as log p is: equal states give a KL of exactly 0
+                    if kl == 1:  # KL(p ‖ q) = −H(p) − Σ p·log q
+                        kls[e] = -ent[e] - torch.linalg.vecdot(p, lq)
+                    else:  # KL(q ‖ p) = Σ q·log q − Σ q·log p
+                        q = lq.exp()
+                        kls[e] = torch.linalg.vecdot(q, lq) - torch.linalg.vecdot(q, ls)
+        ctx.save_for_backward(
+            hidden,
+            weight,
+            bias if bias is not None else torch.empty(0),
+            targets,
+            ref if kl else torch.empty(0),
+            lse,
+            lse_ref,
+            kls,
+        )
         ctx.has_bias, ctx.kl, ctx.chunk, ctx.softcap, ctx.scale = bias is not None, kl, chunk, softcap, scale
         ctx.mark_non_differentiable(ent, htop)
         return logp, ent, kls, htop
 
     @staticmethod
     def backward(ctx, g_logp, _g_ent, g_kl, _g_top):  # type: ignore[override]
-        hidden, weight, bias, targets, ref = ctx.saved_tensors
+        hidden, weight, bias, targets, ref, lse, lse_ref, kls = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        use_kl = bool(ctx.kl) and g_kl is not None
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[s : s + ctx.chunk]
+                e = slice(s, s + ctx.chunk)
+                h = hidden[e]
                 z, dz_draw = _chunk_logits(h, weight, bias, ctx.softcap, ctx.scale)
-                ls = torch.log_softmax(z, -1)
+                ls = z.sub_(lse[e, None])
                 p = ls.exp()
-                g = g_logp[s : s + ctx.chunk].float()
-                gz = -p * g[:, None]
-                gz.scatter_add_(1, targets[s : s + ctx.chunk, None], g[:, None])
-                if ctx.kl and g_kl is not None:
-                    gk = g_kl[s : s + ctx.chunk].float()[:, None]
-                    lq = torch.log_softmax(
-                        _chunk_logits(ref[s : s + ctx.chunk], weight, bias, ctx.softcap, ctx.scale)[0], -1
-                    )
-                    if ctx.kl == 1:  # KL(p ‖ q)
-                        d = ls - lq
-                        gz += gk * p * (d - (p * d).sum(-1, keepdim=True))
-                    else:  # KL(q ‖ p)
-                        gz += gk * (p - lq.exp())
+                g = g_logp[e].float()[:, None] if g_logp is not None else p.new_zeros(p.shape[0], 1)
+                if use_kl:
+                    gk = g_kl[e].float()[:, None]
+                    zr, _ = _chunk_logits(ref[e], weight, bias, ctx.softcap, ctx.scale)
+                    lq = zr.sub_(lse_ref[e, None])
+                    if ctx.kl == 1:  # p·(gk·(log p − log q − KL) − g)
+                        gz = ls.sub_(lq).mul_(gk).add_(-gk * kls[e, None] - g).mul_(p)
+                    else:  # p·(gk − g) − gk·q
+                        gz = p.mul(gk - g).sub_(lq.exp_().mul_(gk))
+                else:
+                    gz = p.mul_(-g)
+                gz.scatter_add_(1, targets[e, None], g)
                 if dz_draw is not None:
                     gz = gz * dz_draw
                 if need_h:
-                    grad_h[s : s + ctx.chunk] = (gz.to(weight.dtype) @ weight).to(hidden.dtype)
+                    grad_h[e] = (gz.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
                     grad_w += gz.t() @ h.float()
                 if need_b:

@@ -7,6 +7,7 @@ crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -202,9 +203,12 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path:
     return p
 
 
-def open_resume(run_dir: Path, spec: str, recipe: Any, total_steps: int) -> tuple[Path, list[str]]:
+def open_resume(
+    run_dir: Path, spec: str, recipe: Any, total_steps: int, steps_per_epoch: int | None = None
+) -> tuple[Path, list[str]]:
     """The checkpoint `--resume spec` names, after checking that resuming it with `recipe` continues the same run;
-    returns it with warnings. `RecipeError` when the recipe changes the math or asks for no further steps."""
+    returns it with warnings (a changed run length under a decaying lr schedule is said exactly). `RecipeError` when
+    the recipe changes the math or asks for no further steps."""
     from psft_lite.recipe.schema import load_recipe, math_differences
 
     path = find_checkpoint(run_dir, spec)
@@ -225,6 +229,17 @@ def open_resume(run_dir: Path, spec: str, recipe: Any, total_steps: int) -> tupl
             "train.max_steps (or train.epochs) to train further."
         )
     warnings = []
-    if saved.train.schedule != "constant" and saved.train.max_steps != recipe.train.max_steps:
-        warnings.append("the run length changed, so the lr schedule differs from the original run's.")
+    if steps_per_epoch is not None:
+        from psft_lite.training.schedules import lr_at
+
+        t = saved.train
+        saved_total = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+        if saved_total != total_steps and t.schedule != "constant" and step >= t.warmup_steps:
+            old, new = lr_at(step, saved_total, t), lr_at(step, total_steps, recipe.train)
+            warnings.append(
+                f"the run now has {total_steps} steps instead of {saved_total}, so its {t.schedule} learning-rate "
+                f"schedule changes: from step {step + 1} the lr is {new:.3g} (the original run had {old:.3g}), and it "
+                f"decays to its floor at step {total_steps} instead of {saved_total}. To keep the original schedule, "
+                f"resume with the original length and start a new run for more steps."
+            )
     return path, warnings

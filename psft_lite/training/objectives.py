@@ -1,157 +1,22 @@
-"""Training objectives as pure tensor functions (docs/METHODS.md §1–§4, §6). No model, no I/O.
+"""The table of training objectives: everything the rest of psft-lite knows about each one (docs/METHODS.md). The
+recipe's `objective.kind` choices, the training step's dispatch and cross-rank statistics, the ignored-keys warning,
+the guard, the plot panels and the study's methods all read it, so adding an objective is a loss function and one
+row — `register` (or `psft_lite.register_objective`) adds one from outside.
 
-Shapes: every per-token tensor is [B, T] with T the padded sequence length; `mask` marks trained tokens; `weights`
-are the per-token normalisation weights of an optimizer step (`token_weights`), so a loss is Σ weights·ℓ and
-summing micro-batch losses over gradient accumulation gives exactly the step's token- or sequence-mean.
-
-Each loss returns `(loss, stats)`; stats are detached token-means over this micro-batch's trained tokens (names
-ending in `_max` are maxima), which `metrics.StepStats` combines across micro-batches.
+This module imports no torch: a row names its loss as "module:function" and the function is imported when a run
+first uses it (`Objective.fn`), so loading or validating a recipe stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Normalisation (docs/METHODS.md §6)
-
-
-def token_weights(
-    mask: Tensor,
-    normalize: str,
-    n_tokens: int | None = None,
-    n_seqs: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    seq_ids: Tensor | None = None,
-) -> Tensor:
-    """Per-token weights so that Σ weights·ℓ over an optimizer step is its token-mean or sequence-mean.
-
-    Pass the whole step's `n_tokens` (trained tokens) or `n_seqs` (sequences with any trained token) when the step
-    is split into micro-batches; the defaults normalise over this tensor alone. For packed rows, `seq_ids` [B, L]
-    says which sequence of its row each token belongs to, so a sequence-mean is over sequences, not rows.
-    """
-    m = mask.to(dtype)
-    if normalize == "token":
-        return m / (n_tokens if n_tokens is not None else m.sum().clamp(min=1))
-    if normalize == "sequence":
-        if seq_ids is None:
-            per_seq = m.sum(-1, keepdim=True)
-            seqs = n_seqs if n_seqs is not None else int((per_seq > 0).sum())
-        else:
-            flat = (torch.arange(m.shape[0], device=m.device)[:, None] * m.shape[1] + seq_ids).flatten()
-            counts = torch.zeros(m.numel(), dtype=dtype, device=m.device).index_add_(0, flat, m.flatten())
-            per_seq = counts[flat].view_as(m)
-            seqs = n_seqs if n_seqs is not None else int((counts > 0).sum())
-        return m / per_seq.clamp(min=1) / max(seqs, 1)
-    raise ValueError(f"unknown normalisation {normalize!r}")
-
-
-def _mean(x: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Losses. Hyper-parameters are keyword-only and have no defaults here: the recipe schema holds the defaults.
-
-
-def sft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """docs/METHODS.md §1: ℓ_t = −log p_t."""
-    return -(weights * logp).sum(), {}
-
-
-def sft_kl_loss(
-    logp: Tensor, *, mask: Tensor, weights: Tensor, kl_base: Tensor, kl_coef: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """docs/METHODS.md §1b: ℓ_t = −log p_t + β·KL(π_θ(·|s_t) ‖ π_base(·|s_t)), the KL over the full vocabulary at
-    each trained position (with gradient), β = `kl_coef`: SFT regularised towards the base model."""
-    return (weights * (kl_coef * kl_base - logp)).sum(), {"kl_base": _mean(kl_base.detach(), mask)}
-
-
-def asft_loss(
-    logp: Tensor, *, mask: Tensor, weights: Tensor, kl_base: Tensor, asft_kl_coef: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """docs/METHODS.md §9 (ASFT, arXiv 2509.23753): ℓ_t = −sg[p_t]·log p_t + λ·KL(π_base ‖ π_θ), DFT's weighting
-    anchored to the base by the *forward* KL over the full vocabulary (the direction of the paper's code, which
-    LLaMA-Factory and Unsloth follow; the paper's text writes it reversed), λ = `asft_kl_coef`."""
-    dft = -(logp.detach().exp() * logp)
-    return (weights * (dft + asft_kl_coef * kl_base)).sum(), {"kl_base": _mean(kl_base.detach(), mask)}
-
-
-def eaft_loss(
-    logp: Tensor, *, mask: Tensor, weights: Tensor, topk_entropy: Tensor, eaft_alpha: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """docs/METHODS.md §9 (EAFT, arXiv 2601.02151): ℓ_t = −sg[H̃_t^α]·log p_t, H̃_t the entropy of the model's own
-    top-k logits (renormalised) over ln k, so a token the model is confidently wrong about ("a confident conflict":
-    low entropy, low probability) is damped. k = `eaft_top_k` (20), α = `eaft_alpha` (1)."""
-    weight = topk_entropy.detach().clamp(min=0) ** eaft_alpha
-    return -(weights * weight * logp).sum(), {"eaft_weight": _mean(weight, mask)}
-
-
-def dft_loss(logp: Tensor, *, mask: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """docs/METHODS.md §4 with λ = 0: ℓ_t = −sg[p_t] · log p_t (Dynamic Fine-Tuning)."""
-    return -(weights * logp.detach().exp() * logp).sum(), {}
-
-
-def idft_loss(
-    logp: Tensor,
-    *,
-    entropy: Tensor,
-    mask: Tensor,
-    weights: Tensor,
-    beta: float,
-    gamma_min: float,
-    gamma_max: float,
-    lam: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """docs/METHODS.md §4: φ = log p + H; γ = 1 + λ(clamp(exp(−φ/β), γ_min, γ_max) − 1); ℓ_t = −sg[p^γ] · log p."""
-    lp = logp.detach()
-    phi = lp + entropy
-    gamma_raw = torch.exp(-phi / beta).clamp(gamma_min, gamma_max)
-    gamma = 1 + lam * (gamma_raw - 1)
-    weight = torch.exp(gamma * lp)  # p^γ, a constant
-    loss = -(weights * weight * logp).sum()
-    phi_mean = _mean(phi, mask)
-    stats = {
-        "phi_mean": phi_mean,
-        "phi_std": (_mean((phi - phi_mean) ** 2, mask)).sqrt(),
-        "gamma_mean": _mean(gamma, mask),
-        "weight_mean": _mean(weight, mask),
-    }
-    return loss, stats
-
-
-def psft_loss(
-    logp: Tensor,
-    *,
-    old_logp: Tensor,
-    mask: Tensor,
-    weights: Tensor,
-    clip_high: float,
-    clip_low: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """docs/METHODS.md §2: ℓ_t = −min(r_t·A, clip(r_t, 1−ε_low, 1+ε_high)·A) with A = 1, i.e. −min(r_t, 1+ε_high).
-
-    r_t = exp(clamp(log p_t − log p_old,t, −20, 20)); the gradient is −r_t ∇log p_t while r_t < 1+ε_high and
-    exactly zero once a token's probability has risen more than (1+ε_high)× above the old policy's.
-    """
-    log_ratio = (logp - old_logp.detach()).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    surrogate = torch.minimum(ratio, ratio.clamp(1 - clip_low, 1 + clip_high))  # advantage A = 1
-    loss = -(weights * surrogate).sum()
-    ratio = ratio.detach()
-    stats = {
-        "clip_frac": _mean((ratio > 1 + clip_high).to(ratio.dtype), mask),
-        "ratio_mean": _mean(ratio, mask),
-        "ratio_max": torch.where(mask.bool(), ratio, torch.zeros_like(ratio)).max(),
-        "approx_kl": _mean(old_logp.detach() - logp.detach(), mask),
-    }
-    return loss, stats
+#: what a loss may read besides logp / mask / weights, and who provides it (training/step.py)
+INPUTS = {"entropy", "old_logp", "lam", "kl_base", "topk_entropy"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,7 +27,7 @@ def psft_loss(
 
 @dataclass(frozen=True)
 class Objective:
-    loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    loss: str | Callable[..., Any]  # "module:function" (built-in rows: imported on first use) or the function
     label: str  # what it optimises, one line
     inputs: tuple[str, ...] = ()  # per-step inputs besides logp/mask/weights: "entropy", "old_logp", "lam", "kl_base",
     # "topk_entropy"
@@ -179,14 +44,24 @@ class Objective:
     def uses_old_policy(self) -> bool:
         return "old_logp" in self.inputs
 
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The loss function itself."""
+        if callable(self.loss):
+            return self.loss
+        module, _, name = self.loss.partition(":")
+        return getattr(importlib.import_module(module), name)
+
 
 _PSFT_PARAMS = ("clip_high", "clip_low")
 _IDFT_PARAMS = ("beta", "gamma_min", "gamma_max")
 
+_L = "psft_lite.training.losses:"
+
 OBJECTIVES: dict[str, Objective] = {
-    "sft": Objective(sft_loss, "−log p"),
+    "sft": Objective(_L + "sft_loss", "−log p"),
     "sft_kl": Objective(
-        sft_kl_loss,
+        _L + "sft_kl_loss",
         "−log p + β·KL(p ‖ p_base)",
         inputs=("kl_base",),
         kl="reverse",
@@ -195,9 +70,9 @@ OBJECTIVES: dict[str, Objective] = {
         stats=("kl_base",),
         panels=(("kl_base", "sft_kl: KL to base (full vocabulary)"),),
     ),
-    "dft": Objective(dft_loss, "−sg[p]·log p"),
+    "dft": Objective(_L + "dft_loss", "−sg[p]·log p"),
     "asft": Objective(
-        asft_loss,
+        _L + "asft_loss",
         "−sg[p]·log p + λ·KL(p_base ‖ p)",
         inputs=("kl_base",),
         kl="forward",
@@ -207,7 +82,7 @@ OBJECTIVES: dict[str, Objective] = {
         panels=(("kl_base", "asft: forward KL to base"),),
     ),
     "eaft": Objective(
-        eaft_loss,
+        _L + "eaft_loss",
         "−sg[H̃_topk^α]·log p",
         inputs=("topk_entropy",),
         topk_key="eaft_top_k",
@@ -217,7 +92,7 @@ OBJECTIVES: dict[str, Objective] = {
         panels=(("eaft_weight", "eaft: mean token weight"),),
     ),
     "psft": Objective(
-        psft_loss,
+        _L + "psft_loss",
         "−min(r, 1+ε_high), r = p / p_old",
         inputs=("old_logp",),
         params=_PSFT_PARAMS,
@@ -231,7 +106,7 @@ OBJECTIVES: dict[str, Objective] = {
         ),
     ),
     "idft": Objective(
-        idft_loss,
+        _L + "idft_loss",
         "−sg[p^γ]·log p, γ from φ = log p + H",
         inputs=("entropy", "lam"),
         params=_IDFT_PARAMS,
@@ -265,3 +140,46 @@ def method_name(objective: Any) -> str:
         if all(getattr(objective, k) == v for k, v in settings.items()):
             return name
     return objective.kind
+
+
+def register(name: str, loss: Callable[..., Any], **row: Any) -> Objective:
+    """Add (or replace) an objective in the table, checked as a built-in row is: a name the recipe can hold, a
+    callable loss, inputs the training step provides, statistics it reports; returns the row. The recipe reads the
+    table when it validates, so `objective.kind = "<name>"` works from then on."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"objective name {name!r}: use lowercase letters, digits and underscores (it is a TOML value)")
+    if not callable(loss):
+        raise ValueError(f"objective {name!r}: loss must be a function (logp, *, mask, weights, ...) -> (loss, stats)")
+    row.setdefault("label", name)
+    unknown = set(row.get("inputs", ())) - INPUTS
+    if unknown:
+        raise ValueError(f"objective {name!r}: unknown inputs {sorted(unknown)}; the step provides {sorted(INPUTS)}")
+    if "kl_base" in row.get("inputs", ()) and row.get("kl") not in ("reverse", "forward"):
+        raise ValueError(
+            f"objective {name!r}: an objective reading kl_base says its direction, kl='reverse' or 'forward'"
+        )
+    _check_signature(name, loss, ["mask", "weights", *row.get("inputs", ()), *row.get("params", ())])
+    try:
+        spec = Objective(loss, **row)
+    except TypeError as e:
+        raise ValueError(f"objective {name!r}: {e}") from None
+    OBJECTIVES[name] = spec
+    return spec
+
+
+def _check_signature(name: str, loss: Callable[..., Any], wanted: list[str]) -> None:
+    """The loss takes every keyword the step will pass it (or **kwargs)."""
+    import inspect
+
+    try:
+        accepted = inspect.signature(loss).parameters
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        return
+    missing = [k for k in wanted if k not in accepted]
+    if missing:
+        raise ValueError(
+            f"objective {name!r}: its loss does not take {missing[0]}; it is called as loss(logp, *, "
+            f"{', '.join(wanted)})"
+        )

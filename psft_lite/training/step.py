@@ -17,7 +17,7 @@ from psft_lite.data.batching import Batch
 from psft_lite.model import modeling
 from psft_lite.tracking.metrics import StepStats
 from psft_lite.training.build import Run
-from psft_lite.training.objectives import token_weights
+from psft_lite.training.losses import token_weights
 from psft_lite.training.schedules import idft_lambda, lr_at
 from psft_lite.training.sharding import full
 
@@ -97,7 +97,7 @@ def micro_step(
         "topk_entropy": out["topk_entropy"],
     }
     params = {k: getattr(o, k) for k in spec.params}
-    loss, s = spec.loss(logp, mask=mask, weights=weights, **{k: inputs[k] for k in spec.inputs}, **params)
+    loss, s = spec.fn(logp, mask=mask, weights=weights, **{k: inputs[k] for k in spec.inputs}, **params)
     s = {**s, "nll": -masked_mean(logp.detach(), mask), "entropy": masked_mean(ent, mask)}
     return loss, s, logp.detach()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -26,6 +27,7 @@ from psft_lite.training import checkpoint, distributed, sharding
 from psft_lite.training.build import Run, build
 from psft_lite.training.distributed import Dist
 from psft_lite.training.loop import final_eval, train_loop
+from psft_lite.training.result import TrainResult
 
 
 def prepare_run_dir(run: Run) -> None:
@@ -42,7 +44,9 @@ def prepare_run_dir(run: Run) -> None:
 def resume_point(run: Run, spec: str) -> tuple[int, int]:
     """Load the checkpoint `spec` names into the run; returns the number of steps it had completed and the last step
     the interrupted run had reported (its metrics.jsonl went further than the checkpoint if it was killed)."""
-    path, warnings = checkpoint.open_resume(run.run_dir, spec, run.recipe, run.total_steps)
+    path, warnings = checkpoint.open_resume(
+        run.run_dir, spec, run.recipe, run.total_steps, run.data.plan.steps_per_epoch
+    )
     state, policy_state = checkpoint.load_checkpoint(path, run.model, run.optimizer)
     if state.data and state.data != run.data.identity():
         raise RecipeError(f"--resume: the training data changed since {path} ({state.data} vs {run.data.identity()}).")
@@ -74,8 +78,8 @@ def adapter_meta(run: Run, step: int) -> dict[str, Any]:
 
 def run(
     recipe: Recipe, console: Console | None = None, overwrite: bool = False, resume: str | None = None
-) -> dict[str, Any]:
-    """Train as the recipe says (or continue from a checkpoint); returns a summary (paths, steps, time)."""
+) -> TrainResult:
+    """Train as the recipe says (or continue from a checkpoint); returns what it did (paths, steps, time, outcome)."""
     console = console or Console(stderr=True)
     dist = distributed.init_from_env(recipe.train.strategy)
     try:
@@ -140,7 +144,7 @@ def start_reporting(run: Run, start: int, reported: int) -> Reporter:
     return reporter
 
 
-def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, dist: Dist) -> dict[str, Any]:
+def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, dist: Dist) -> TrainResult:
     t_start = time.perf_counter()
     run = build(recipe, console, overwrite=overwrite, resuming=resume is not None, dist=dist)
     for line in describe(run):
@@ -152,22 +156,19 @@ def _run(recipe: Recipe, console: Console, overwrite: bool, resume: str | None, 
     else:
         prepare_run_dir(run)
     reporter = start_reporting(run, start, reported)
-    status, summary = "failed", {}
+    status, result = "failed", None
     try:
-        summary = _train_and_save(run, start, t_start, reporter)
+        result = _train_and_save(run, start, t_start, reporter)
         status = "finished"
-        return summary
+        return result
     except Interrupted:
         status = "interrupted"
         raise
     finally:
-        reporter.finish(
-            {k: v for k, v in summary.items() if k not in ("first", "last", "main", "trackers", "final_eval", "gate")},
-            status,
-        )
+        reporter.finish(result.scalars() if result is not None else {}, status)
 
 
-def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) -> dict[str, Any]:
+def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) -> TrainResult:
     recipe, dist, console = run.recipe, run.dist, run.console
     t_loop = time.perf_counter()
     records = train_loop(run, start, report=reporter.record)
@@ -184,56 +185,58 @@ def _train_and_save(run: Run, start: int, t_start: float, reporter: Reporter) ->
                 f"could not write the adapter into {run.run_dir} ({e.strerror}); the last checkpoint is intact."
             ) from None
     dist.barrier()
-    summary = {
-        "run_dir": str(run.run_dir),
-        "adapter": str(adapter),
-        "metrics": str(rundir.metrics_file(run.run_dir)),
-        "steps": run.total_steps - start,
-        "train_s": loop_s,
-        "total_s": time.perf_counter() - t_start,
-        "peak_mem_mb": peak_memory_mb(run.device),
-        "first": records[0] if records else None,
-        "last": records[-1] if records else None,
-        "main": dist.is_main,
+    result = TrainResult(
+        run_dir=run.run_dir,
+        adapter=adapter,
+        metrics_file=rundir.metrics_file(run.run_dir),
+        steps=run.total_steps - start,
+        train_seconds=loop_s,
+        seconds=0.0,
+        peak_memory_mb=peak_memory_mb(run.device),
+        first=records[0] if records else None,
+        last=records[-1] if records else None,
+        final_nll=records[-1]["nll"] if records and "nll" in records[-1] else None,
+        trackers=where(recipe.output.report_to, recipe.output.project, run.run_dir, reporter.state),
+        main=dist.is_main,
         **(run_outcome(rundir.metrics_file(run.run_dir)) if dist.is_main else {}),
-        "trackers": where(recipe.output.report_to, recipe.output.project, run.run_dir, reporter.state),
-    }
-    if records and "nll" in records[-1]:
-        summary["final_nll"] = records[-1]["nll"]
+    )
     if dist.evaluates and recipe.eval.final and (recipe.eval.sets or recipe.data.eval or recipe.eval.retention):
-        summary["final_eval"], verdict = final_eval(run)
+        result.final_eval, verdict = final_eval(run)
         folder = rundir.eval_dir(run.run_dir)
         if dist.is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(folder / "final.json", json.dumps(summary["final_eval"], indent=2) + "\n")
+            atomic_write_text(folder / "final.json", json.dumps(result.final_eval, indent=2) + "\n")
             if verdict is not None:
                 retention.write_verdict(folder, verdict)
-                summary["gate"] = retention.gate(verdict, recipe.eval.max_forgetting)
+                result.gate = retention.gate(verdict, recipe.eval.max_forgetting)
     if dist.is_main and outputs.needs_model_memory(recipe.output.save):
         del run.model, run.optimizer  # the merge and the export load a model of their own
-        summary.update(outputs.write(run.run_dir, recipe.output, console))
-    return summary
+        written = outputs.write(run.run_dir, recipe.output, console)
+        result.merged = Path(written["merged"]) if "merged" in written else None
+        result.gguf = [Path(p) for p in written.get("gguf", [])]
+    result.seconds = time.perf_counter() - t_start
+    return result
 
 
-def end_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
+def end_lines(result: TrainResult) -> tuple[list[str], list[str]]:
     """What `psft-lite train` says when a run ends: (to stderr) time, entropy kept and drift; (to stdout) where the
     adapter, metrics and outputs are."""
-    last = summary["last"] or {}
+    last = result.last or {}
     notes = [
-        f"[green]done[/green] in {summary['total_s']:.0f} s ({summary['steps']} steps, "
-        f"{summary['steps'] / max(summary['train_s'], 1e-9):.2f} steps/s, peak memory {summary['peak_mem_mb']:.0f} "
+        f"[green]done[/green] in {result.seconds:.0f} s ({result.steps} steps, "
+        f"{result.steps / max(result.train_seconds, 1e-9):.2f} steps/s, peak memory {result.peak_memory_mb:.0f} "
         "MB)" + (f"; final nll {last['nll']:.3f}" if "nll" in last else "")
     ]
-    if "entropy_start" in summary:
-        kept = summary["entropy_kept"]
+    if result.entropy_start is not None:
+        kept = result.entropy_kept
         notes.append(
-            f"entropy on trained tokens: {summary['entropy_start']:.3f} over the first steps → "
-            f"{summary['entropy_end']:.3f} over the last" + (f" (kept {kept:.0%})" if kept is not None else "")
+            f"entropy on trained tokens: {result.entropy_start:.3f} over the first steps → "
+            f"{result.entropy_end:.3f} over the last" + (f" (kept {kept:.0%})" if kept is not None else "")
         )
-    if "drift" in summary:
-        d = summary["drift"]
+    if result.drift is not None:
+        d = result.drift
         notes.append(
-            f"drift from the base: {d:+.2f} nats at step {summary['drift_step']} (the training tokens are "
+            f"drift from the base: {d:+.2f} nats at step {result.drift_step} (the training tokens are "
             f"{math.exp(d):.1f}× as likely as under the base model)"
         )
     else:
@@ -241,12 +244,12 @@ def end_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
             "drift from the base: not measured (guard.drift_watch is off, or the run was shorter than "
             "guard.drift_every)"
         )
-    notes += final_eval_lines(summary.get("final_eval", {}))
-    where_ = [f"adapter: {summary['adapter']}", f"metrics: {summary['metrics']}"]
-    if "merged" in summary:
-        where_.append(f"merged: {summary['merged']}")
-    where_ += [f"gguf: {path}" for path in summary.get("gguf", [])]
-    return notes, where_ + list(summary["trackers"])
+    notes += final_eval_lines(result.final_eval or {})
+    where_ = [f"adapter: {result.adapter}", f"metrics: {result.metrics_file}"]
+    if result.merged is not None:
+        where_.append(f"merged: {result.merged}")
+    where_ += [f"gguf: {path}" for path in result.gguf]
+    return notes, where_ + list(result.trackers)
 
 
 def final_eval_lines(final: dict[str, Any]) -> list[str]:

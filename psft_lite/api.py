@@ -1,0 +1,319 @@
+"""psft-lite from Python: the functions `psft-lite`'s commands are built on.
+
+    import psft_lite
+
+    run = psft_lite.train("recipes/quickstart.toml", train={"max_steps": 20}, output={"dir": "runs/nb"})
+    print(run.final_eval["general_ability"]["overall"])            # the verdict, as numbers
+    model = psft_lite.load(run.run_dir)
+    print(model.generate("Anna has 12 stickers and gives 5 to Ben. How many does she have left?"))
+    ev = psft_lite.evaluate(run.run_dir, data={"test": "data/arith/test.jsonl"}, limit=20, retention=True)
+    merged = psft_lite.merge(run.run_dir)
+    gguf = psft_lite.export(run.run_dir, quant="q8_0")
+
+Every function takes a run directory, an adapter or merged folder, a hub id, a local model folder or the embedded
+`smollm2-135m-instruct` where the CLI does; returns a dataclass; raises the `psft_lite.core.errors` types (a
+`PsftError` says in one paragraph what is wrong and what to do); shows a rich progress display on stderr (in a
+notebook too) unless `progress=False`; and leaves the process's logging and warning settings as it found them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Nothing heavy at import time: torch, transformers and peft load inside the functions.
+
+
+@contextlib.contextmanager
+def _library_call() -> Iterator[None]:
+    """Run psft-lite's work with transformers' and datasets' chatter quieted, then put their verbosity, progress bars
+    and the warning filters back: a library call changes no global state."""
+    import warnings
+
+    import transformers
+
+    t_log = transformers.utils.logging
+    before = (t_log.get_verbosity(), t_log.is_progress_bar_enabled())
+    try:
+        import datasets
+
+        d_before: tuple[int, bool] | None = (
+            datasets.utils.logging.get_verbosity(),
+            datasets.utils.is_progress_bar_enabled(),
+        )
+    except ImportError:  # pragma: no cover
+        datasets, d_before = None, None
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        t_log.set_verbosity(before[0])
+        (t_log.enable_progress_bar if before[1] else t_log.disable_progress_bar)()
+        if datasets is not None and d_before is not None:
+            datasets.utils.logging.set_verbosity(d_before[0])
+            (datasets.enable_progress_bars if d_before[1] else datasets.disable_progress_bars)()
+
+
+def _console(progress: bool) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True) if progress else Console(quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def make_recipe(source: Any = None, set: list[str] | tuple[str, ...] = (), **sections: dict[str, Any]) -> Any:  # noqa: A002
+    """A validated `Recipe` from a TOML file (`source` a path), a dict, an existing Recipe, or nothing (the defaults),
+    with sections overridden in Python (`train={"lr": 1e-4}`) and/or `--set`-style strings (`set=["train.lr=1e-4"]`).
+    A bad key or value raises `RecipeError`, as the CLI does."""
+    from psft_lite.recipe.schema import Recipe, _apply_override, load_recipe, recipe_from_dict
+
+    if isinstance(source, (str, Path)):
+        base = load_recipe(source, list(set))
+        if not sections:
+            return base
+        raw, path = base.model_dump(mode="json", exclude_none=True), base.path
+    else:
+        raw = source.model_dump(mode="json", exclude_none=True) if isinstance(source, Recipe) else dict(source or {})
+        path = source.path if isinstance(source, Recipe) else None
+        for item in set:
+            _apply_override(raw, item)
+    for name, values in sections.items():
+        if not isinstance(values, dict):
+            raise TypeError(f"recipe section {name!r} must be a dict of keys, e.g. {name}={{'key': value}}")
+        raw[name] = {**raw.get(name, {}), **values} if isinstance(raw.get(name), dict) else dict(values)
+    out = recipe_from_dict(raw, source=str(path or "recipe"))
+    out._path = path
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train
+
+
+def train(
+    source: Any,
+    *,
+    overwrite: bool = False,
+    resume: str | None = None,
+    progress: bool = True,
+    set: list[str] | tuple[str, ...] = (),  # noqa: A002
+    **sections: dict[str, Any],
+) -> Any:
+    """Fine-tune as the recipe says; returns a `TrainResult` (run_dir, adapter, metrics, final evaluation and
+    verdict, gate, outputs). `source` is a recipe path, dict or Recipe; `sections` and `set` override it (see
+    `make_recipe`). `resume="latest"` continues an interrupted run; a run stopped by Ctrl-C raises `Interrupted`."""
+    from psft_lite.training import trainer
+
+    with _library_call():
+        return trainer.run(
+            make_recipe(source, set, **sections), console=_console(progress), overwrite=overwrite, resume=resume
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A model you can generate with
+
+
+@dataclass
+class Model:
+    """A model loaded as `psft-lite generate` loads it: a run is its base (4-bit or not, as trained) with its adapter
+    and the chat template it trained with."""
+
+    loaded: Any
+
+    @property
+    def label(self) -> str:
+        return self.loaded.label
+
+    def generate(
+        self, prompts: Any, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> Any:
+        """Answer one prompt (a string → a string) or many (a list of strings or of message lists → a list), greedy
+        unless `temperature` > 0."""
+        from psft_lite.inference.generate import generate
+
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        items = [prompts] if single else list(prompts)
+        chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in items]
+        with _library_call():
+            texts = [g.text for g in generate(self.loaded, chats, max_new_tokens, temperature, top_p, seed=seed)]
+        return texts[0] if single else texts
+
+
+def load(model: str | Path, dtype: str | None = None, device: str = "auto") -> Model:
+    """Load a run, adapter, merged folder, hub id, local model folder or `smollm2-135m-instruct` for generation."""
+    from psft_lite.inference.generate import load_model
+
+    with _library_call():
+        return Model(load_model(model, dtype, device))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluate
+
+
+@dataclass
+class SetScore:
+    """One data set's scores (`psft-lite eval --data`)."""
+
+    n: int
+    accuracy: float
+    mean_entropy: float
+    finished: float
+    mean_nll: float | None = None
+    format_rate: float | None = None
+    answer_accuracy: float | None = None
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured: per data set its scores, and with `retention` the general-ability verdict (a
+    `psft_lite.inference.retention.Verdict`: overall and per-kind change with intervals, right→wrong counts, KL)."""
+
+    sets: dict[str, SetScore]
+    general_ability: Any = None
+
+    @property
+    def verdict(self) -> str | None:
+        """The one-line verdict `psft-lite eval --retention` prints."""
+        from psft_lite.inference.retention import verdict_line
+
+        return verdict_line(self.general_ability) if self.general_ability is not None else None
+
+
+def evaluate(
+    model: str | Path | Model,
+    data: dict[str, str] | list[str] | None = None,
+    *,
+    retention: bool = False,
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    samples: int = 1,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    split: str = "test",
+    progress: bool = True,
+) -> Evaluation:
+    """Score a model on named data sets (`{"name": "file.jsonl"}`; a run without `data` uses its recipe's eval sets)
+    and, with `retention`, give the general-ability verdict against its base."""
+    from psft_lite.inference import evaluate as ev
+    from psft_lite.inference import retention as ret
+    from psft_lite.inference.generate import load_model
+
+    console = _console(progress)
+    with _library_call():
+        loaded = model.loaded if isinstance(model, Model) else load_model(model)
+        named = [f"{k}={v}" for k, v in data.items()] if isinstance(data, dict) else data
+        sets = ev.named_sets(loaded, named, None, split, limit) if named or not retention else {}
+        scores: dict[str, SetScore] = {}
+        if sets:
+            kw = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            summaries, predictions = ev.evaluate_sets(loaded, sets, **kw, console=console)
+            for name, s in summaries.items():
+                keep = {k: s.get(k) for k in SetScore.__dataclass_fields__ if k != "predictions" and k in s}
+                scores[name] = SetScore(**keep, predictions=predictions[name])
+        verdict = ret.evaluate_retention(loaded, console=console) if retention else None
+    return Evaluation(scores, verdict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merge and export
+
+
+@dataclass
+class MergeResult:
+    """A merged model folder and its check against the adapter model (max |Δlogit|, greedy agreement, tolerance)."""
+
+    path: Path
+    check: dict[str, Any]
+
+
+def merge(
+    run: str | Path,
+    out: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    base: str | None = None,
+    verify: bool = True,
+    from_original: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Fold a run's adapter into its base (dequantizing a 4-bit base first) and write a plain transformers folder;
+    checks its logits against the adapter model (a failure raises `RunError` and leaves nothing at `out`)."""
+    from psft_lite.export.merge import merge as do_merge
+
+    with _library_call():
+        report = do_merge(
+            Path(run),
+            out=Path(out) if out else None,
+            base=base,
+            dtype=dtype,
+            verify=verify,
+            from_original=from_original,
+            console=_console(progress),
+        )
+    return MergeResult(Path(report["out"]), {k: v for k, v in report.items() if k != "out"})
+
+
+@dataclass
+class ExportResult:
+    """GGUF files, each with its check in llama.cpp, and the Modelfile and model card beside them."""
+
+    files: list[Path]
+    checks: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+def export(
+    run: str | Path,
+    out: str | Path | None = None,
+    *,
+    quant: str = "q8_0",
+    adapter_only: bool = False,
+    overwrite: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+) -> ExportResult:
+    """Write a run (or model folder) as GGUF for llama.cpp, Ollama and LM Studio, proved in llama.cpp."""
+    from psft_lite.export.gguf import export as do_export
+
+    with _library_call():
+        report = do_export(
+            Path(run),
+            out=Path(out) if out else None,
+            quant=quant,
+            adapter_only=adapter_only,
+            overwrite=overwrite,
+            verify=verify,
+            console=_console(progress),
+        )
+    return ExportResult([Path(f["path"]) for f in report["files"]], list(report["files"]), report)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Extension
+
+
+def register_objective(name: str, loss: Any, **row: Any) -> None:
+    """Add an objective to the table every part of psft-lite reads (the recipe's `objective.kind`, the training step,
+    the guard, `plot`, `study`): `loss(logp, *, mask, weights, **inputs, **params) -> (loss, stats)` and the row's
+    fields (`label`, `inputs`, `params`, `keys`, `stats`, ...; psft_lite.training.objectives.Objective). Checked like
+    a built-in one: a bad name, an unknown input or a parameter the recipe has no key for raises `ValueError`."""
+    from psft_lite.recipe.schema import ObjectiveSection
+    from psft_lite.training.objectives import register
+
+    keys = {*row.get("params", ()), *row.get("keys", ()), *([row["topk_key"]] if row.get("topk_key") else [])}
+    unknown = sorted(keys - set(ObjectiveSection.model_fields))
+    if unknown:
+        raise ValueError(
+            f"objective {name!r}: objective.{unknown[0]} is not a recipe key; parameters come from [objective] keys "
+            f"({', '.join(sorted(ObjectiveSection.model_fields))})"
+        )
+    register(name, loss, **row)

@@ -1,0 +1,138 @@
+"""psft-lite from Python (psft_lite.api): cheap to import, no global state changed, typed results, extension."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import psft_lite
+
+from conftest import ROOT, make_recipe
+
+
+def test_importing_psft_lite_loads_no_torch_and_changes_no_logging():
+    code = textwrap.dedent(
+        """
+        import logging, sys, warnings
+        before = (logging.root.level, len(logging.root.handlers), len(warnings.filters))
+        import psft_lite
+        assert "torch" not in sys.modules and "transformers" not in sys.modules, sorted(sys.modules)
+        assert callable(psft_lite.train) and "torch" not in sys.modules  # the names resolve lazily
+        assert (logging.root.level, len(logging.root.handlers), len(warnings.filters)) == before
+        import psft_lite.recipe.schema
+        assert "torch" not in sys.modules  # a recipe is read and validated without torch
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_library_call_leaves_transformers_logging_and_warning_filters_as_it_found_them(tiny_model_dir):
+    import warnings
+
+    import transformers
+
+    log = transformers.utils.logging
+    log.set_verbosity_info()
+    log.enable_progress_bar()
+    filters = list(warnings.filters)
+    try:
+        model = psft_lite.load(tiny_model_dir, dtype="fp32")
+        assert isinstance(model.generate("Hi", max_new_tokens=2), str)
+        assert log.get_verbosity() == transformers.logging.INFO and log.is_progress_bar_enabled()
+        assert warnings.filters == filters
+    finally:
+        log.set_verbosity_warning()
+
+
+def test_train_evaluate_and_merge_return_typed_results(tmp_path, tiny_model_dir):
+    path = make_recipe(tmp_path, tiny_model_dir)
+    run = psft_lite.train(path, train={"max_steps": 2}, progress=False)
+    assert run.steps == 2 and run.adapter.is_dir() and len(run.metrics) == 2 and run.metrics[-1]["step"] == 2
+    assert run.seconds >= run.train_seconds > 0 and run.final_nll == pytest.approx(
+        run.metrics[-1]["nll"], rel=1e-4
+    )  # the file rounds
+    ev = psft_lite.evaluate(
+        run.run_dir, {"t": str(ROOT / "data" / "arith" / "test.jsonl")}, limit=2, max_new_tokens=4, progress=False
+    )
+    score = ev.sets["t"]
+    assert score.n == 2 and 0 <= score.accuracy <= 1 and len(score.predictions) == 2 and ev.verdict is None
+    merged = psft_lite.merge(run.run_dir, tmp_path / "merged", dtype="fp32", progress=False)
+    assert (merged.path / "config.json").is_file() and merged.check["greedy_agreement"] > 0.9
+    # a recipe built in Python, overridden by sections and --set strings alike
+    r = psft_lite.make_recipe(path, set=["train.lr=1e-4"], objective={"kind": "sft_kl"})
+    assert r.train.lr == 1e-4 and r.objective.kind == "sft_kl" and r.path == path
+    from psft_lite.core.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="objective.kind: unknown objective 'sft-kl'"):
+        psft_lite.make_recipe(path, objective={"kind": "sft-kl"})
+
+
+def _weighted_nll(logp, *, mask, weights, entropy, eaft_alpha):
+    """A test objective: cross-entropy weighted by entropy**alpha (detached)."""
+    w = entropy.detach().clamp(min=1e-6) ** eaft_alpha
+    return -(weights * w * logp).sum(), {"mean_weight": (w * mask).sum() / mask.sum()}
+
+
+def test_a_registered_objective_is_a_kind_the_recipe_accepts_and_trains(tmp_path, tiny_model_dir):
+    from psft_lite.recipe.schema import ObjectiveSection
+    from psft_lite.training.objectives import OBJECTIVES
+
+    try:
+        psft_lite.register_objective(
+            "ent_weighted", _weighted_nll, inputs=("entropy",), params=("eaft_alpha",), stats=("mean_weight",)
+        )
+        assert ObjectiveSection(kind="ent_weighted").kind == "ent_weighted"
+        path = make_recipe(
+            tmp_path, tiny_model_dir, objective={"kind": "ent_weighted"}, train={"max_steps": 6, "lr": 3e-2}
+        )
+        run = psft_lite.train(path, progress=False)
+        recs = run.metrics
+        assert all("mean_weight" in r for r in recs) and recs[-1]["nll"] < recs[0]["nll"]
+        for bad, message in [
+            (dict(name="Bad-Name"), "lowercase"),
+            (dict(loss="not a function"), "must be a function"),
+            (dict(inputs=("logits",)), "unknown inputs"),
+            (dict(inputs=("kl_base",)), "direction"),
+            (dict(params=("no_such_key",)), "objective.no_such_key"),
+            (dict(params=("kl_coef",)), "does not take kl_coef"),
+        ]:
+            args = {"name": "x", "loss": _weighted_nll, **bad}
+            with pytest.raises(ValueError, match=message):
+                psft_lite.register_objective(args.pop("name"), args.pop("loss"), **args)
+    finally:
+        OBJECTIVES.pop("ent_weighted", None)
+        OBJECTIVES.pop("x", None)
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's "From Python" block, executed as written (output folder moved to a temporary one, and the
+    retention suite cut to every 20th item for time)."""
+    from psft_lite.inference import retention
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- python-example:begin -->\n```python\n(.*?)```\n<!-- python-example:end -->", readme, re.S)
+    code = block.group(1).replace('"runs/from-python"', json.dumps(str(tmp_path / "from-python")))
+    suite = retention.load_suite()[::20]
+    monkeypatch.setattr(retention, "load_suite", lambda path=None: suite)
+    monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ROOT)
+    from psft_lite.model import modeling
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(modeling.embedded_model_dir().parent)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert re.search(r"general ability: [\d.]+ % → [\d.]+ % \([+-][\d.]+ \[", out), out
+    assert namespace["run"].steps == 10 and namespace["gguf"].files[0].suffix == ".gguf"
+    assert isinstance(namespace["model"].generate("Hi", max_new_tokens=2), str)
+    assert torch.get_num_threads() >= 1
