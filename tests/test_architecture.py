@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "psft_lite"
-LAYERS = ["core", "recipe", "data", "model", "tracking", "inference", "export", "training", "study", "cli"]
+LAYERS = ["core", "recipe", "data", "model", "tracking", "inference", "export", "training", "study", "api", "cli"]
 REGISTRIES = {  # leaf modules the recipe validates names against
     "psft_lite.training.objectives",
     "psft_lite.tracking.trackers",

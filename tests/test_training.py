@@ -171,7 +171,7 @@ def test_base_old_policy_is_the_adapter_disabled_model_and_is_cached(tmp_path, t
 def test_nan_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     r = _build(tmp_path, tiny_model_dir, train={"max_steps": 5}, guard={"patience": 2})
     before = _lora_state(r.model)
-    real = r.objective.loss
+    real = r.objective.fn
     r.objective = dataclasses.replace(
         r.objective, loss=lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k))
     )
@@ -327,7 +327,9 @@ def test_sft_kl_logs_its_kl_to_the_base_and_stays_nearer_the_base_than_sft(tmp_p
     m = batch.target_mask[:, 1:]
     lq, lb = torch.log_softmax(z[m], -1), torch.log_softmax(zb[m], -1)
     ref = (lq.exp() * (lq - lb)).sum(-1)
-    torch.testing.assert_close(kl[:, 1:][m], ref, rtol=1e-4, atol=1e-6)
+    # the fused head takes the KL as −H(p) − Σ p·log q: float32 cancellation between two ~10-nat terms on this random
+    # model costs ~1e-6 (and nothing where p = q: then both terms are the same computation)
+    torch.testing.assert_close(kl[:, 1:][m], ref, rtol=1e-4, atol=5e-6)
     want = torch.autograd.grad(ref.sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
