@@ -60,14 +60,14 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
     from psft_lite.training.step import train_step
 
     names = [n for n in args.configs.split(",") if n]
     if "sft" not in names:
         names.insert(0, "sft")
     torch.manual_seed(0)
-    tok = modeling.load_tokenizer(modeling.ModelSection())
+    tok = loading.load_tokenizer(loading.ModelSection())
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(args.examples, args.length, tok)))

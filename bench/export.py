@@ -76,10 +76,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     a = ap.parse_args()
     from psft_lite.export.gguf import resolve
-    from psft_lite.model import modeling
+    from psft_lite.model import runtime
     from psft_lite.model.chat import end_of_turn_id
 
-    print(f"CPU: {os.cpu_count()} cores, avx512_bf16 {'yes' if modeling.cpu_has_bf16() else 'no'}")
+    print(f"CPU: {os.cpu_count()} cores, avx512_bf16 {'yes' if runtime.cpu_has_bf16() else 'no'}")
     src = resolve(a.run)
     tok = src.tokenizer
     msgs = prompts_from(a.run, a.prompts)

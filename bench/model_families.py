@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 def worker(model: str, chunked: bool, steps: int, out: Path) -> None:
     from rich.console import Console
 
-    from psft_lite.model import modeling
+    from psft_lite.model import scoring
     from psft_lite.recipe.schema import load_recipe
     from psft_lite.training import trainer
 
     if not chunked:  # one block for every row: what a plain logits → log_softmax would hold
-        modeling.response_logprobs = functools.partial(modeling.response_logprobs, chunk=10**9)
+        scoring.response_logprobs = functools.partial(scoring.response_logprobs, chunk=10**9)
     sets = [f"model.name={model}", f"train.max_steps={steps + 2}", f"output.dir={out}", "eval.final=false"]
     trainer.run(load_recipe(ROOT / "recipes" / "quickstart.toml", sets), console=Console(quiet=True), overwrite=True)
 

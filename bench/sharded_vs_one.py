@@ -41,18 +41,18 @@ def estimates(recipe_path: Path, overrides: list[str]) -> dict[int, float]:
     import torch
 
     from psft_lite.data import load_examples
-    from psft_lite.model import modeling
+    from psft_lite.model import loading, runtime
     from psft_lite.recipe.schema import load_recipe
     from psft_lite.training.preflight import estimate_memory
 
     recipe = load_recipe(recipe_path, ["train.micro_batch_size=2", *overrides])
-    src = modeling.resolve_source(recipe.model)
-    tok = modeling.load_tokenizer(recipe.model, src)
+    src = loading.resolve_source(recipe.model)
+    tok = loading.load_tokenizer(recipe.model, src)
     examples, _ = load_examples(
         recipe.data.train, recipe.data, tok, limit=recipe.data.limit, base_dir=recipe_path.parent
     )
     longest = max(examples, key=len)
-    dtype = modeling.resolve_dtype(recipe.model.dtype, torch.device("cpu"))
+    dtype = runtime.resolve_dtype(recipe.model.dtype, torch.device("cpu"))
     est = {n: estimate_memory(recipe, src, torch.device("cpu"), dtype, len(longest), longest.n_trained, shards=n)
            for n in (1, 2)}  # fmt: skip
     return {n: e.total / 2**20 for n, e in est.items()}

@@ -99,13 +99,13 @@ def worker_psft_lite(name: str, length: int, warmup: int, steps: int, workdir: P
     import torch
     from rich.console import Console
 
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
     from psft_lite.recipe.schema import recipe_from_dict
     from psft_lite.training.build import build
     from psft_lite.training.step import train_step
 
     torch.manual_seed(0)
-    tok = modeling.load_tokenizer(modeling.ModelSection())
+    tok = loading.load_tokenizer(loading.ModelSection())
     n_steps = warmup + steps
     n_examples = BATCH * warmup  # psft-base, sft_kl-cached: the warm-up epoch fills their caches, measured steps read
     rows = synthetic_rows(max(n_examples, BATCH * steps), length, tok)
@@ -151,12 +151,12 @@ def worker_trl(length: int, warmup: int, steps: int, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from psft_lite.model import modeling
+    from psft_lite.model import loading, runtime
 
-    path = modeling.embedded_model_dir()
-    device = modeling.resolve_device("auto")
-    dtype = modeling.resolve_dtype("auto", device)
-    tok = modeling.load_tokenizer(modeling.ModelSection())
+    path = loading.embedded_model_dir()
+    device = runtime.resolve_device("auto")
+    dtype = runtime.resolve_dtype("auto", device)
+    tok = loading.load_tokenizer(loading.ModelSection())
     rows = synthetic_rows(BATCH * (warmup + steps), length, tok)
     ds = Dataset.from_list(
         [

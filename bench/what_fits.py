@@ -67,7 +67,7 @@ def estimate(
     """(estimated peak GB on a GPU — on each GPU of a sharded run over `shards` —, parameter count)."""
     import torch
 
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
     from psft_lite.recipe.schema import recipe_from_dict
     from psft_lite.training.preflight import GB, count_parameters, estimate_memory
 
@@ -80,7 +80,7 @@ def estimate(
             "train": {"batch_size": micro * 4, "micro_batch_size": micro},
         }
     )
-    src = modeling.ModelSource(str(folder), None, folder.name)
+    src = loading.ModelSource(str(folder), None, folder.name)
     est = estimate_memory(recipe, src, torch.device("cuda"), torch.bfloat16, length, length // 2, shards=shards)
     return est.total / GB, count_parameters(recipe, src)[0]
 

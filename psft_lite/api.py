@@ -57,9 +57,12 @@ def _library_call() -> Iterator[None]:
             (datasets.enable_progress_bars if d_before[1] else datasets.disable_progress_bars)()
 
 
-def _console(progress: bool) -> Any:
+def _console(progress: bool, console: Any = None) -> Any:
+    """Where progress goes: the caller's rich Console, stderr, or nowhere."""
     from rich.console import Console
 
+    if console is not None:
+        return console
     return Console(stderr=True) if progress else Console(quiet=True)
 
 
@@ -102,6 +105,7 @@ def train(
     overwrite: bool = False,
     resume: str | None = None,
     progress: bool = True,
+    console: Any = None,
     set: list[str] | tuple[str, ...] = (),  # noqa: A002
     **sections: dict[str, Any],
 ) -> Any:
@@ -112,7 +116,10 @@ def train(
 
     with _library_call():
         return trainer.run(
-            make_recipe(source, set, **sections), console=_console(progress), overwrite=overwrite, resume=resume
+            make_recipe(source, set, **sections),
+            console=_console(progress, console),
+            overwrite=overwrite,
+            resume=resume,
         )
 
 
@@ -179,6 +186,7 @@ class Evaluation:
 
     sets: dict[str, SetScore]
     general_ability: Any = None
+    samples: int = 1
 
     @property
     def verdict(self) -> str | None:
@@ -186,6 +194,39 @@ class Evaluation:
         from psft_lite.inference.retention import verdict_line
 
         return verdict_line(self.general_ability) if self.general_ability is not None else None
+
+    def lines(self, per_kind: bool = False) -> list[str]:
+        """What `psft-lite eval` prints: a line per set, then the verdict (and a line per kind) and the KL."""
+        from psft_lite.inference.evaluate import summary_lines
+        from psft_lite.inference.retention import report_lines
+
+        summaries = {k: {f: v for f, v in vars(s).items() if v is not None} for k, s in self.sets.items()}
+        out = summary_lines(summaries, self.samples)
+        return out + (report_lines(self.general_ability, per_kind) if self.general_ability is not None else [])
+
+    def write(self, folder: str | Path) -> list[Path]:
+        """summary.json and predictions.jsonl (the sets), retention.json and retention-items.jsonl (the verdict)."""
+        from psft_lite.inference.evaluate import write_outputs
+        from psft_lite.inference.retention import write_verdict
+
+        folder, written = Path(folder), []
+        if self.sets:
+            summaries = {
+                k: {f: v for f, v in vars(s).items() if v is not None and f != "predictions"}
+                for k, s in self.sets.items()
+            }
+            write_outputs(folder, summaries, {k: s.predictions for k, s in self.sets.items()})
+            written += [folder / "summary.json", folder / "predictions.jsonl"]
+        if self.general_ability is not None:
+            write_verdict(folder, self.general_ability)
+            written += [folder / "retention.json", folder / "retention-items.jsonl"]
+        return written
+
+    def gate(self, max_forgetting: float | None) -> str | None:
+        """Why the model fails `max_forgetting` (a drop beyond it with 95 % confidence), or None."""
+        from psft_lite.inference.retention import gate
+
+        return gate(self.general_ability, max_forgetting) if self.general_ability is not None else None
 
 
 def evaluate(
@@ -197,30 +238,46 @@ def evaluate(
     max_new_tokens: int = 256,
     samples: int = 1,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     batch_size: int = 16,
     split: str = "test",
+    data_config: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
+    console: Any = None,
 ) -> Evaluation:
-    """Score a model on named data sets (`{"name": "file.jsonl"}`; a run without `data` uses its recipe's eval sets)
-    and, with `retention`, give the general-ability verdict against its base."""
+    """Score a model on named data sets (`{"name": "file.jsonl"}` or `["name=file.jsonl", "other.jsonl"]`; a run
+    without `data` uses its recipe's eval sets) and, with `retention`, give the general-ability verdict against its
+    base. A bad file or option raises `RecipeError`/`DataError` before any generation."""
+    from psft_lite.core.errors import RecipeError
     from psft_lite.inference import evaluate as ev
     from psft_lite.inference import retention as ret
     from psft_lite.inference.generate import load_model
 
-    console = _console(progress)
+    if samples > 1 and temperature == 0:
+        raise RecipeError(
+            "--samples > 1 needs --temperature > 0 (samples=1 unless temperature > 0: greedy answers are identical)."
+        )
+    console = _console(progress, console)
     with _library_call():
-        loaded = model.loaded if isinstance(model, Model) else load_model(model)
+        loaded = model.loaded if isinstance(model, Model) else load_model(model, dtype)
         named = [f"{k}={v}" for k, v in data.items()] if isinstance(data, dict) else data
-        sets = ev.named_sets(loaded, named, None, split, limit) if named or not retention else {}
+        sets = ev.named_sets(loaded, named, data_config, split, limit) if named or not retention else {}
         scores: dict[str, SetScore] = {}
         if sets:
-            kw = dict(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            kw = dict(
+                samples=samples,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
             summaries, predictions = ev.evaluate_sets(loaded, sets, **kw, console=console)
             for name, s in summaries.items():
                 keep = {k: s.get(k) for k in SetScore.__dataclass_fields__ if k != "predictions" and k in s}
                 scores[name] = SetScore(**keep, predictions=predictions[name])
         verdict = ret.evaluate_retention(loaded, console=console) if retention else None
-    return Evaluation(scores, verdict)
+    return Evaluation(scores, verdict, samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,6 +301,7 @@ def merge(
     verify: bool = True,
     from_original: bool = False,
     progress: bool = True,
+    console: Any = None,
 ) -> MergeResult:
     """Fold a run's adapter into its base (dequantizing a 4-bit base first) and write a plain transformers folder;
     checks its logits against the adapter model (a failure raises `RunError` and leaves nothing at `out`)."""
@@ -257,7 +315,7 @@ def merge(
             dtype=dtype,
             verify=verify,
             from_original=from_original,
-            console=_console(progress),
+            console=_console(progress, console),
         )
     return MergeResult(Path(report["out"]), {k: v for k, v in report.items() if k != "out"})
 
@@ -280,6 +338,7 @@ def export(
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
+    console: Any = None,
 ) -> ExportResult:
     """Write a run (or model folder) as GGUF for llama.cpp, Ollama and LM Studio, proved in llama.cpp."""
     from psft_lite.export.gguf import export as do_export
@@ -292,7 +351,7 @@ def export(
             adapter_only=adapter_only,
             overwrite=overwrite,
             verify=verify,
-            console=_console(progress),
+            console=_console(progress, console),
         )
     return ExportResult([Path(f["path"]) for f in report["files"]], list(report["files"]), report)
 

@@ -84,11 +84,11 @@ def train(
     [dim]Example: psft-lite train recipes/quickstart.toml --set train.max_steps=20[/dim]
     [dim]Example: psft-lite train runs/quickstart/recipe.toml --resume[/dim]
     """
-    from psft_lite.recipe.schema import load_recipe
-    from psft_lite.training.trainer import end_lines, run
+    from psft_lite import api
+    from psft_lite.training.trainer import end_lines
 
     overrides = (set_ or []) + ([f"output.report_to={report_to}"] if report_to is not None else [])
-    result = run(load_recipe(recipe, overrides), console=err, overwrite=overwrite, resume=resume)
+    result = api.train(recipe, set=overrides, overwrite=overwrite, resume=resume, console=err)
     if not result.main:
         return  # other ranks of a distributed run stay quiet
     notes, where = end_lines(result)
@@ -335,34 +335,30 @@ def eval_(
         raise RecipeError("--num-fewshot, --include-path, --compare-base and --chat-template go with --tasks.")
     if (per_kind or max_forgetting is not None) and not retention:
         raise RecipeError("--per-kind and --max-forgetting go with --retention.")
-    if samples > 1 and temperature == 0:
-        raise RecipeError("--samples > 1 needs --temperature > 0 (greedy answers are identical).")
-    from psft_lite.inference import evaluate as ev
-    from psft_lite.inference import retention as ret
-    from psft_lite.inference.generate import load_model
+    from psft_lite import api
+    from psft_lite.core.errors import ForgettingGate
 
-    loaded = load_model(model, _dtype(dtype))
-    sets = ev.named_sets(loaded, data, data_config, split, limit) if data or not retention else {}
-    if sets:
-        kw = dict(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        summaries, predictions = ev.evaluate_sets(loaded, sets, **kw, batch_size=batch_size, console=err)
-        for line in ev.summary_lines(summaries, samples):
-            out.print(line, highlight=False)
-        if out_dir is not None:
-            ev.write_outputs(out_dir, summaries, predictions)
-            out.print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'predictions.jsonl'}")
-    if retention:
-        verdict = ret.evaluate_retention(loaded, console=err)
-        for line in ret.report_lines(verdict, per_kind):
-            out.print(line, highlight=False)
-        if out_dir is not None:
-            ret.write_verdict(out_dir, verdict)
-            out.print(f"wrote {out_dir / 'retention.json'} and {out_dir / 'retention-items.jsonl'}")
-        reason = ret.gate(verdict, max_forgetting)
-        if reason:
-            from psft_lite.core.errors import ForgettingGate
-
-            raise ForgettingGate(reason)
+    ev = api.evaluate(
+        model,
+        data,
+        retention=retention,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        split=split,
+        data_config=data_config,
+        dtype=_dtype(dtype),
+        console=err,
+    )
+    for line in ev.lines(per_kind):
+        out.print(line, highlight=False)
+    if out_dir is not None:
+        out.print("wrote " + " and ".join(map(str, ev.write(out_dir))))
+    if ev.gate(max_forgetting):
+        raise ForgettingGate(ev.gate(max_forgetting))
 
 
 def _harness(
@@ -619,12 +615,12 @@ def merge(
 
     [dim]Example: psft-lite merge runs/quickstart --out models/quickstart-merged[/dim]
     """
-    from psft_lite.export.merge import merge as do_merge
+    from psft_lite import api
 
-    report = do_merge(
-        source, out=out, base=base, dtype=_dtype(dtype), verify=not no_verify, from_original=from_original, console=err
+    merged = api.merge(
+        source, out, base=base, dtype=_dtype(dtype), verify=not no_verify, from_original=from_original, console=err
     )
-    out_console.print(f"merged: {report['out']}")
+    out_console.print(f"merged: {merged.path}")
 
 
 @app.command()
@@ -666,13 +662,13 @@ def export(
 
     [dim]Example: psft-lite export runs/quickstart --quant q8_0,q4_k_m[/dim]
     """
-    from psft_lite.export.gguf import export as do_export
+    from psft_lite import api
 
-    report = do_export(
-        source, out=out, quant=quant, adapter_only=adapter_only, overwrite=overwrite, verify=not no_verify, console=err
+    result = api.export(
+        source, out, quant=quant, adapter_only=adapter_only, overwrite=overwrite, verify=not no_verify, console=err
     )
-    for f in report["files"]:
-        out_console.print(f"gguf: {f['path']}")
+    for path in result.files:
+        out_console.print(f"gguf: {path}")
 
 
 @app.command("env")

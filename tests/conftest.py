@@ -18,26 +18,26 @@ ARITH = ROOT / "data" / "arith"
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
 
-    return modeling.embedded_model_dir()
+    return loading.embedded_model_dir()
 
 
 @pytest.fixture(scope="session")
 def gemma_dir() -> Path:
     """Gemma 3 270M (base), converted once from its PyPI packages (`make test` installs them)."""
-    from psft_lite.model import modeling
+    from psft_lite.model import loading, runtime
     from psft_lite.model.packaged import GEMMA3
 
-    return modeling.packaged.model_dir(GEMMA3, modeling.home(), modeling.quiet_transformers)
+    return loading.packaged.model_dir(GEMMA3, runtime.home(), runtime.quiet_transformers)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
     from psft_lite.recipe.schema import ModelSection
 
-    return modeling.load_tokenizer(ModelSection(name=str(embedded_dir)))
+    return loading.load_tokenizer(ModelSection(name=str(embedded_dir)))
 
 
 @pytest.fixture(scope="session")

@@ -125,10 +125,10 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(retention, "load_suite", lambda path=None: suite)
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(ROOT)
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
 
     (tmp_path / "home").mkdir()
-    (tmp_path / "home" / "models").symlink_to(modeling.embedded_model_dir().parent)
+    (tmp_path / "home" / "models").symlink_to(loading.embedded_model_dir().parent)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     out = capsys.readouterr().out

@@ -49,7 +49,7 @@ def modules() -> list[tuple[str, Path]]:
 
 
 def _module_part(imported: str) -> str:
-    """`psft_lite.model.modeling.load_base_model` → the module it names (`psft_lite.model.modeling`)."""
+    """`psft_lite.model.loading.load_base_model` → the module it names (`psft_lite.model.loading`)."""
     parts = imported.split(".")
     while len(parts) > 1:
         candidate = PACKAGE.parent.joinpath(*parts)

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from psft_lite.core.errors import Interrupted
-from psft_lite.model import modeling
+from psft_lite.model import loading, scoring
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import checkpoint, trainer
 from psft_lite.training.build import build
@@ -45,9 +45,9 @@ def _recipe(tmp_path, embedded_dir, model=None, **sections):
 def _train(tmp_path, embedded_dir, **sections):
     run = build(load_recipe(_recipe(tmp_path, embedded_dir, **sections)), QUIET)
     trainer.prepare_run_dir(run)
-    before = [p.detach().clone() for p in modeling.trainable_parameters(run.model)]
+    before = [p.detach().clone() for p in scoring.trainable_parameters(run.model)]
     records = train_loop(run)
-    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(modeling.trainable_parameters(run.model), before))
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(scoring.trainable_parameters(run.model), before))
     return run, records, moved
 
 
@@ -66,8 +66,8 @@ def test_qlora_nf4_double_quant_trains_every_objective(tmp_path, embedded_dir, n
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules())
-    assert {p.device.type for p in modeling.trainable_parameters(run.model)} == {"cuda"}
-    assert {p.dtype for p in modeling.trainable_parameters(run.model)} == {torch.float32}  # LoRA weights stay fp32
+    assert {p.device.type for p in scoring.trainable_parameters(run.model)} == {"cuda"}
+    assert {p.dtype for p in scoring.trainable_parameters(run.model)} == {torch.float32}  # LoRA weights stay fp32
     assert all(math.isfinite(r["loss"]) for r in recs) and "skipped" not in recs[-1]
     assert sum(r["nll"] for r in recs[-2:]) < sum(r["nll"] for r in recs[:2])
     assert moved > 0
@@ -172,7 +172,7 @@ def test_peak_memory_against_the_preflight_estimate(tmp_path, embedded_dir):
 
     run, recs, _ = _train(tmp_path, embedded_dir, train={"max_steps": 3})
     longest = max(run.examples, key=len)
-    src = modeling.resolve_source(run.recipe.model)
+    src = loading.resolve_source(run.recipe.model)
     est = estimate_memory(run.recipe, src, run.device, run.dtype, len(longest), longest.n_trained)
     measured = max(r["peak_mem_mb"] for r in recs) * 2**20
     assert measured <= 1.25 * est.total, (measured / 2**30, est.parts)

@@ -15,7 +15,7 @@ from psft_lite.core import extras
 from psft_lite.core.errors import RunError
 from psft_lite.export import gguf as export_mod
 from psft_lite.export import gguf_check, gguf_convert, ollama
-from psft_lite.model import modeling
+from psft_lite.model import loading
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import trainer
 
@@ -34,7 +34,7 @@ def embedded_run(tmp_path_factory):
     """A short LoRA run on the real embedded model (its base is the packaged GGUF)."""
     tmp = tmp_path_factory.mktemp("export-run")
     recipe = load_recipe(
-        make_recipe(tmp, modeling.EMBEDDED_MODEL, train={"max_steps": 2, "lr": 1e-3}, lora={"r": 4, "alpha": 8})
+        make_recipe(tmp, loading.EMBEDDED_MODEL, train={"max_steps": 2, "lr": 1e-3}, lora={"r": 4, "alpha": 8})
     )
     trainer.run(recipe, console=QUIET)
     return tmp / "run"
@@ -72,7 +72,7 @@ def test_export_writes_checked_gguf_modelfile_and_card(exported, embedded_run):
         "tokenizer.ggml.tokens",
     )
     header = lambda path: {k: v for k, v, _, _ in gguf_header.fields(path)}  # noqa: E731
-    src = header(modeling.embedded_gguf_path())
+    src = header(loading.embedded_gguf_path())
     tok = json.loads((embedded_run / "adapter" / "tokenizer_config.json").read_text())
     template = tok.get("chat_template") or (embedded_run / "adapter" / "chat_template.jinja").read_text()
     for name in ("m-f16.gguf", "m-q4_k_m.gguf"):
@@ -96,7 +96,7 @@ def test_export_writes_checked_gguf_modelfile_and_card(exported, embedded_run):
 def test_the_header_reader_reads_every_field_as_gguf_reader_does():
     from psft_lite.export import gguf_header
 
-    path = modeling.embedded_gguf_path()
+    path = loading.embedded_gguf_path()
     ours = {key: (value, vtype, sub) for key, value, vtype, sub in gguf_header.fields(path)}
     theirs = gguf.GGUFReader(path).fields
     assert list(ours) == [k for k in theirs if not k.startswith("GGUF.")]
@@ -126,7 +126,7 @@ def test_adapter_gguf_on_its_base_matches_the_merged_gguf(exported, embedded_run
     out = folder.parent / "lora" / "adapter.gguf"
     report = export_mod.export(embedded_run, out=out, adapter_only=True, console=QUIET)
     assert report["files"][0]["check"]["passed"], report
-    assert report["base_gguf"] == str(modeling.embedded_gguf_path())  # the packaged base, not a copy
+    assert report["base_gguf"] == str(loading.embedded_gguf_path())  # the packaged base, not a copy
     r = gguf.GGUFReader(out)
     assert _field(r, "general.type") == "adapter" and _field(r, "adapter.type") == "lora"
     assert _field(r, "adapter.lora.alpha") == pytest.approx(8.0)
@@ -140,8 +140,8 @@ def test_adapter_gguf_on_its_base_matches_the_merged_gguf(exported, embedded_run
     )
     ids = tok(text)["input_ids"]
     merged = _logits(folder / "m-f16.gguf", ids)
-    applied = _logits(modeling.embedded_gguf_path(), ids, lora=out)
-    bare = _logits(modeling.embedded_gguf_path(), ids)
+    applied = _logits(loading.embedded_gguf_path(), ids, lora=out)
+    bare = _logits(loading.embedded_gguf_path(), ids)
     tol, agree = gguf_check.TOLERANCE["lora"]
     assert np.abs(applied - merged).max() < tol
     assert (applied.argmax(-1) == merged.argmax(-1)).mean() >= agree
@@ -164,7 +164,7 @@ def test_f32_export_of_the_base_reproduces_the_source_gguf_bit_exactly(tmp_path,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
-    source = modeling.embedded_gguf_path()
+    source = loading.embedded_gguf_path()
     meta = gguf_convert.tokenizer_from_gguf(source, None)
     out = tmp_path / "base.gguf"
     f32 = gguf_convert.parse_quants("f32")[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from psft_lite.model import chat, modeling
+from psft_lite.model import chat, loading
 from psft_lite.model.packaged import GEMMA3
 from psft_lite.recipe.schema import ModelSection, load_recipe
 from psft_lite.training.build import build
@@ -35,7 +35,7 @@ def _build(tmp_path: Path, **sections):
 
 @pytest.fixture(scope="module")
 def gemma_tokenizer(gemma_dir):
-    return modeling.load_tokenizer(ModelSection(name=GEMMA3))
+    return loading.load_tokenizer(ModelSection(name=GEMMA3))
 
 
 def test_gemma_turns_train_exactly_the_model_turn_and_its_end_of_turn(tmp_path, gemma_dir, gemma_tokenizer):

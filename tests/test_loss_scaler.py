@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from psft_lite.core.errors import Interrupted
-from psft_lite.model import modeling
+from psft_lite.model import scoring
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import trainer
 from psft_lite.training.build import build, loss_scaler
@@ -40,11 +40,11 @@ def test_only_fp16_gets_a_scaler():
 def test_an_overflowing_step_is_skipped_by_the_scaler_not_counted_by_the_guard(tmp_path, tiny_model_dir):
     # a scale so large that the scaled gradients overflow: each step halves it until they fit
     run = _run(tmp_path, tiny_model_dir, torch.amp.GradScaler("cpu", init_scale=2.0**127), max_steps=3)
-    before = [p.detach().clone() for p in modeling.trainable_parameters(run.model)]
+    before = [p.detach().clone() for p in scoring.trainable_parameters(run.model)]
     rec = train_step(run, 0)
     assert rec["overflow"] == 1.0 and "skipped" not in rec and not math.isfinite(rec["grad_norm"])
     assert rec["loss_scale"] == 2.0**126
-    after = list(modeling.trainable_parameters(run.model))
+    after = list(scoring.trainable_parameters(run.model))
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # no update on overflow
     assert run.guard.observe(rec, rec.get("skipped")) == []  # no skipped_step event, patience untouched
     assert run.guard.bad == 0

@@ -100,10 +100,10 @@ def test_naive_merge_into_4bit_weights_would_have_failed_the_check(tmp_path, tin
     run_dir, _ = _trained_run(tmp_path, tiny_model_dir, load_in_4bit=True)
     from peft import PeftModel
 
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
 
     def naive(info, device, train_dtype, out_dtype, from_original):
-        base = modeling.load_base_model(info.base, device, train_dtype)
+        base = loading.load_base_model(info.base, device, train_dtype)
         merged = PeftModel.from_pretrained(base, info.path).merge_and_unload()
         return merged.dequantize()
 

@@ -45,14 +45,14 @@ EXPECTED: dict[str, list[list[float]]] = {
 
 
 def first_steps(tmp_path: Path, dtype: str, method: str) -> list[list[float]]:
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
     from psft_lite.recipe.schema import load_recipe
     from psft_lite.training.build import build
     from psft_lite.training.step import train_step
 
     recipe = make_recipe(
         tmp_path,
-        modeling.EMBEDDED_MODEL,
+        loading.EMBEDDED_MODEL,
         model={"dtype": dtype},
         objective=OBJECTIVES[method],
         train={"max_steps": STEPS, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-3, "log_every": 1},
@@ -64,9 +64,9 @@ def first_steps(tmp_path: Path, dtype: str, method: str) -> list[list[float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,method", CASES, ids=[f"{d}-{m}" for d, m in CASES])
 def test_first_losses_are_pinned(tmp_path, embedded_dir, dtype, method):
-    from psft_lite.model import modeling
+    from psft_lite.model import runtime
 
-    if dtype == "bf16" and not modeling.cpu_has_bf16():
+    if dtype == "bf16" and not runtime.cpu_has_bf16():
         pytest.skip("this CPU does not compute bf16 (no avx512_bf16): the bf16 pins do not apply")
     got = first_steps(tmp_path, dtype, method)
     want = EXPECTED[f"{dtype}/{method}"]

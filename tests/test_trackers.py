@@ -211,10 +211,10 @@ def test_a_failing_tracker_is_reported_once_and_training_finishes(tmp_path, tiny
 def test_missing_tracker_package_is_exit_2_before_any_model_loads(
     tmp_path, tiny_model_dir, capsys, monkeypatch, command
 ):
-    from psft_lite.model import modeling
+    from psft_lite.model import loading
 
     monkeypatch.setattr(extras, "installed", lambda module: module != "wandb")
-    monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loading, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
     recipe = make_recipe(tmp_path, tiny_model_dir)
     code, out, err = run_cli(capsys, command, str(recipe), "--set", 'output.report_to=["tensorboard", "wandb"]')
     assert code == 2

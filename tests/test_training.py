@@ -11,7 +11,7 @@ from rich.console import Console
 
 from psft_lite.core.errors import RunError
 from psft_lite.data.batching import collate
-from psft_lite.model import modeling
+from psft_lite.model import loading, scoring
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import checkpoint, trainer
 from psft_lite.training.build import build
@@ -87,7 +87,7 @@ def test_psft_snapshot_clips_within_a_group_and_ratio_is_one_at_refresh(tmp_path
     b = r.step_batches(0)[0]
     old = r.policy.score(b)
     with r.amp():
-        logp, _ = modeling.response_logprobs(r.model, b)
+        logp, _ = scoring.response_logprobs(r.model, b)
     assert torch.equal(old[b.target_mask], logp.detach()[b.target_mask])
 
     recs = train_loop(r)
@@ -164,7 +164,7 @@ def test_base_old_policy_is_the_adapter_disabled_model_and_is_cached(tmp_path, t
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     b = r.step_batches(0)[0]
     old = r.policy.old_logprobs(0, [b])[0]
-    ref, _ = modeling.response_logprobs(plain, b)
+    ref, _ = scoring.response_logprobs(plain, b)
     torch.testing.assert_close(old[b.target_mask], ref.detach()[b.target_mask], atol=1e-5, rtol=0)
 
 
@@ -197,7 +197,7 @@ def test_qlora_eval_forward_does_not_drop_gradients(tmp_path, embedded_dir):
                 r.model(input_ids=b.input_ids)
             r.model.train()
         with r.amp():
-            logp, _ = modeling.response_logprobs(r.model, b)
+            logp, _ = scoring.response_logprobs(r.model, b)
         (-(logp * b.target_mask).sum()).backward()
         # lora_B: lora_A gets no gradient while lora_B is at its zero init
         name = next(n for n, p in r.model.named_parameters() if "layers.0." in n and "lora_B" in n)
@@ -225,8 +225,8 @@ def test_packed_rows_score_every_example_as_if_it_were_alone(tmp_path, tiny_mode
     alone = collate([examples[i] for i in order], order, r.pad_id)
     rows = collate(packed, list(range(len(packed))), r.pad_id)
     with torch.no_grad():
-        lp_alone, ent_alone = modeling.response_logprobs(r.model, alone)
-        lp_rows, ent_rows = modeling.response_logprobs(r.model, rows)
+        lp_alone, ent_alone = scoring.response_logprobs(r.model, alone)
+        lp_rows, ent_rows = scoring.response_logprobs(r.model, rows)
     # the same trained tokens in the same data order, with the same log-probs and entropies: no cross-attention
     assert torch.allclose(lp_alone[alone.target_mask], lp_rows[rows.target_mask], atol=1e-5)
     assert torch.allclose(ent_alone[alone.target_mask], ent_rows[rows.target_mask], atol=1e-5)
@@ -311,14 +311,14 @@ def test_sft_kl_logs_its_kl_to_the_base_and_stays_nearer_the_base_than_sft(tmp_p
     def kl_now(r):
         batch = collate(r.examples[:4], list(range(4)), r.pad_id)
         with torch.no_grad():
-            kl = modeling.response_outputs(r.model, batch, kl="reverse")["kl"]
+            kl = scoring.response_outputs(r.model, batch, kl="reverse")["kl"]
         return float(kl.sum() / batch.target_mask[:, 1:].sum())
 
     assert kl_now(reg) < kl_now(sft), (kl_now(reg), kl_now(sft))
 
     # the chunked penalty and its gradient equal KL computed from the model's full logits, with and without adapter
     batch = collate(sft.examples[:2], [0, 1], sft.pad_id)
-    kl = modeling.response_outputs(sft.model, batch, kl="reverse")["kl"]
+    kl = scoring.response_outputs(sft.model, batch, kl="reverse")["kl"]
     params = [p for p in sft.model.parameters() if p.requires_grad]
     got = torch.autograd.grad(kl.sum(), params)
     z = sft.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
@@ -341,7 +341,7 @@ def test_the_sharded_memory_estimate_splits_the_layers_and_names_the_fewest_devi
     from psft_lite.training.preflight import count_parameters, estimate_memory, sharding_advice
 
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir))
-    src = modeling.resolve_source(recipe.model)
+    src = loading.resolve_source(recipe.model)
     total, _, lora, in_layers = count_parameters(recipe, src)
     assert 0 < in_layers < total and lora > 0
     cpu, f32 = torch.device("cpu"), torch.float32
@@ -408,7 +408,7 @@ def test_the_reference_cache_gives_the_recomputed_objective_and_survives_a_resum
         full.reference = reference
         loss, s, _ = micro_step(full, b, None, 0.0, n_tok, n_seq)
         grads.append(
-            (float(loss.detach()), s["kl_base"], torch.autograd.grad(loss, modeling.trainable_parameters(full.model)))
+            (float(loss.detach()), s["kl_base"], torch.autograd.grad(loss, scoring.trainable_parameters(full.model)))
         )
     (l1, k1, g1), (l2, k2, g2) = grads
     assert math.isclose(l1, l2, rel_tol=1e-5) and math.isclose(float(k1), float(k2), rel_tol=1e-4, abs_tol=1e-7)

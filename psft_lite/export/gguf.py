@@ -31,7 +31,7 @@ from psft_lite.core.files import atomic_write_text, partial_name
 from psft_lite.core.rundir import is_run_dir, metrics_file, recipe_file
 from psft_lite.export import gguf_check, gguf_convert, ollama
 from psft_lite.export.gguf_convert import Quant
-from psft_lite.model import modeling
+from psft_lite.model import loading, runtime
 from psft_lite.model.adapters import run_conversations
 from psft_lite.model.chat import FALLBACK_PROMPTS, stop_ids, stop_tokens
 
@@ -74,7 +74,7 @@ def resolve(source: Path) -> Source:
         gguf_convert.family(config)
         return Source(str(source), config, AutoTokenizer.from_pretrained(source), model_dir=source)
     info = resolve_adapter(source)
-    src = modeling.resolve_source(info.base)
+    src = loading.resolve_source(info.base)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(src.path, **kwargs)
@@ -82,8 +82,8 @@ def resolve(source: Path) -> Source:
         raise ModelError(f"{info.base.name}: cannot read the base model's config for export: {e}") from None
     gguf_convert.family(config)
     base_gguf = None
-    if info.base.name in modeling.packaged.PACKAGED:
-        base_gguf = modeling.packaged.gguf_path(info.base.name)
+    if info.base.name in loading.packaged.PACKAGED:
+        base_gguf = loading.packaged.gguf_path(info.base.name)
     elif src.gguf_file:
         base_gguf = Path(src.path) / src.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(info.path)
@@ -241,7 +241,7 @@ def export(
 ) -> dict[str, Any]:
     """Export and check; returns the report. On failure nothing is left at the output paths (exit 1)."""
     console = console or Console(stderr=True)
-    modeling.quiet_transformers()
+    runtime.quiet_transformers()
     quants = gguf_convert.parse_quants(quant)
     kq = [q.name for q in quants if gguf_convert.needs_llama_cpp(q)]
     if kq:

@@ -24,7 +24,7 @@ from psft_lite.core import rundir
 from psft_lite.core.errors import RunError
 from psft_lite.core.files import atomic_dir
 from psft_lite.core.rundir import ADAPTER_META
-from psft_lite.model import modeling
+from psft_lite.model import loading, runtime
 from psft_lite.model.adapters import AdapterInfo, base_as_trained, resolve_adapter, run_conversations, with_adapter
 from psft_lite.model.chat import FALLBACK_PROMPTS, stop_ids
 
@@ -62,7 +62,7 @@ def _adapter_logits(
     info: AdapterInfo, device: torch.device, dtype: torch.dtype, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """Logits of base + adapter exactly as trained (4-bit base kept 4-bit), computed in `dtype`."""
-    model = with_adapter(modeling.load_base_model(info.base, device, dtype), info)
+    model = with_adapter(loading.load_base_model(info.base, device, dtype), info)
     logits = _logits(model, batch)
     del model
     return logits
@@ -145,11 +145,11 @@ def merge(
     from transformers import AutoTokenizer
 
     console = console or Console(stderr=True)
-    modeling.quiet_transformers()
+    runtime.quiet_transformers()
     info = resolve_adapter(adapter, base)
-    device = modeling.resolve_device(info.base.device)
+    device = runtime.resolve_device(info.base.device)
     train_dtype = info.train_dtype(device)
-    out_dtype = modeling.DTYPES[dtype] if dtype else train_dtype
+    out_dtype = runtime.DTYPES[dtype] if dtype else train_dtype
     out = Path(out) if out is not None else default_out(info)
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     _announce(console, info, out, out_dtype, device, from_original)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from psft_lite.data.tokenize import Example
-from psft_lite.model.modeling import score_examples
+from psft_lite.model.scoring import score_examples
 
 #: Histogram bin edges for φ (nats); the outer bins are open.
 BINS = [-10.0, -5.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]

@@ -24,9 +24,9 @@ from psft_lite.core.errors import RecipeError
 from psft_lite.data import load_conversations
 from psft_lite.data.tokenize import Example, encode_all
 from psft_lite.inference.generate import Loaded, generate
-from psft_lite.model import modeling
+from psft_lite.model import scoring
 from psft_lite.model.logprobs import kl_to_reference, target_logprobs
-from psft_lite.model.modeling import score_examples
+from psft_lite.model.scoring import score_examples
 from psft_lite.recipe.schema import RowFormat, Source
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,15 +347,15 @@ def retention_scores(loaded: Loaded, items: list[EvalItem], base_cache: dict | N
 @torch.no_grad()
 def _retention_pass(loaded: Loaded, examples: list[Example], base_cache: dict | None) -> tuple[list, list]:
     """Per example, (sum of KL(p_base ‖ p_model), sum of −log p_model) over its trained tokens."""
-    head = modeling.lm_head(loaded.model)
+    head = scoring.lm_head(loaded.model)
     args = (head.bias, 1024, head.softcap, head.scale)
     cache = base_cache if base_cache is not None else {}
     kl_sums: list[float] = []
     nll_sums: list[float] = []
-    for i, b in enumerate(modeling.example_batches(examples, loaded.tokenizer.pad_token_id, loaded.device)):
+    for i, b in enumerate(scoring.example_batches(examples, loaded.tokenizer.pad_token_id, loaded.device)):
         mask = b.target_mask[:, 1:]
-        with modeling.autocast(loaded.device, loaded.dtype):
-            hidden = modeling.causal_lm(loaded.model).get_decoder()(**b.model_inputs(), use_cache=False)
+        with scoring.autocast(loaded.device, loaded.dtype):
+            hidden = scoring.causal_lm(loaded.model).get_decoder()(**b.model_inputs(), use_cache=False)
             hidden = hidden.last_hidden_state[:, :-1]
             base = _base_hidden(loaded, b, hidden[mask], cache, i)
         logp, _ = target_logprobs(hidden, head.weight, b.input_ids[:, 1:], mask, *args)
@@ -374,8 +374,8 @@ def _base_hidden(loaded: Loaded, b: Any, hidden: torch.Tensor, cache: dict, i: i
     key = (i, hashlib.sha1(b.input_ids.cpu().numpy().tobytes() + b.target_mask.cpu().numpy().tobytes()).hexdigest())
     if key not in cache:
         if loaded.has_adapter:
-            with modeling.adapter_disabled(loaded.model):
-                cache[key] = modeling.response_hidden(loaded.model, b)
+            with scoring.adapter_disabled(loaded.model):
+                cache[key] = scoring.response_hidden(loaded.model, b)
         else:
             cache[key] = hidden
     return cache[key]

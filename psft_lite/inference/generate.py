@@ -16,7 +16,7 @@ import torch
 
 from psft_lite.core import rundir
 from psft_lite.data.formats import Message
-from psft_lite.model import modeling
+from psft_lite.model import loading, runtime, scoring
 from psft_lite.model.adapters import is_adapter_source, resolve_adapter, with_adapter
 from psft_lite.model.chat import stop_ids
 from psft_lite.recipe.schema import ModelSection, Recipe
@@ -40,17 +40,17 @@ class Loaded:
 
 def load_model(spec: str | Path, dtype: str | None = None, device: str = "auto") -> Loaded:
     """Load `spec` for inference (eval mode, no gradients needed)."""
-    modeling.quiet_transformers()
+    runtime.quiet_transformers()
     path = Path(spec)
     if path.is_dir() and is_adapter_source(path):
         from transformers import AutoTokenizer
 
         info = resolve_adapter(path)
-        dev = modeling.resolve_device(device if device != "auto" else info.base.device)
-        dt = modeling.DTYPES[dtype] if dtype else info.train_dtype(dev)
-        model = with_adapter(modeling.load_base_model(info.base, dev, dt), info)
+        dev = runtime.resolve_device(device if device != "auto" else info.base.device)
+        dt = runtime.DTYPES[dtype] if dtype else info.train_dtype(dev)
+        model = with_adapter(loading.load_base_model(info.base, dev, dt), info)
         tok_dir = info.path if (info.path / "tokenizer_config.json").is_file() else None
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else modeling.load_tokenizer(info.base)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir else loading.load_tokenizer(info.base)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         recipe = None
@@ -62,11 +62,11 @@ def load_model(spec: str | Path, dtype: str | None = None, device: str = "auto")
         loaded = Loaded(model, tokenizer, str(path), dev, dt, recipe, info.path, base_spec)
     else:
         m = ModelSection(name=str(spec), dtype=dtype or "auto", device=device)
-        dev = modeling.resolve_device(m.device)
-        dt = modeling.resolve_dtype(m.dtype, dev)
-        src = modeling.resolve_source(m)
-        tokenizer = modeling.load_tokenizer(m, src)
-        model = modeling.load_base_model(m, dev, dt, src)
+        dev = runtime.resolve_device(m.device)
+        dt = runtime.resolve_dtype(m.dtype, dev)
+        src = loading.resolve_source(m)
+        tokenizer = loading.load_tokenizer(m, src)
+        model = loading.load_base_model(m, dev, dt, src)
         loaded = Loaded(model, tokenizer, str(spec), dev, dt, base_spec=m.model_dump(mode="json", exclude_none=True))
     loaded.model.eval()
     loaded.model.config.use_cache = True
@@ -152,7 +152,7 @@ def _generate_batch(
         "logits_processor": LogitsProcessorList([recorder]),
         **sampling_kwargs(temperature, top_p),
     }
-    with modeling.autocast(loaded.device, loaded.dtype):
+    with scoring.autocast(loaded.device, loaded.dtype):
         seqs = loaded.model.generate(**enc, **kwargs)
     new = seqs[:, enc["input_ids"].shape[1] :].cpu()
     ent = torch.stack(recorder.steps, 1) if recorder.steps else torch.zeros(len(chunk), 0)
@@ -190,7 +190,7 @@ def chat_reply(
         "streamer": stream,
     }
     kwargs.update(sampling_kwargs(temperature, top_p))
-    with modeling.autocast(loaded.device, loaded.dtype):
+    with scoring.autocast(loaded.device, loaded.dtype):
         out = loaded.model.generate(**enc, **kwargs)
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 

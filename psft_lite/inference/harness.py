@@ -89,7 +89,7 @@ def _progress_lm(loaded: Any, batch_size: int) -> Any:
     (and psft-lite's autocast, as `psft-lite eval` computes)."""
     from lm_eval.models.huggingface import HFLM
 
-    from psft_lite.model import modeling
+    from psft_lite.model import scoring
     from psft_lite.model.chat import end_of_turn_id
 
     class ProgressLM(HFLM):
@@ -101,7 +101,7 @@ def _progress_lm(loaded: Any, batch_size: int) -> Any:
             out: list[Any] = []
             task = self.progress.add_task(what, total=len(requests)) if self.progress else None
             for i in range(0, len(requests), self.chunk):
-                with modeling.autocast(loaded.device, loaded.dtype):
+                with scoring.autocast(loaded.device, loaded.dtype):
                     out += fn(requests[i : i + self.chunk], disable_tqdm=True)
                 if self.progress is not None:
                     self.progress.advance(task, len(requests[i : i + self.chunk]))
@@ -219,7 +219,7 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate `spec` (and, with `compare_base`, its base) on harness tasks; writes JSON + markdown; returns them."""
     require()
-    from psft_lite.model.modeling import offline
+    from psft_lite.model.runtime import offline
 
     os.environ["HF_DATASETS_OFFLINE"] = "1"  # offline by design, even where there is internet: never a hang
     offline()

@@ -31,7 +31,7 @@ import torch
 
 from psft_lite.data.tokenize import Example
 from psft_lite.inference.generate import Loaded, eos_ids, render_prompt
-from psft_lite.model import modeling
+from psft_lite.model import scoring
 from psft_lite.tracking.metrics import read_metrics, read_records
 
 ANALYSIS_SYSTEM = (
@@ -116,7 +116,7 @@ def hint_prefix(
     prompt = render_prompt(tok, analysis_messages(question_msgs, reference)) + ANALYZE
     enc = tok(prompt, add_special_tokens=False, return_tensors="pt").to(loaded.device)
     start = enc["input_ids"].shape[1]
-    with modeling.autocast(loaded.device, loaded.dtype):
+    with scoring.autocast(loaded.device, loaded.dtype):
         out = loaded.model.generate(
             **enc,
             do_sample=False,
@@ -195,7 +195,7 @@ class _Streams:
             ids, pos = self.ids[:, -1:], pos[:, -1:]
         else:
             ids = self.ids
-        with modeling.autocast(self.loaded.device, self.loaded.dtype):
+        with scoring.autocast(self.loaded.device, self.loaded.dtype):
             out = self.loaded.model(
                 input_ids=ids,
                 attention_mask=self.mask,

@@ -298,16 +298,16 @@ def score_choices(
     progress: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """Per item, the log-likelihood of each option as the whole reply (sum over its tokens and the end-of-turn)."""
-    from psft_lite.model import modeling
+    from psft_lite.model import scoring
     from psft_lite.model.logprobs import target_logprobs
 
     if not items:
         return []
     prefix, trees = _trees(loaded.tokenizer, items)
     scores = [[0.0] * len(it.choices) for it in items]
-    head = modeling.lm_head(loaded.model)
-    decoder = modeling.causal_lm(loaded.model).get_decoder()
-    eager = getattr(modeling.causal_lm(loaded.model).config, "_attn_implementation", "sdpa") == "eager"
+    head = scoring.lm_head(loaded.model)
+    decoder = scoring.causal_lm(loaded.model).get_decoder()
+    eager = getattr(scoring.causal_lm(loaded.model).config, "_attn_implementation", "sdpa") == "eager"
     rows = _rows(trees, room - len(prefix))
     for start in range(0, len(rows), rows_per_batch):
         laid = [_layout(prefix, row) for row in rows[start : start + rows_per_batch]]
@@ -323,7 +323,7 @@ def score_choices(
             mask = torch.zeros(mask.shape, dtype=loaded.dtype, device=loaded.device).masked_fill(
                 ~mask, torch.finfo(loaded.dtype).min
             )
-        with modeling.autocast(loaded.device, loaded.dtype):
+        with scoring.autocast(loaded.device, loaded.dtype):
             hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).last_hidden_state
         at = [(r, p) for r, row in enumerate(laid) for _, _, p, _ in row.targets]
         h = hidden[torch.tensor([r for r, _ in at]), torch.tensor([p for _, p in at])][None]
@@ -420,7 +420,7 @@ def run_suite(loaded: Any, items: list[SuiteItem], progress: Callable[[int], Non
 
 
 def cache_dir() -> Path:
-    from psft_lite.model.modeling import home
+    from psft_lite.model.runtime import home
 
     return home() / "retention"
 
@@ -440,7 +440,7 @@ def base_key(loaded: Any, digest: str) -> str:
 
 def base_results(loaded: Any, items: list[SuiteItem], progress: Callable[[int], None] | None = None) -> SuiteRun:
     """The base model's results (the adapter disabled): read from the cache, else computed and cached."""
-    from psft_lite.model import modeling
+    from psft_lite.model import scoring
 
     path = cache_dir() / f"suite-{base_key(loaded, suite_digest(items))}.json"
     if path.is_file():
@@ -448,7 +448,7 @@ def base_results(loaded: Any, items: list[SuiteItem], progress: Callable[[int], 
             return SuiteRun.from_json(items, json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError):
             pass  # a torn or foreign file: computed again below
-    with modeling.adapter_disabled(loaded.model) if loaded.has_adapter else _nothing():
+    with scoring.adapter_disabled(loaded.model) if loaded.has_adapter else _nothing():
         run = run_suite(loaded, items, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"base": loaded.base_spec, **run.to_json()}) + "\n")
@@ -574,7 +574,7 @@ def reference_answers(loaded: Any, prompts: list[dict[str, Any]]) -> list[dict[s
     """The base model's own greedy answers to `prompts` (the adapter disabled): cached per base under
     $PSFT_LITE_HOME/retention/, so each prompt is answered once per base model; returns prompt/completion rows."""
     from psft_lite.inference.generate import generate
-    from psft_lite.model import modeling
+    from psft_lite.model import scoring
 
     path = cache_dir() / f"answers-{base_key(loaded, 'answers')}.jsonl"
     known: dict[str, dict[str, Any]] = {}
@@ -587,7 +587,7 @@ def reference_answers(loaded: Any, prompts: list[dict[str, Any]]) -> list[dict[s
                 continue
     todo = [p for p in prompts if p["id"] not in known or known[p["id"]]["prompt"] != p["prompt"]]
     if todo:
-        with modeling.adapter_disabled(loaded.model) if loaded.has_adapter else _nothing():
+        with scoring.adapter_disabled(loaded.model) if loaded.has_adapter else _nothing():
             gens = generate(loaded, [[{"role": "user", "content": p["prompt"]}] for p in todo], REFERENCE_TOKENS)
         for p, g in zip(todo, gens):
             known[p["id"]] = {"id": p["id"], "prompt": p["prompt"], "completion": g.text, "finished": g.finished}

@@ -13,7 +13,7 @@ import torch
 
 from psft_lite.core import rundir
 from psft_lite.core.errors import ModelError
-from psft_lite.model import modeling
+from psft_lite.model import loading, runtime
 from psft_lite.recipe.schema import ModelSection
 
 
@@ -26,7 +26,7 @@ class AdapterInfo:
 
     def train_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype the adapter was trained in: as recorded, else what the base section resolves to on `device`."""
-        return getattr(torch, self.dtype) if self.dtype else modeling.resolve_dtype(self.base.dtype, device)
+        return getattr(torch, self.dtype) if self.dtype else runtime.resolve_dtype(self.base.dtype, device)
 
 
 def resolve_adapter(path: Path, base_override: str | None = None) -> AdapterInfo:
@@ -84,9 +84,9 @@ def base_as_trained(
     """The base weights the adapter applies to, in `out_dtype`: a 4-bit base loaded in 4-bit and dequantized (what
     training saw), or with `from_original` (and for any other base) the full-precision weights."""
     if info.base.load_in_4bit and not from_original:
-        base = modeling.load_base_model(info.base, device, train_dtype).dequantize()
+        base = loading.load_base_model(info.base, device, train_dtype).dequantize()
     else:
-        base = modeling.load_base_model(info.base.model_copy(update={"load_in_4bit": False}), device, out_dtype)
+        base = loading.load_base_model(info.base.model_copy(update={"load_in_4bit": False}), device, out_dtype)
     return base.to(out_dtype)
 
 

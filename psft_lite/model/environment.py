@@ -85,7 +85,7 @@ def collect() -> dict[str, Any]:
     import torch
 
     from psft_lite import __version__
-    from psft_lite.model import modeling
+    from psft_lite.model import runtime
 
     try:
         from huggingface_hub import constants
@@ -108,10 +108,10 @@ def collect() -> dict[str, Any]:
         "os": platform.platform(),
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
-        "cpu_bf16": modeling.cpu_has_bf16(),
+        "cpu_bf16": runtime.cpu_has_bf16(),
         "gpus": gpus(),
         "four_bit": {d: four_bit_self_test(d) for d in devices},
-        "psft_lite_home": str(modeling.home()),
+        "psft_lite_home": str(runtime.home()),
         "hf_cache": str(hf_cache),
         "flags": {k: os.environ.get(k, "unset") for k in ENV_FLAGS},
         "hf_token": "set" if (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")) else "unset",

@@ -146,13 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m psft_lite.model.packaged NAME`: convert a packaged model now (make model-gemma3), print its folder."""
     import argparse
 
-    from psft_lite.model import modeling
+    from psft_lite.model import runtime
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("name", choices=sorted(PACKAGED))
     args = ap.parse_args(argv)
     try:
-        print(model_dir(args.name, modeling.home(), modeling.quiet_transformers))
+        print(model_dir(args.name, runtime.home(), runtime.quiet_transformers))
     except ModelError as e:
         sys.exit(f"error: {e}")
 

@@ -422,7 +422,8 @@ class OutputSection(Section):
         """`"merged"` or `"merged,gguf"` mean the list; each named once."""
         if isinstance(v, str):
             v = [x.strip() for x in v.split(",") if x.strip()]
-        return list(dict.fromkeys(v)) if isinstance(v, list) else v
+        # each named once; anything but a list of strings is left to the type check, which names the key
+        return list(dict.fromkeys(v)) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
 
     @field_validator("gguf_quant")
     @classmethod
@@ -440,7 +441,8 @@ class OutputSection(Section):
         """`"wandb"` or `"tensorboard,wandb"` mean the list; `"none"` means no tracker; each named once."""
         if isinstance(v, str):
             v = [] if v.strip() == "none" else [x.strip() for x in v.split(",") if x.strip()]
-        return list(dict.fromkeys(v)) if isinstance(v, list) else v
+        # each named once; anything but a list of strings is left to the type check, which names the key
+        return list(dict.fromkeys(v)) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
 
 
 class Recipe(Section):

@@ -23,7 +23,7 @@ from psft_lite.core.errors import RecipeError
 from psft_lite.core.extras import require_extra
 from psft_lite.core.files import atomic_write_text
 from psft_lite.core.rundir import list_checkpoints
-from psft_lite.model import modeling
+from psft_lite.model import loading
 from psft_lite.recipe.schema import Recipe, parse_override, recipe_from_dict
 from psft_lite.study.plot import pyplot
 from psft_lite.tracking.metrics import read_metrics
@@ -315,7 +315,7 @@ def run_study(
         raise RecipeError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}.")
     if not recipe.eval.sets:
         raise RecipeError("the study recipe needs eval.sets (e.g. in_domain, ood and probe) to evaluate each epoch on.")
-    jobs = plan_jobs(recipe, methods, seeds, sweep or [], out, eval_every, modeling.load_tokenizer(recipe.model))
+    jobs = plan_jobs(recipe, methods, seeds, sweep or [], out, eval_every, loading.load_tokenizer(recipe.model))
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     done = {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["step"]) for rec in _read(results_path)}

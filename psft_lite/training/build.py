@@ -18,7 +18,7 @@ from psft_lite.data import EncodeStats, Example, SourceData, load_examples, load
 from psft_lite.data.batching import Batch, DataPlan, StepData, epoch_draws, pack_examples
 from psft_lite.data.tokenize import pad_eos_note
 from psft_lite.export import outputs
-from psft_lite.model import modeling
+from psft_lite.model import loading, runtime, scoring
 from psft_lite.recipe.schema import Recipe, TrainSection
 from psft_lite.tracking.trackers import require
 from psft_lite.training import sharding
@@ -68,7 +68,7 @@ class Run:
         return self.data.batches(step)
 
     def amp(self) -> Any:
-        return modeling.autocast(self.device, self.dtype)
+        return scoring.autocast(self.device, self.dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -147,7 +147,7 @@ def self_replay(
     d = recipe.data
     prompts = replay.read_prompts(d.replay, recipe.path.parent if recipe.path else None)
     spec = recipe.model.model_dump(mode="json", exclude_none=True)
-    path = replay.cache_file(modeling.home(), spec, str(dtype), device.type, prompts, d)
+    path = replay.cache_file(runtime.home(), spec, str(dtype), device.type, prompts, d)
     if replay.read_cache(path) is None and dist.is_main:
         was = base.training
         base.eval()
@@ -247,26 +247,26 @@ def build(
     for w in recipe.warnings():
         console.print(f"[yellow]warning:[/yellow] {w}")
     seed_everything(t.seed)
-    device = modeling.resolve_device(m.device)
+    device = runtime.resolve_device(m.device)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     if device.type == "cuda":  # peak_mem_mb is this run's, not the process's (a study trains many runs in one)
         torch.cuda.reset_peak_memory_stats(device)
-    dtype = modeling.resolve_dtype(m.dtype, device)
-    if m.name in modeling.packaged.PACKAGED and not (modeling.home() / "models" / m.name / "config.json").exists():
-        console.print(f"converting the packaged model {m.name} into {modeling.home() / 'models'} (once)")
-    src = modeling.resolve_source(m)
-    tokenizer = modeling.load_tokenizer(m, src)
+    dtype = runtime.resolve_dtype(m.dtype, device)
+    if m.name in loading.packaged.PACKAGED and not (runtime.home() / "models" / m.name / "config.json").exists():
+        console.print(f"converting the packaged model {m.name} into {runtime.home() / 'models'} (once)")
+    src = loading.resolve_source(m)
+    tokenizer = loading.load_tokenizer(m, src)
     data_in = load_data(recipe, tokenizer, console)
-    base = modeling.load_base_model(m, device, dtype, src)
+    base = loading.load_base_model(m, device, dtype, src)
     sources = list(data_in.sources)
     if recipe.data.replay.ratio > 0:
         sources.append(self_replay(recipe, base, tokenizer, device, dtype, console, dist))
     examples, sizes, draws = assemble(recipe, sources, console)
-    model = modeling.attach_lora(base, recipe.lora, m.gradient_checkpointing)
+    model = loading.attach_lora(base, recipe.lora, m.gradient_checkpointing)
     model.train()
     if dist.enabled:
-        dist.broadcast_parameters(modeling.trainable_parameters(model))
+        dist.broadcast_parameters(scoring.trainable_parameters(model))
         torch.manual_seed(t.seed + 1000 * dist.rank)  # own dropout masks per rank
     if dist.sharded:
         sharding.shard(model)
@@ -275,7 +275,7 @@ def build(
     total = plan.total_steps(t.epochs, t.max_steps)
 
     def amp() -> Any:
-        return modeling.autocast(device, dtype)
+        return scoring.autocast(device, dtype)
 
     return Run(
         recipe=recipe,
@@ -287,7 +287,7 @@ def build(
         data=data,
         data_stats=total_stats([s.stats for s in sources]),
         total_steps=total,
-        optimizer=build_optimizer(modeling.trainable_parameters(model), t, device, console),
+        optimizer=build_optimizer(scoring.trainable_parameters(model), t, device, console),
         policy=build_policy(recipe.objective, model, amp, data.batches, total),
         guard=Guard(recipe.guard, total, method_name(recipe.objective)),
         console=console,
@@ -309,7 +309,7 @@ def reference_cache(
     budget = recipe.objective.reference_cache_mb
     if OBJECTIVES[recipe.objective.kind].kl is None or not budget or not repeats:
         return None
-    hidden = modeling.causal_lm(model).config.get_text_config().hidden_size
+    hidden = scoring.causal_lm(model).config.get_text_config().hidden_size
     size = ReferenceCache.size_bytes(sum(e.n_trained for e in examples), hidden, dtype)
     if size > budget * 2**20:
         console.print(

@@ -14,7 +14,7 @@ import torch
 
 from psft_lite.core import rundir
 from psft_lite.core.errors import Interrupted, RunError
-from psft_lite.model import modeling
+from psft_lite.model import scoring
 from psft_lite.tracking.metrics import MetricsWriter, ProgressDisplay, peak_memory_mb
 from psft_lite.training import checkpoint, sharding
 from psft_lite.training.build import Run
@@ -69,7 +69,7 @@ def final_eval(run: Run) -> tuple[dict[str, Any], Any]:
     kw = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, nll=False)
     run.model.eval()
     after, _ = evaluate_sets(loaded, sets, **kw, console=run.console)
-    with modeling.adapter_disabled(run.model):
+    with scoring.adapter_disabled(run.model):
         plain = {k: v for k, v in sets.items() if not is_retention_set(v)}
         before, _ = evaluate_sets(loaded, plain, **kw, console=run.console)
     out: dict[str, Any] = {

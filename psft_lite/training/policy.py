@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from psft_lite.data.batching import Batch
-from psft_lite.model.modeling import adapter_disabled, response_logprobs
+from psft_lite.model.scoring import adapter_disabled, response_logprobs
 
 Score = Callable[[Batch], torch.Tensor]  # batch → logp [B, L] under the current model, no grad
 

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from psft_lite.core.errors import DataError, ModelError
 from psft_lite.data.tokenize import Example, pad_eos_note
-from psft_lite.model import modeling
+from psft_lite.model import loading, runtime, scoring
 from psft_lite.recipe.schema import Recipe
 
 GB = 2**30
@@ -64,7 +64,7 @@ def available_memory(device: torch.device) -> float | None:
     return None
 
 
-def count_parameters(recipe: Recipe, src: modeling.ModelSource) -> tuple[int, int, int, int]:
+def count_parameters(recipe: Recipe, src: loading.ModelSource) -> tuple[int, int, int, int]:
     """(all parameters, parameters in quantizable linear layers, LoRA parameters, parameters inside the decoder
     layers — what FSDP shards) from the config alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -97,7 +97,7 @@ def count_parameters(recipe: Recipe, src: modeling.ModelSource) -> tuple[int, in
 
 def estimate_memory(
     recipe: Recipe,
-    src: modeling.ModelSource,
+    src: loading.ModelSource,
     device: torch.device,
     dtype: torch.dtype,
     seq_len: int,
@@ -159,7 +159,7 @@ def estimate_memory(
 
 def sharding_advice(
     recipe: Recipe,
-    src: modeling.ModelSource,
+    src: loading.ModelSource,
     device: torch.device,
     dtype: torch.dtype,
     seq_len: int,
@@ -198,16 +198,16 @@ def render_example(tokenizer: Any, ex: Example, max_chars: int = 600) -> Text:
 
 def run_preflight(recipe: Recipe, console: Console, deep: bool = False, show: int = 2) -> PreflightReport:
     """Everything validate can check without training. Raises DataError/ModelError for fatal problems."""
-    modeling.offline()  # validate never downloads: hub ids come from the local cache
+    runtime.offline()  # validate never downloads: hub ids come from the local cache
     rep = PreflightReport()
     m = recipe.model
-    device = modeling.resolve_device(m.device)
-    dtype = modeling.resolve_dtype(m.dtype, device)
+    device = runtime.resolve_device(m.device)
+    dtype = runtime.resolve_dtype(m.dtype, device)
     try:
-        src = modeling.resolve_source(m)
-        tokenizer = modeling.load_tokenizer(m, src)
+        src = loading.resolve_source(m)
+        tokenizer = loading.load_tokenizer(m, src)
     except ModelError:
-        if not modeling.looks_like_hub_id(m.name):
+        if not loading.looks_like_hub_id(m.name):
             raise
         rep.notes.append(
             f"preflight skipped: {m.name} is not in the local Hugging Face cache and validate does not download. "
@@ -332,7 +332,7 @@ def _replay_source(recipe: Recipe, tokenizer: Any, device: Any, dtype: Any, rep:
     d = recipe.data
     prompts = replay.read_prompts(d.replay, recipe.path.parent if recipe.path else None)
     spec = recipe.model.model_dump(mode="json", exclude_none=True)
-    rows = replay.read_cache(replay.cache_file(modeling.home(), spec, str(dtype), device.type, prompts, d))
+    rows = replay.read_cache(replay.cache_file(runtime.home(), spec, str(dtype), device.type, prompts, d))
     if rows is None:
         rep.notes.append(
             f"self-replay: the base model's answers to {len(prompts)} prompts are not generated yet; training "
@@ -350,25 +350,25 @@ def deep_check(
     tokenizer: Any,
     device: torch.device,
     dtype: torch.dtype,
-    src: modeling.ModelSource,
+    src: loading.ModelSource,
 ) -> dict[str, Any]:
     """Load the model with LoRA and time one forward/backward on the longest micro-batch."""
     from psft_lite.data.batching import collate
     from psft_lite.tracking.metrics import peak_memory_mb
 
-    base = modeling.load_base_model(recipe.model, device, dtype, src)
-    model = modeling.attach_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
+    base = loading.load_base_model(recipe.model, device, dtype, src)
+    model = loading.attach_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
     model.train()
     longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]))[: recipe.train.micro_batch_size]
     b = collate([examples[i] for i in longest], longest, tokenizer.pad_token_id).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    with modeling.autocast(device, dtype):
-        logp, _ = modeling.response_logprobs(model, b)
+    with scoring.autocast(device, dtype):
+        logp, _ = scoring.response_logprobs(model, b)
     (-(logp * b.target_mask).sum() / b.n_trained).backward()
     return {
         "deep_step_s": time.perf_counter() - t0,
         "deep_peak_mem_mb": peak_memory_mb(device),
-        "trainable_parameters": sum(p.numel() for p in modeling.trainable_parameters(model)),
+        "trainable_parameters": sum(p.numel() for p in scoring.trainable_parameters(model)),
     }

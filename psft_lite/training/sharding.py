@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from psft_lite.core.errors import RecipeError
-from psft_lite.model import modeling
+from psft_lite.model import scoring
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The repeated decoder blocks of a (PEFT-wrapped) causal LM: the units FSDP shards one at a time."""
-    decoder = modeling.causal_lm(model).get_decoder()
+    decoder = scoring.causal_lm(model).get_decoder()
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
     if layers is None:
         raise RecipeError(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from psft_lite.data.batching import Batch
-from psft_lite.model import modeling
+from psft_lite.model import scoring
 from psft_lite.tracking.metrics import StepStats
 from psft_lite.training.build import Run
 from psft_lite.training.losses import token_weights
@@ -84,7 +84,7 @@ def micro_step(
     kl = spec.kl if "kl_base" in spec.inputs else None
     with run.amp():  # one fused head: the KL to the base and the top-k entropy when the objective reads them
         ref = reference_hidden(run, b) if kl else None
-        out = modeling.response_outputs(run.model, b, kl=kl, topk=topk, ref_hidden=ref)
+        out = scoring.response_outputs(run.model, b, kl=kl, topk=topk, ref_hidden=ref)
     logp, ent = out["logp"], out["entropy"]
     mask = b.target_mask
     weights = token_weights(mask, o.normalize, n_tok, n_seq, seq_ids=b.seq_ids)
@@ -108,7 +108,7 @@ def reference_hidden(run: Run, b: Batch) -> torch.Tensor:
     cached = run.reference.get(b) if run.reference is not None else None
     if cached is not None:
         return cached
-    hidden = modeling.base_hidden(run.model, b)
+    hidden = scoring.base_hidden(run.model, b)
     if run.reference is not None:
         run.reference.put(b, hidden)
     return hidden
@@ -130,7 +130,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         stats.add(s, b.n_trained, float(loss.detach()))
         if i == 0 and base_lp is not None:
             drift = float(masked_mean(logp - base_lp, b.target_mask))
-    trainable = modeling.trainable_parameters(run.model)
+    trainable = scoring.trainable_parameters(run.model)
     run.dist.all_reduce_grads(trainable)
     stats.reduce(run.dist, ["nll", "entropy", *spec.stats], list(spec.max_stats))
     update.unscale()
@@ -176,6 +176,6 @@ def sample_base_logprobs(run: Run, step: int, b: Batch) -> torch.Tensor | None:
     free = run.policy is not None and run.policy.is_base
     if not g.drift_watch or not g.drift_every or free or (step + 1) % g.drift_every:
         return None
-    with modeling.adapter_disabled(run.model), torch.no_grad(), run.amp():
-        logp, _ = modeling.response_logprobs(run.model, b)
+    with scoring.adapter_disabled(run.model), torch.no_grad(), run.amp():
+        logp, _ = scoring.response_logprobs(run.model, b)
     return logp

@@ -19,7 +19,7 @@ from psft_lite.core.errors import Interrupted, RecipeError, RunError
 from psft_lite.core.files import atomic_write_text
 from psft_lite.export import outputs
 from psft_lite.inference import retention
-from psft_lite.model import modeling
+from psft_lite.model import scoring
 from psft_lite.recipe.schema import Recipe
 from psft_lite.tracking.metrics import peak_memory_mb, run_outcome, truncate_metrics
 from psft_lite.tracking.trackers import Reporter, flat_config, open_reporter, where
@@ -34,7 +34,7 @@ def prepare_run_dir(run: Run) -> None:
     """Create (or, with --overwrite, replace) the run directory and write the resolved recipe into it (rank 0)."""
     run.dist.barrier()  # every rank has checked output.dir before rank 0 changes it
     if run.dist.is_main:
-        n = sum(p.numel() for p in modeling.trainable_parameters(run.model))
+        n = sum(p.numel() for p in scoring.trainable_parameters(run.model))
         rundir.create_run_dir(
             run.run_dir, run.recipe.to_toml(), checkpoint.checkpoint_size(n), run.recipe.train.keep_last
         )
@@ -91,7 +91,7 @@ def run(
 def describe(run: Run) -> list[str]:
     """The two lines that say what is about to be trained."""
     recipe = run.recipe
-    n_train = sum(p.numel() for p in modeling.trainable_parameters(run.model))
+    n_train = sum(p.numel() for p in scoring.trainable_parameters(run.model))
     what = recipe.objective.kind + (f" ({run.policy.describe()})" if run.policy is not None else "")
     t = recipe.train
     return [
@@ -137,7 +137,7 @@ def start_reporting(run: Run, start: int, reported: int) -> Reporter:
             "run.total_steps": run.total_steps,
             "run.device": run.device.type,
             "run.dtype": str(run.dtype).removeprefix("torch."),
-            "run.trainable_parameters": sum(p.numel() for p in modeling.trainable_parameters(run.model)),
+            "run.trainable_parameters": sum(p.numel() for p in scoring.trainable_parameters(run.model)),
             "run.psft_lite_version": __version__,
         }
         reporter.start(flat_config(run.recipe.model_dump(mode="json", exclude_none=True), facts))

@@ -77,7 +77,7 @@ def preflight_lines(rep: object) -> list[str]:
 
 def validate(path: Path, overrides: list[str], deep: bool, preflight: bool, out: Console, err: Console) -> None:
     """Check the recipe at `path` and print what it will do; raises a `PsftError` on the first problem."""
-    from psft_lite.model.modeling import offline
+    from psft_lite.model.runtime import offline
     from psft_lite.tracking.trackers import require
 
     offline()

@@ -1,16 +1,10 @@
-"""Load the tokenizer and base model (hub id, local folder, GGUF, or the embedded default), quantize, attach LoRA.
-
-Also the one place that turns a batch into per-token log-probs: `response_logprobs` runs the decoder, then the LM
-head only over trained positions, in chunks (logprobs.target_logprobs).
-"""
+"""Loading a base model for training or inference: where it comes from (hub id, local folder, GGUF, a packaged
+model), its tokenizer and chat template, 4-bit quantization, and the LoRA adapter attached to it."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,81 +14,10 @@ import torch
 from psft_lite.core import hub
 from psft_lite.core.errors import ModelError
 from psft_lite.model import packaged
-from psft_lite.model.logprobs import head_outputs, target_logprobs
+from psft_lite.model.runtime import home, quiet_transformers
 from psft_lite.recipe.schema import EMBEDDED_MODEL, LoraSection, ModelSection
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels package missing" at import: harmless on CPU
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def home() -> Path:
-    """psft-lite's cache folder: $PSFT_LITE_HOME, default ~/.cache/psft-lite."""
-    return Path(os.environ.get("PSFT_LITE_HOME") or Path.home() / ".cache" / "psft-lite")
-
-
-def offline() -> None:
-    """Never reach the Hugging Face Hub in this process (validate reads hub models and data from the local cache only).
-    Set before huggingface_hub is imported; an explicit setting in the environment wins."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-def quiet_transformers() -> None:
-    """Keep user output to our own progress display; known-harmless library chatter only."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
-    warnings.filterwarnings("ignore", message=r".*`use_cache=True` is incompatible with gradient checkpointing.*")
-    # peft looks for the base's config.json beside a GGUF base to see whether the vocabulary changed; it did not
-    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* will assume that the vocabulary")
-    # peft still calls the transformers 5 names that are deprecated in favour of activation_checkpointing_*
-    warnings.filterwarnings("ignore", message=r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated.*")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_device(pref: str) -> torch.device:
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.")
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
-
-
-def resolve_dtype(pref: str, device: torch.device) -> torch.dtype:
-    if pref == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if pref == "fp16" and device.type == "cpu":
-        raise ModelError(
-            "model.dtype = 'fp16' is for GPUs without bf16 support; CPUs compute fp16 very slowly and without loss "
-            "scaling. Use 'bf16' (CPUs with avx512_bf16) or 'fp32', or 'auto' to pick for you."
-        )
-    return DTYPES[pref]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Where the weights come from
 
 
 @dataclass(frozen=True)
@@ -344,147 +267,3 @@ def enable_checkpointing(model: Any) -> None:
     else:  # transformers < 5.x
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Forward: hidden states → per-token log-probs of the trained targets
-
-
-def causal_lm(model: Any) -> Any:
-    """The transformers *ForCausalLM inside a PeftModel (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
-@dataclass
-class Head:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-    scale: float
-
-
-def lm_head(model: Any) -> Head:
-    lm = causal_lm(model)
-    head = lm.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) and not hasattr(head, "weight"):
-        raise ModelError(f"{type(lm).__name__}: unsupported output layer {type(head).__name__}.")
-    cfg = lm.config
-    return Head(
-        weight=head.weight,
-        bias=getattr(head, "bias", None),
-        softcap=getattr(cfg, "final_logit_softcapping", None),
-        scale=float(getattr(cfg, "logit_scale", None) or 1.0),
-    )
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for half-precision runs (LoRA weights stay float32); a no-op for fp32."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def response_logprobs(model: Any, batch: Any, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(target) [B, L] (with grad when enabled) and entropy [B, L] at the batch's trained tokens.
-
-    Position t of the outputs scores token t of `input_ids` (predicted from position t−1); zero elsewhere.
-    """
-    hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state  # [B, L, H]
-    head = lm_head(model)
-    # shift: hidden at t-1 predicts token t
-    mask = batch.target_mask[:, 1:]
-    logp, ent = target_logprobs(
-        hidden[:, :-1], head.weight, batch.input_ids[:, 1:], mask, head.bias, chunk, head.softcap, head.scale
-    )
-    pad = logp.new_zeros(logp.shape[0], 1)
-    return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1)
-
-
-def response_outputs(
-    model: Any,
-    batch: Any,
-    kl: str | None = None,
-    topk: int = 0,
-    chunk: int = 1024,
-    ref_hidden: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The fused head's outputs at the batch's trained tokens, each [B, L] (position t scores token t, zero
-    elsewhere): `logp` (with grad when enabled), `entropy`, and when asked `kl` — KL between the model and the base
-    (the adapter disabled), `kl` = "reverse" for KL(p_θ ‖ p_base), "forward" for KL(p_base ‖ p_θ), with gradient —
-    and `topk_entropy` (the entropy of the `topk` largest logits, over ln k). The base's hidden states come from
-    `ref_hidden` [B, L, H] when given (a cache), else from one forward with the adapter off and no gradient."""
-    hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
-    if kl and ref_hidden is None:
-        ref_hidden = base_hidden(model, batch)
-    head = lm_head(model)
-    out = head_outputs(
-        hidden[:, :-1],
-        head.weight,
-        batch.input_ids[:, 1:],
-        batch.target_mask[:, 1:],
-        head.bias,
-        ref_hidden[:, :-1] if kl else None,
-        kl,
-        topk,
-        chunk,
-        head.softcap,
-        head.scale,
-    )
-    pad = hidden.new_zeros(hidden.shape[0], 1, dtype=torch.float32)
-    return {k: torch.cat([pad, v], 1) for k, v in out.items()}
-
-
-@torch.no_grad()
-def base_hidden(model: Any, batch: Any) -> torch.Tensor:
-    """The base model's final hidden states [B, L, H] (the adapter disabled, no gradient)."""
-    with adapter_disabled(model):
-        return causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
-
-
-def response_hidden(model: Any, batch: Any) -> torch.Tensor:
-    """Final hidden states [N, H] at the positions that predict the batch's N trained tokens (row-major order)."""
-    hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
-    return hidden[:, :-1][batch.target_mask[:, 1:]]
-
-
-def example_batches(examples: list, pad_id: int, device: torch.device, batch_size: int = 8) -> Iterator[Any]:
-    """Tokenized examples in order as padded batches on `device` (for no-grad scoring)."""
-    from psft_lite.data.batching import collate
-
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        yield collate(chunk, list(range(start, start + len(chunk))), pad_id).to(device)
-
-
-@torch.no_grad()
-def score_examples(
-    model: Any, examples: list, pad_id: int, device: torch.device, dtype: torch.dtype, batch_size: int = 8
-) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
-    """(batch, logp, entropy) for examples in order, batched, without gradients (eval, ddt)."""
-    for b in example_batches(examples, pad_id, device, batch_size):
-        with autocast(device, dtype):
-            logp, ent = response_logprobs(model, b)
-        yield b, logp, ent
-
-
-@contextlib.contextmanager
-def adapter_disabled(model: Any) -> Iterator[None]:
-    """The base model's exact outputs (LoRA and QLoRA, tested): every adapter layer's forward skips its adapter —
-    the switch peft's `disable_adapter()` flips, without also clearing the adapter's requires_grad as peft does:
-    FSDP fixes a weight's requires_grad when it first gathers it, so a first forward without the adapter (psft's base
-    log-probs) would freeze a sharded run's adapter for good."""
-    switches = [m for m in model.modules() if hasattr(m, "_disable_adapters")]
-    before = [m._disable_adapters for m in switches]
-    for m in switches:
-        m._disable_adapters = True
-    try:
-        yield
-    finally:
-        for m, b in zip(switches, before):
-            m._disable_adapters = b
-
-
-def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
