@@ -109,10 +109,16 @@ def test_the_header_reader_reads_every_field_as_gguf_reader_does():
 
 
 def test_k_quant_generates_in_llama_cpp(exported):
+    """The K-quant (written by llama.cpp's own quantizer from psft-lite's f16) still knows what the model knew: it
+    continues "The capital of France is" with Paris, as the f16 file does, and picks the same first token."""
     folder, _ = exported
-    with gguf_check.open_llama(folder / "m-q4_k_m.gguf") as llm:
-        out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0)
-    assert out["choices"][0]["text"].strip()
+    texts = {}
+    for q in ("f16", "q4_k_m"):
+        with gguf_check.open_llama(folder / f"m-{q}.gguf") as llm:
+            out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0)
+            texts[q] = out["choices"][0]["text"]
+    assert "Paris" in texts["f16"] and "Paris" in texts["q4_k_m"], texts
+    assert texts["q4_k_m"].split()[0] == texts["f16"].split()[0], texts
 
 
 def _logits(path, ids, lora=None):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,21 @@ def _trained_run(tmp_path, model_dir, **model):
     recipe = load_recipe(make_recipe(tmp_path, model_dir, model=model, train={"max_steps": 3, "lr": 2e-2}))
     summary = trainer.run(recipe, console=QUIET)
     return tmp_path / "run", summary
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """The tiny run of each kind (LoRA, QLoRA), trained once for the module: tests merge it into folders of their
+    own and leave the run as they found it."""
+    runs: dict[bool, Path] = {}
+
+    def get(load_in_4bit: bool) -> Path:
+        if load_in_4bit not in runs:
+            folder = tmp_path_factory.mktemp("qlora" if load_in_4bit else "lora")
+            runs[load_in_4bit] = _trained_run(folder, tiny_model_dir, load_in_4bit=load_in_4bit)[0]
+        return runs[load_in_4bit]
+
+    return get
 
 
 GENERATE = textwrap.dedent(
@@ -74,12 +90,13 @@ def _adapter_greedy(run_dir, model_dir, load_in_4bit):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
-def test_merge_is_exact_and_loads_without_psft_lite(tmp_path, tiny_model_dir, load_in_4bit):
-    run_dir, _ = _trained_run(tmp_path, tiny_model_dir, load_in_4bit=load_in_4bit)
-    report = merge_mod.merge(run_dir, console=QUIET)
-    assert report["out"] == str(run_dir / "merged")
+def test_merge_is_exact_and_loads_without_psft_lite(tmp_path, tiny_model_dir, trained, load_in_4bit):
+    run_dir = trained(load_in_4bit)
+    merged = tmp_path / "merged"
+    report = merge_mod.merge(run_dir, out=merged, console=QUIET)
+    assert report["out"] == str(merged)
     assert report["max_abs_dlogit"] < 1e-3 and report["greedy_agreement"] == 1.0, report
-    files = {p.name for p in (run_dir / "merged").iterdir()}
+    files = {p.name for p in merged.iterdir()}
     assert {
         "config.json",
         "model.safetensors",
@@ -88,16 +105,14 @@ def test_merge_is_exact_and_loads_without_psft_lite(tmp_path, tiny_model_dir, lo
         "chat_template.jinja",
     } <= files
     assert not any(n.startswith("adapter") for n in files)
-    p = subprocess.run(
-        [sys.executable, "-c", GENERATE, str(run_dir / "merged"), PROMPT], capture_output=True, text=True
-    )
+    p = subprocess.run([sys.executable, "-c", GENERATE, str(merged), PROMPT], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == _adapter_greedy(run_dir, tiny_model_dir, load_in_4bit)
 
 
-def test_naive_merge_into_4bit_weights_would_have_failed_the_check(tmp_path, tiny_model_dir, monkeypatch):
+def test_naive_merge_into_4bit_weights_would_have_failed_the_check(tmp_path, trained, monkeypatch):
     """The check has teeth: merging into the 4-bit weights (what peers do) loses the delta and is refused."""
-    run_dir, _ = _trained_run(tmp_path, tiny_model_dir, load_in_4bit=True)
+    run_dir = trained(True)
     from peft import PeftModel
 
     from psft_lite.model import loading
@@ -108,11 +123,12 @@ def test_naive_merge_into_4bit_weights_would_have_failed_the_check(tmp_path, tin
         return merged.dequantize()
 
     monkeypatch.setattr(merge_mod, "merged_model", naive)
+    out = tmp_path / "naive"
     with pytest.raises(RunError, match="merge check failed") as e:
-        merge_mod.merge(run_dir, console=QUIET)
+        merge_mod.merge(run_dir, out=out, console=QUIET)
     assert "Nothing was written" in str(e.value)
-    assert not (run_dir / "merged").exists()
-    assert not any(".tmp-" in p.name for p in run_dir.iterdir())
+    assert not out.exists()
+    assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
 
 
 def test_recipe_save_merged_merges_at_the_end_of_training(tmp_path, tiny_model_dir):
