@@ -45,7 +45,7 @@ def prompts_from(run: Path, n: int) -> list[list[dict[str, str]]]:
 
 
 def llama_cpp_speed(path: Path, prompts: list[list[int]], max_new: int, eos: set[int]) -> tuple[int, float]:
-    from psft_lite.export.gguf_check import open_llama
+    from psft_lite.exporting.gguf_check import open_llama
 
     tokens, t0 = 0, None
     with open_llama(path, n_ctx=1024) as llm:
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     a = ap.parse_args()
-    from psft_lite.export.gguf import resolve
+    from psft_lite.exporting.gguf import resolve
     from psft_lite.model import runtime
     from psft_lite.model.chat import end_of_turn_id
 

@@ -305,7 +305,7 @@ def merge(
 ) -> MergeResult:
     """Fold a run's adapter into its base (dequantizing a 4-bit base first) and write a plain transformers folder;
     checks its logits against the adapter model (a failure raises `RunError` and leaves nothing at `out`)."""
-    from psft_lite.export.merge import merge as do_merge
+    from psft_lite.exporting.merge import merge as do_merge
 
     with _library_call():
         report = do_merge(
@@ -341,7 +341,7 @@ def export(
     console: Any = None,
 ) -> ExportResult:
     """Write a run (or model folder) as GGUF for llama.cpp, Ollama and LM Studio, proved in llama.cpp."""
-    from psft_lite.export.gguf import export as do_export
+    from psft_lite.exporting.gguf import export as do_export
 
     with _library_call():
         report = do_export(

@@ -121,14 +121,15 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"<!-- python-example:begin -->\n```python\n(.*?)```\n<!-- python-example:end -->", readme, re.S)
     code = block.group(1).replace('"runs/from-python"', json.dumps(str(tmp_path / "from-python")))
-    suite = retention.load_suite()[::20]
-    monkeypatch.setattr(retention, "load_suite", lambda path=None: suite)
-    monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(ROOT)
     from psft_lite.model import loading
 
+    suite = retention.load_suite()[::20]
+    monkeypatch.setattr(retention, "load_suite", lambda path=None: suite)
+    models = loading.embedded_model_dir().parent  # the shared cache's models, before the home moves
+    monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ROOT)
     (tmp_path / "home").mkdir()
-    (tmp_path / "home" / "models").symlink_to(loading.embedded_model_dir().parent)
+    (tmp_path / "home" / "models").symlink_to(models)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     out = capsys.readouterr().out

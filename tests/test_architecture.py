@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "psft_lite"
-LAYERS = ["core", "recipe", "data", "model", "tracking", "inference", "export", "training", "study", "api", "cli"]
+LAYERS = ["core", "recipe", "data", "model", "tracking", "inference", "exporting", "training", "study", "api", "cli"]
 REGISTRIES = {  # leaf modules the recipe validates names against
     "psft_lite.training.objectives",
     "psft_lite.tracking.trackers",
-    "psft_lite.export.outputs",
-    "psft_lite.export.gguf_convert",
+    "psft_lite.exporting.outputs",
+    "psft_lite.exporting.gguf_convert",
 }
 
 
@@ -97,3 +97,12 @@ def test_no_module_cites_a_document_outside_the_repository():
     for _, path in modules():
         text = path.read_text()
         assert "DESIGN.md" not in text and "../shared" not in text, path
+
+
+def test_no_subpackage_shadows_a_public_function():
+    """Importing psft_lite.X sets the package's attribute X to the module, so a subpackage named like a public
+    function (psft_lite.export once was) would replace that function as soon as anything imports the room."""
+    import psft_lite
+
+    rooms = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} | {p.stem for p in PACKAGE.glob("*.py")}
+    assert not rooms & set(psft_lite.__all__), rooms & set(psft_lite.__all__)

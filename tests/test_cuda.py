@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-from rich.console import Console
 
 from psft_lite.core.errors import Interrupted
 from psft_lite.model import loading, scoring
@@ -23,7 +22,7 @@ from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 from psft_lite.training.step import train_step
 
-from conftest import ROOT, make_recipe
+from conftest import QUIET, ROOT, make_recipe
 
 pytestmark = [
     pytest.mark.cuda,
@@ -31,7 +30,6 @@ pytestmark = [
         not torch.cuda.is_available(), reason="needs a CUDA GPU (run `make test` on a machine with one)"
     ),
 ]
-QUIET = Console(quiet=True)
 BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
@@ -135,7 +133,7 @@ def test_chunked_head_matches_naive_on_cuda_with_gradients():
 
 def test_merge_of_a_4bit_cuda_run_is_exact(tmp_path, embedded_dir):
     """Dequantize-then-merge on a CUDA QLoRA run: the merge's own check passes with full greedy agreement."""
-    from psft_lite.export.merge import merge
+    from psft_lite.exporting.merge import merge
 
     run, _, _ = _train(tmp_path, embedded_dir, train={"max_steps": 3})
     checkpoint.save_adapter(run.model, run.tokenizer, run.run_dir / "adapter", trainer.adapter_meta(run, 3))

@@ -20,9 +20,7 @@ from psft_lite.training import trainer
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import ARITH, ROOT, arith_rows, make_recipe, write_jsonl
-
-QUIET = Console(quiet=True)
+from conftest import ARITH, QUIET, ROOT, arith_rows, make_recipe, write_jsonl
 
 
 @pytest.mark.parametrize(
@@ -121,7 +119,7 @@ def test_eval_end_to_end_writes_summary_and_predictions(tmp_path, tiny_model_dir
 
 
 def test_generate_agrees_for_run_dir_and_merged_folder(tmp_path, tiny_model_dir):
-    from psft_lite.export.merge import merge
+    from psft_lite.exporting.merge import merge
 
     recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, train={"max_steps": 3, "lr": 5e-2}))
     trainer.run(recipe, console=QUIET)

@@ -9,20 +9,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
 from psft_lite.core import extras
 from psft_lite.core.errors import RunError
-from psft_lite.export import gguf as export_mod
-from psft_lite.export import gguf_check, gguf_convert, ollama
+from psft_lite.exporting import gguf as export_mod
+from psft_lite.exporting import gguf_check, gguf_convert, ollama
 from psft_lite.model import loading
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import trainer
 
-from conftest import make_recipe
+from conftest import QUIET, make_recipe
 from test_cli import run_cli
-
-QUIET = Console(quiet=True)
 
 
 def _field(reader: gguf.GGUFReader, key: str):
@@ -63,7 +60,7 @@ def test_export_writes_checked_gguf_modelfile_and_card(exported, embedded_run):
 
     # the tokenizer is the source GGUF's, with the run's chat template; the K-quant is llama.cpp's own. Fields read
     # with the header reader (checked field by field against gguf.GGUFReader below; ~40x faster on 49k tokens)
-    from psft_lite.export import gguf_header
+    from psft_lite.exporting import gguf_header
 
     keys = (
         "tokenizer.ggml.pre",
@@ -94,7 +91,7 @@ def test_export_writes_checked_gguf_modelfile_and_card(exported, embedded_run):
 
 
 def test_the_header_reader_reads_every_field_as_gguf_reader_does():
-    from psft_lite.export import gguf_header
+    from psft_lite.exporting import gguf_header
 
     path = loading.embedded_gguf_path()
     ours = {key: (value, vtype, sub) for key, value, vtype, sub in gguf_header.fields(path)}

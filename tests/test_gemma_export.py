@@ -6,14 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from psft_lite.model.packaged import GEMMA3
 from psft_lite.recipe.schema import load_recipe
 
-from conftest import make_recipe
-
-QUIET = Console(quiet=True)
+from conftest import QUIET, make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +31,7 @@ def gemma_run(tmp_path_factory, gemma_dir) -> Path:
 
 
 def test_gemma_merge_is_exact(tmp_path, gemma_run):
-    from psft_lite.export.merge import merge
+    from psft_lite.exporting.merge import merge
 
     report = merge(gemma_run, out=tmp_path / "merged", console=QUIET)  # raises when its own check fails
     assert report["max_abs_dlogit"] < 1e-3 and report["greedy_agreement"] == 1.0, report
@@ -46,7 +43,7 @@ def test_gemma_q8_gguf_passes_the_llama_cpp_check_and_ends_its_answers(tmp_path,
 
     import gguf
 
-    from psft_lite.export import gguf as export_mod
+    from psft_lite.exporting import gguf as export_mod
 
     # 32 greedy tokens instead of 128: this 2-step run does not end its answers, and each token of Gemma's 262k-entry
     # fp32 head costs ~0.2 s on one core in the reference and again in llama.cpp
@@ -68,7 +65,7 @@ def test_gemma_q8_gguf_passes_the_llama_cpp_check_and_ends_its_answers(tmp_path,
 def test_an_adapter_on_a_quantized_base_gguf_is_held_to_that_base_types_tolerance(gemma_dir):
     """`export --adapter-only` checks the adapter on the packaged base GGUF as it is: Gemma's is Q4_K_M, so the check
     allows Q4_K_M's noise (a 4-step Gemma adapter measured max |Δlogit| 8.5 on it, over the adapter's own 6.0)."""
-    from psft_lite.export import gguf_check
+    from psft_lite.exporting import gguf_check
     from psft_lite.model import packaged
 
     gemma, smollm2 = packaged.gguf_path(GEMMA3), packaged.gguf_path("smollm2-135m-instruct")

@@ -103,7 +103,7 @@ def test_harness_accuracy_equals_psft_lite_eval_on_the_same_rows(tmp_path, capsy
 
 @pytest.mark.slow
 def test_adapter_on_its_base_agrees_with_the_merged_folder_and_compare_base_differs(tiny_run, tmp_path, capsys):
-    from psft_lite.export.merge import merge
+    from psft_lite.exporting.merge import merge
 
     tasks = rolling_task(tmp_path / "tasks")
     merged = merge(tiny_run / "adapter", out=tmp_path / "merged", dtype="fp32")["out"]

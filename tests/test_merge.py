@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 
 from psft_lite.core.errors import ModelError, RunError
-from psft_lite.export import merge as merge_mod
+from psft_lite.exporting import merge as merge_mod
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import trainer
 
-from conftest import make_recipe
+from conftest import QUIET, make_recipe
 
-QUIET = Console(quiet=True)
 PROMPT = "Tom has 12 apples and buys 7 more. How many apples does he have?"
 
 

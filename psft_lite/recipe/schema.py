@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from psft_lite.core.errors import RecipeError
-from psft_lite.export.outputs import FORMATS as OUTPUT_FORMATS
+from psft_lite.exporting.outputs import FORMATS as OUTPUT_FORMATS
 from psft_lite.recipe.toml_errors import did_you_mean, format_validation_error
 from psft_lite.tracking.trackers import BACKENDS
 from psft_lite.training.objectives import OBJECTIVES
@@ -428,7 +428,7 @@ class OutputSection(Section):
     @field_validator("gguf_quant")
     @classmethod
     def _gguf_quant(cls, v: str) -> str:
-        from psft_lite.export.gguf_convert import parse_quants
+        from psft_lite.exporting.gguf_convert import parse_quants
 
         try:
             return ",".join(q.name for q in parse_quants(v))

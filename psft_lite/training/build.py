@@ -17,7 +17,7 @@ from psft_lite.core.errors import RecipeError
 from psft_lite.data import EncodeStats, Example, SourceData, load_examples, load_sources, total_stats
 from psft_lite.data.batching import Batch, DataPlan, StepData, epoch_draws, pack_examples
 from psft_lite.data.tokenize import pad_eos_note
-from psft_lite.export import outputs
+from psft_lite.exporting import outputs
 from psft_lite.model import loading, runtime, scoring
 from psft_lite.recipe.schema import Recipe, TrainSection
 from psft_lite.tracking.trackers import require

@@ -17,7 +17,7 @@ from psft_lite import __version__
 from psft_lite.core import rundir
 from psft_lite.core.errors import Interrupted, RecipeError, RunError
 from psft_lite.core.files import atomic_write_text
-from psft_lite.export import outputs
+from psft_lite.exporting import outputs
 from psft_lite.inference import retention
 from psft_lite.model import scoring
 from psft_lite.recipe.schema import Recipe
@@ -63,7 +63,7 @@ def resume_point(run: Run, spec: str) -> tuple[int, int]:
     reported = 0
     if run.dist.is_main:
         reported = truncate_metrics(rundir.metrics_file(run.run_dir), state.step)
-        rundir.recipe_file(run.run_dir).write_text(run.recipe.to_toml(), encoding="utf-8")
+        atomic_write_text(rundir.recipe_file(run.run_dir), run.recipe.to_toml())  # the run directory's marker
     return state.step, reported
 
 

@@ -26,21 +26,21 @@ class OutputFormat:
 
 
 def _merged(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
-    from psft_lite.export.merge import merge
+    from psft_lite.exporting.merge import merge
 
     report = merge(rundir.adapter_dir(run_dir), out=rundir.merged_dir(run_dir), console=console)
     return {"merged": str(report["out"])}
 
 
 def _gguf(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
-    from psft_lite.export.gguf import export
+    from psft_lite.exporting.gguf import export
 
     report = export(run_dir, quant=output.gguf_quant, overwrite=True, console=console)
     return {"gguf": [f["path"] for f in report["files"]]}
 
 
 def _gguf_check(where: str) -> None:
-    from psft_lite.export import gguf_check
+    from psft_lite.exporting import gguf_check
 
     gguf_check.require(f"{where}: output.save = 'gguf' (the export's check in llama.cpp)")
 

@@ -276,7 +276,7 @@ def tokenizer_from_gguf(path: Path, chat_template: str | None, tokenizer: Any = 
     the one trained with, does (Gemma: no prefix)."""
     from gguf import GGUFValueType as V
 
-    from psft_lite.export import gguf_header
+    from psft_lite.exporting import gguf_header
 
     meta = TokenizerMeta(source=str(path))
     for key, value, vtype, sub in gguf_header.fields(

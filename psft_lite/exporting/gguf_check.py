@@ -25,7 +25,7 @@ import numpy as np
 
 from psft_lite.core.errors import ModelError
 from psft_lite.core.extras import require_extra
-from psft_lite.export import gguf_header
+from psft_lite.exporting import gguf_header
 
 # max |Δlogit|, min top-1 agreement (see the module docstring; worst seen in brackets, base and fine-tuned
 # SmolLM2-135M, 190-376 positions). Float types: round-off (top-1 floors leave room for near-ties). Quant types: a

@@ -29,8 +29,8 @@ from rich.console import Console
 from psft_lite.core.errors import ModelError, RunError
 from psft_lite.core.files import atomic_write_text, partial_name
 from psft_lite.core.rundir import is_run_dir, metrics_file, recipe_file
-from psft_lite.export import gguf_check, gguf_convert, ollama
-from psft_lite.export.gguf_convert import Quant
+from psft_lite.exporting import gguf_check, gguf_convert, ollama
+from psft_lite.exporting.gguf_convert import Quant
 from psft_lite.model import loading, runtime
 from psft_lite.model.adapters import run_conversations
 from psft_lite.model.chat import FALLBACK_PROMPTS, stop_ids, stop_tokens
@@ -130,7 +130,7 @@ def _merged_state(src: Source) -> tuple[Any, str]:
     """The merged model in float32 (exactly merge's merge), and how it was made."""
     from transformers import AutoModelForCausalLM
 
-    from psft_lite.export.merge import merged_model
+    from psft_lite.exporting.merge import merged_model
 
     if src.model_dir is not None:
         return AutoModelForCausalLM.from_pretrained(src.model_dir, dtype=torch.float32), "model folder"
