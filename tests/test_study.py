@@ -9,16 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rich.console import Console
 
 from psft_lite.core.errors import RecipeError
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.study.runner import grid, latest_results, parse_sweep, plot_study, report_tables, run_study
 from psft_lite.tracking.metrics import read_metrics
 
-from conftest import arith_rows, make_recipe, write_jsonl
-
-QUIET = Console(quiet=True)
+from conftest import QUIET, arith_rows, make_recipe, write_jsonl
 
 
 def test_study_evaluates_every_epoch_resumes_and_reports(tmp_path, tiny_model_dir, monkeypatch):

@@ -26,15 +26,19 @@ import gzip
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from psft_lite.core import rundir
 from psft_lite.core.files import atomic_write_text
 from psft_lite.core.stats import LEVEL, seed_interval
+from psft_lite.study.methods import METHODS, PROBE, Cell
 from psft_lite.study.plot import pyplot
+from psft_lite.tracking.metrics import read_metrics
 
 BEGIN, END = "<!-- benchmark-report:begin -->", "<!-- benchmark-report:end -->"
 
@@ -79,8 +83,7 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
     the latest per (method, cell, seed, step)."""
     paths = [p for p in [folder / "results.jsonl", folder / "results.jsonl.gz"] if p.exists()]
     paths += sorted(folder.glob("units/*/results.jsonl"))
-    recs = [r for p in paths for r in _read_jsonl(p)]
-    return list({(r["method"], r.get("cell_label", ""), r["seed"], r["step"]): r for r in recs}.values())
+    return latest_results([r for p in paths for r in _read_jsonl(p)])
 
 
 def label_of(rec: dict[str, Any]) -> str:
@@ -499,6 +502,242 @@ def collect(src: Path, dest: Path) -> list[Path]:
             shutil.copyfileobj(f, g)
         written.append(out)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quick tables and figures of a study folder (`psft-lite study`: one table per evaluated epoch, or per sweep cell)
+
+
+def _cell(values: list[float], pct: bool) -> str:
+    if not values:
+        return "—"
+    scale = 100 if pct else 1
+    m = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{m:.1f}" if pct else f"{m:.3f}"
+    spread = (max(values) - min(values)) * scale / 2
+    return f"{m:.1f} ± {spread:.1f}" if pct else f"{m:.3f} ± {spread:.3f}"
+
+
+def latest_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, cell, seed, epoch), the last written (processes side by side may repeat one)."""
+    return list({(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["step"]): rec for rec in results}.values())
+
+
+def _runs(results: list[dict[str, Any]]) -> list[tuple[str, Cell]]:
+    """The (method, cell) pairs in the results, in table order (method order, then the sweep's order)."""
+    pairs = {(rec["method"], Cell(tuple(rec.get("cell", {}).items()))) for rec in results if rec["method"] != "base"}
+    order = list(METHODS)
+    return sorted(pairs, key=lambda mc: (order.index(mc[0]), [_sortable(v) for _, v in mc[1].values]))
+
+
+def _sortable(v: Any) -> tuple[int, Any]:
+    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
+
+
+def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
+    """Markdown tables, mean ± half-range over seeds: one per epoch end, or for a sweep one row per (method, cell) at
+    its final epoch plus the entropy trajectory of each."""
+    if any(rec.get("cell_label") for rec in results):
+        return sweep_tables(results, sets)
+    epochs = sorted({rec["epoch"] for rec in results if rec["method"] != "base"})
+    methods = ["base"] + [m for m in METHODS if any(rec["method"] == m for rec in results)]
+    cols = [f"{s} acc %" for s in sets] + ["train entropy", f"{PROBE} NLL", f"{PROBE} KL to base"]
+    out = []
+    for epoch in epochs:
+        out.append(f"#### Epoch {epoch}\n\n| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+        for m in methods:
+            rows = [rec for rec in results if rec["method"] == m and (rec["epoch"] == epoch or m == "base")]
+            if not rows:
+                continue
+            cells = [_cell([rec[s]["accuracy"] for rec in rows if "accuracy" in rec.get(s, {})], True) for s in sets]
+            cells.append(_cell([rec["train_entropy"] for rec in rows if rec.get("train_entropy") is not None], False))
+            cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
+            cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def sweep_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
+    first = sets[0]
+    cols = [f"{s} acc %" for s in sets] + [
+        f"{first} gen. entropy",
+        "train NLL",
+        "train entropy",
+        "clip frac",
+        f"{PROBE} NLL",
+        f"{PROBE} KL to base",
+    ]
+    out = [
+        "#### Final epoch of each run\n",
+        "| method | cell | epoch | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    traj = [
+        "#### Entropy (and NLL) on trained tokens at each evaluated epoch\n",
+        "| method | cell | epoch: entropy (NLL) |",
+        "|---|---|---|",
+    ]
+    for method, cell in [("base", Cell()), *_runs(results)]:
+        mine = [rec for rec in results if rec["method"] == method and rec.get("cell_label", "") == cell.label]
+        if not mine:
+            continue
+        last = max(rec["epoch"] for rec in mine)
+        rows = [rec for rec in mine if rec["epoch"] == last]
+        cells = [_cell([rec[s]["accuracy"] for rec in rows if "accuracy" in rec.get(s, {})], True) for s in sets]
+        cells.append(_cell([rec[first]["mean_entropy"] for rec in rows if first in rec], False))
+        for key in ("train_nll", "train_entropy", "clip_frac"):
+            cells.append(_cell([rec[key] for rec in rows if rec.get(key) is not None], False))
+        cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
+        cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
+        out.append(f"| {method} | {cell.label or '—'} | {last} | " + " | ".join(cells) + " |")
+        if method != "base":
+            points = []
+            for epoch in sorted({rec["epoch"] for rec in mine}):
+                at = [rec for rec in mine if rec["epoch"] == epoch]
+                h = _cell([rec["train_entropy"] for rec in at if rec.get("train_entropy") is not None], False)
+                nll = _cell([rec["train_nll"] for rec in at if rec.get("train_nll") is not None], False)
+                points.append(f"{epoch}: {h} ({nll})")
+            traj.append(f"| {method} | {cell.label} | " + ", ".join(points) + " |")
+    return "\n".join(out + [""] + traj) + "\n"
+
+
+def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str]) -> list[Path]:
+    """Entropy vs step (seed 0 of every method); accuracy per set and the probe's KL to base vs epoch (mean over
+    seeds), as small PNGs."""
+    plt = pyplot("the study's figures")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(rec.get("cell_label") for rec in results):
+        return plot_sweep(results, out_dir, run_root, sets, plt)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for m in METHODS:
+        run = run_root / f"{m}-s0"
+        if rundir.metrics_file(run).exists():
+            recs = [rec for rec in read_metrics(rundir.metrics_file(run)) if "event" not in rec]
+            ax.plot(
+                [rec["step"] for rec in recs],
+                [rec["entropy"] for rec in recs],
+                label=m,
+                linewidth=1,
+                color=f"C{list(METHODS).index(m)}",
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("entropy on trained tokens (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "study-entropy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    scored = [s for s in sets if any("accuracy" in rec.get(s, {}) for rec in results)]  # not a set of base answers
+    panels = [*scored, "kl"] if PROBE in sets else scored
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    base = next((rec for rec in results if rec["method"] == "base"), None)
+
+    def value(rec: dict[str, Any], panel: str) -> float:
+        return rec[PROBE].get("kl_to_base", 0.0) if panel == "kl" else rec[panel]["accuracy"] * 100
+
+    for ax, s in zip(axes[0], panels):
+        for m in METHODS:
+            rows = [rec for rec in results if rec["method"] == m]
+            epochs = sorted({rec["epoch"] for rec in rows})
+            if not epochs:
+                continue
+            ys = [statistics.mean(value(rec, s) for rec in rows if rec["epoch"] == e) for e in epochs]
+            if base:
+                epochs, ys = [0, *epochs], [value(base, s), *ys]
+            ax.plot(epochs, ys, marker="o", markersize=3, label=m, color=f"C{list(METHODS).index(m)}")
+        ax.set_title(f"{PROBE}: KL to base (nats/token)" if s == "kl" else f"{s} accuracy (%)", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "study-accuracy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def _steps(run_dir: Path) -> list[dict[str, Any]]:
+    path = rundir.metrics_file(run_dir)
+    return [rec for rec in read_metrics(path) if "event" not in rec] if path.exists() else []
+
+
+def plot_sweep(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str], plt: Any) -> list[Path]:
+    """A sweep's figures (lowest seed): entropy vs step, one panel per value of the keys every method shares (e.g. the
+    lr); entropy vs training NLL (is entropy kept at a matched fit?); final in-domain accuracy vs probe KL to base."""
+    seed = min(rec["seed"] for rec in results if rec["method"] != "base")
+    runs = _runs(results)
+    shared = lambda cell: Cell(tuple((k, v) for k, v in cell.values if not k.startswith("objective.")))  # noqa: E731
+    own = lambda cell: Cell(tuple((k, v) for k, v in cell.values if k.startswith("objective.")))  # noqa: E731
+    panels = list(dict.fromkeys(shared(c) for _, c in runs))
+    styles = {c: s for c, s in zip(dict.fromkeys(own(c) for _, c in runs), ["-", "--", ":", "-."] * 4)}
+    colour = {m: f"C{list(METHODS).index(m)}" for m in METHODS}
+    paths = []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    fig2, ax2 = plt.subplots(figsize=(6, 4))
+    for method, cell in runs:
+        steps = _steps(run_root / cell.run_name(method, seed))
+        if not steps:
+            continue
+        label = method + (f" {own(cell).label}" if own(cell).values else "")
+        ax = axes[0][panels.index(shared(cell))]
+        ax.plot(
+            [r["step"] for r in steps],
+            [r["entropy"] for r in steps],
+            styles[own(cell)],
+            color=colour[method],
+            linewidth=1,
+            label=label,
+        )
+        nll = [statistics.mean(r["nll"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
+        ent = [statistics.mean(r["entropy"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
+        ax2.plot(nll, ent, styles[own(cell)], color=colour[method], linewidth=1, label=f"{label} {shared(cell).label}")
+    for ax, cell in zip(axes[0], panels):
+        ax.set_title(cell.label or "all runs", fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("entropy on trained tokens (nats)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "study-entropy.png")
+    fig.savefig(paths[-1], dpi=100)
+    ax2.set_xscale("log")
+    ax2.invert_xaxis()
+    ax2.set_xlabel("training NLL of the targets (5-step mean; fitting goes right)")
+    ax2.set_ylabel("entropy on trained tokens (nats)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=6, ncol=2)
+    fig2.tight_layout()
+    paths.append(out_dir / "study-entropy-vs-nll.png")
+    fig2.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    plt.close(fig2)
+    return paths + [_plot_tradeoff(results, runs, out_dir, sets[0], colour, plt)]
+
+
+def _plot_tradeoff(results: list, runs: list, out_dir: Path, first: str, colour: dict, plt: Any) -> Path:
+    """Final in-domain accuracy against the probe's KL to the base, one point per (method, cell), seeds averaged."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, cell in [("base", Cell()), *runs]:
+        mine = [r for r in results if r["method"] == method and r.get("cell_label", "") == cell.label]
+        if not mine or PROBE not in mine[0]:
+            continue
+        last = [r for r in mine if r["epoch"] == max(x["epoch"] for x in mine)]
+        x = statistics.mean(r[PROBE].get("kl_to_base", 0.0) for r in last)
+        y = statistics.mean(r[first]["accuracy"] * 100 for r in last)
+        ax.scatter([x], [y], color=colour.get(method, "black"), s=18)
+        ax.annotate(f"{method} {cell.label}".strip(), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel(f"{PROBE}: KL to base (nats/token; forgetting goes right)")
+    ax.set_ylabel(f"{first} accuracy (%), final epoch")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "study-tradeoff.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,23 +25,9 @@ from psft_lite.core.files import atomic_write_text
 from psft_lite.core.rundir import list_checkpoints
 from psft_lite.model import loading
 from psft_lite.recipe.schema import Recipe, parse_override, recipe_from_dict
-from psft_lite.study.plot import pyplot
+from psft_lite.study.methods import METHODS, PROBE, Cell, _fmt, reads
+from psft_lite.study.report import latest_results, plot_study, report_tables
 from psft_lite.tracking.metrics import read_metrics
-from psft_lite.training.objectives import method_keys, methods
-
-#: Each method is a set of objective.* settings (objectives.py's table); everything else (lr, batch, steps, seed) is
-#: shared. Methods that change more than the objective name their other recipe keys with dots: self-replay is sft with
-#: a fifth of every epoch the base model's own answers to general prompts.
-METHODS: dict[str, dict[str, Any]] = {**methods(), "sft-replay": {"kind": "sft", "data.replay.ratio": 0.2}}
-
-
-def _reads(method: str) -> set[str]:
-    """The objective.* keys a study method reads (a method with extra recipe keys reads what its objective reads)."""
-    kind = METHODS[method]["kind"]
-    return method_keys(method if method in methods() else kind)
-
-
-PROBE = "probe"  # the eval set measuring forgetting: accuracy, NLL and KL to the base model
 
 
 def evaluate_model(
@@ -90,30 +76,6 @@ def evaluate_model(
 # dropped from that method's cells, so no identical run is trained twice.
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One point of the sweep for one method: recipe overrides as (dotted key, value) pairs, in sweep order."""
-
-    values: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def label(self) -> str:
-        """`lr=0.0001 refresh_every=4` (the key's last part; the whole key where two would read the same)."""
-        last = [k.rsplit(".", 1)[-1] for k, _ in self.values]
-        names = [k if last.count(k.rsplit(".", 1)[-1]) > 1 else k.rsplit(".", 1)[-1] for k, _ in self.values]
-        return " ".join(f"{n}={_fmt(v)}" for n, (_, v) in zip(names, self.values))
-
-    def run_name(self, method: str, seed: int) -> str:
-        return f"{method}-{self.label.replace(' ', ',')}-s{seed}" if self.values else f"{method}-s{seed}"
-
-
-def _fmt(v: Any) -> str:
-    """A value as labels and run names show it: a file by its stem (`data.train=data/x/hinted.jsonl` → `hinted`)."""
-    if isinstance(v, float):
-        return f"{v:g}"
-    return Path(v).stem if isinstance(v, str) and ("/" in v or v.endswith((".jsonl", ".json", ".parquet"))) else str(v)
-
-
 Sweep = list[tuple[tuple[str, ...], list[tuple[Any, ...]]]]
 
 
@@ -153,13 +115,14 @@ def parse_sweep(items: list[str]) -> Sweep:
 
 def grid(sweep: Sweep, method: str) -> list[Cell]:
     """The distinct cells of `method`: the cross product of the sweeps, less the objective keys it does not read."""
-    reads = _reads(method)
+    reads_ = reads(method)
     cells: list[Cell] = [Cell()]
     for keys, values in sweep:
         cells = [Cell(c.values + tuple(zip(keys, v))) for c in cells for v in values]
     prefix = "objective."
     kept = [
-        Cell(tuple((k, v) for k, v in c.values if not k.startswith(prefix) or k[len(prefix) :] in reads)) for c in cells
+        Cell(tuple((k, v) for k, v in c.values if not k.startswith(prefix) or k[len(prefix) :] in reads_))
+        for c in cells
     ]
     return list(dict.fromkeys(kept))
 
@@ -445,239 +408,3 @@ def _read(path: Path) -> list[dict[str, Any]]:
 def _append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Report
-
-
-def _cell(values: list[float], pct: bool) -> str:
-    if not values:
-        return "—"
-    scale = 100 if pct else 1
-    m = statistics.mean(values) * scale
-    if len(values) == 1:
-        return f"{m:.1f}" if pct else f"{m:.3f}"
-    spread = (max(values) - min(values)) * scale / 2
-    return f"{m:.1f} ± {spread:.1f}" if pct else f"{m:.3f} ± {spread:.3f}"
-
-
-def latest_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (method, cell, seed, epoch), the last written (processes side by side may repeat one)."""
-    return list({(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["step"]): rec for rec in results}.values())
-
-
-def _runs(results: list[dict[str, Any]]) -> list[tuple[str, Cell]]:
-    """The (method, cell) pairs in the results, in table order (method order, then the sweep's order)."""
-    pairs = {(rec["method"], Cell(tuple(rec.get("cell", {}).items()))) for rec in results if rec["method"] != "base"}
-    order = list(METHODS)
-    return sorted(pairs, key=lambda mc: (order.index(mc[0]), [_sortable(v) for _, v in mc[1].values]))
-
-
-def _sortable(v: Any) -> tuple[int, Any]:
-    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
-
-
-def report_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
-    """Markdown tables, mean ± half-range over seeds: one per epoch end, or for a sweep one row per (method, cell) at
-    its final epoch plus the entropy trajectory of each."""
-    if any(rec.get("cell_label") for rec in results):
-        return sweep_tables(results, sets)
-    epochs = sorted({rec["epoch"] for rec in results if rec["method"] != "base"})
-    methods = ["base"] + [m for m in METHODS if any(rec["method"] == m for rec in results)]
-    cols = [f"{s} acc %" for s in sets] + ["train entropy", f"{PROBE} NLL", f"{PROBE} KL to base"]
-    out = []
-    for epoch in epochs:
-        out.append(f"#### Epoch {epoch}\n\n| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-        for m in methods:
-            rows = [rec for rec in results if rec["method"] == m and (rec["epoch"] == epoch or m == "base")]
-            if not rows:
-                continue
-            cells = [_cell([rec[s]["accuracy"] for rec in rows if "accuracy" in rec.get(s, {})], True) for s in sets]
-            cells.append(_cell([rec["train_entropy"] for rec in rows if rec.get("train_entropy") is not None], False))
-            cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
-            cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
-            out.append(f"| {m} | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out)
-
-
-def sweep_tables(results: list[dict[str, Any]], sets: list[str]) -> str:
-    first = sets[0]
-    cols = [f"{s} acc %" for s in sets] + [
-        f"{first} gen. entropy",
-        "train NLL",
-        "train entropy",
-        "clip frac",
-        f"{PROBE} NLL",
-        f"{PROBE} KL to base",
-    ]
-    out = [
-        "#### Final epoch of each run\n",
-        "| method | cell | epoch | " + " | ".join(cols) + " |",
-        "|---|---|---|" + "---|" * len(cols),
-    ]
-    traj = [
-        "#### Entropy (and NLL) on trained tokens at each evaluated epoch\n",
-        "| method | cell | epoch: entropy (NLL) |",
-        "|---|---|---|",
-    ]
-    for method, cell in [("base", Cell()), *_runs(results)]:
-        mine = [rec for rec in results if rec["method"] == method and rec.get("cell_label", "") == cell.label]
-        if not mine:
-            continue
-        last = max(rec["epoch"] for rec in mine)
-        rows = [rec for rec in mine if rec["epoch"] == last]
-        cells = [_cell([rec[s]["accuracy"] for rec in rows if "accuracy" in rec.get(s, {})], True) for s in sets]
-        cells.append(_cell([rec[first]["mean_entropy"] for rec in rows if first in rec], False))
-        for key in ("train_nll", "train_entropy", "clip_frac"):
-            cells.append(_cell([rec[key] for rec in rows if rec.get(key) is not None], False))
-        cells.append(_cell([rec[PROBE]["mean_nll"] for rec in rows if PROBE in rec], False))
-        cells.append(_cell([rec[PROBE].get("kl_to_base", 0.0) for rec in rows if PROBE in rec], False))
-        out.append(f"| {method} | {cell.label or '—'} | {last} | " + " | ".join(cells) + " |")
-        if method != "base":
-            points = []
-            for epoch in sorted({rec["epoch"] for rec in mine}):
-                at = [rec for rec in mine if rec["epoch"] == epoch]
-                h = _cell([rec["train_entropy"] for rec in at if rec.get("train_entropy") is not None], False)
-                nll = _cell([rec["train_nll"] for rec in at if rec.get("train_nll") is not None], False)
-                points.append(f"{epoch}: {h} ({nll})")
-            traj.append(f"| {method} | {cell.label} | " + ", ".join(points) + " |")
-    return "\n".join(out + [""] + traj) + "\n"
-
-
-def plot_study(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str]) -> list[Path]:
-    """Entropy vs step (seed 0 of every method); accuracy per set and the probe's KL to base vs epoch (mean over
-    seeds), as small PNGs."""
-    plt = pyplot("the study's figures")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(rec.get("cell_label") for rec in results):
-        return plot_sweep(results, out_dir, run_root, sets, plt)
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for m in METHODS:
-        run = run_root / f"{m}-s0"
-        if rundir.metrics_file(run).exists():
-            recs = [rec for rec in read_metrics(rundir.metrics_file(run)) if "event" not in rec]
-            ax.plot(
-                [rec["step"] for rec in recs],
-                [rec["entropy"] for rec in recs],
-                label=m,
-                linewidth=1,
-                color=f"C{list(METHODS).index(m)}",
-            )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("entropy on trained tokens (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "study-entropy.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    scored = [s for s in sets if any("accuracy" in rec.get(s, {}) for rec in results)]  # not a set of base answers
-    panels = [*scored, "kl"] if PROBE in sets else scored
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    base = next((rec for rec in results if rec["method"] == "base"), None)
-
-    def value(rec: dict[str, Any], panel: str) -> float:
-        return rec[PROBE].get("kl_to_base", 0.0) if panel == "kl" else rec[panel]["accuracy"] * 100
-
-    for ax, s in zip(axes[0], panels):
-        for m in METHODS:
-            rows = [rec for rec in results if rec["method"] == m]
-            epochs = sorted({rec["epoch"] for rec in rows})
-            if not epochs:
-                continue
-            ys = [statistics.mean(value(rec, s) for rec in rows if rec["epoch"] == e) for e in epochs]
-            if base:
-                epochs, ys = [0, *epochs], [value(base, s), *ys]
-            ax.plot(epochs, ys, marker="o", markersize=3, label=m, color=f"C{list(METHODS).index(m)}")
-        ax.set_title(f"{PROBE}: KL to base (nats/token)" if s == "kl" else f"{s} accuracy (%)", fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "study-accuracy.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    return paths
-
-
-def _steps(run_dir: Path) -> list[dict[str, Any]]:
-    path = rundir.metrics_file(run_dir)
-    return [rec for rec in read_metrics(path) if "event" not in rec] if path.exists() else []
-
-
-def plot_sweep(results: list[dict[str, Any]], out_dir: Path, run_root: Path, sets: list[str], plt: Any) -> list[Path]:
-    """A sweep's figures (lowest seed): entropy vs step, one panel per value of the keys every method shares (e.g. the
-    lr); entropy vs training NLL (is entropy kept at a matched fit?); final in-domain accuracy vs probe KL to base."""
-    seed = min(rec["seed"] for rec in results if rec["method"] != "base")
-    runs = _runs(results)
-    shared = lambda cell: Cell(tuple((k, v) for k, v in cell.values if not k.startswith("objective.")))  # noqa: E731
-    own = lambda cell: Cell(tuple((k, v) for k, v in cell.values if k.startswith("objective.")))  # noqa: E731
-    panels = list(dict.fromkeys(shared(c) for _, c in runs))
-    styles = {c: s for c, s in zip(dict.fromkeys(own(c) for _, c in runs), ["-", "--", ":", "-."] * 4)}
-    colour = {m: f"C{list(METHODS).index(m)}" for m in METHODS}
-    paths = []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
-    fig2, ax2 = plt.subplots(figsize=(6, 4))
-    for method, cell in runs:
-        steps = _steps(run_root / cell.run_name(method, seed))
-        if not steps:
-            continue
-        label = method + (f" {own(cell).label}" if own(cell).values else "")
-        ax = axes[0][panels.index(shared(cell))]
-        ax.plot(
-            [r["step"] for r in steps],
-            [r["entropy"] for r in steps],
-            styles[own(cell)],
-            color=colour[method],
-            linewidth=1,
-            label=label,
-        )
-        nll = [statistics.mean(r["nll"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
-        ent = [statistics.mean(r["entropy"] for r in steps[max(0, i - 4) : i + 1]) for i in range(len(steps))]
-        ax2.plot(nll, ent, styles[own(cell)], color=colour[method], linewidth=1, label=f"{label} {shared(cell).label}")
-    for ax, cell in zip(axes[0], panels):
-        ax.set_title(cell.label or "all runs", fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("entropy on trained tokens (nats)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "study-entropy.png")
-    fig.savefig(paths[-1], dpi=100)
-    ax2.set_xscale("log")
-    ax2.invert_xaxis()
-    ax2.set_xlabel("training NLL of the targets (5-step mean; fitting goes right)")
-    ax2.set_ylabel("entropy on trained tokens (nats)")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=6, ncol=2)
-    fig2.tight_layout()
-    paths.append(out_dir / "study-entropy-vs-nll.png")
-    fig2.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    plt.close(fig2)
-    return paths + [_plot_tradeoff(results, runs, out_dir, sets[0], colour, plt)]
-
-
-def _plot_tradeoff(results: list, runs: list, out_dir: Path, first: str, colour: dict, plt: Any) -> Path:
-    """Final in-domain accuracy against the probe's KL to the base, one point per (method, cell), seeds averaged."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, cell in [("base", Cell()), *runs]:
-        mine = [r for r in results if r["method"] == method and r.get("cell_label", "") == cell.label]
-        if not mine or PROBE not in mine[0]:
-            continue
-        last = [r for r in mine if r["epoch"] == max(x["epoch"] for x in mine)]
-        x = statistics.mean(r[PROBE].get("kl_to_base", 0.0) for r in last)
-        y = statistics.mean(r[first]["accuracy"] * 100 for r in last)
-        ax.scatter([x], [y], color=colour.get(method, "black"), s=18)
-        ax.annotate(f"{method} {cell.label}".strip(), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    ax.set_xlabel(f"{PROBE}: KL to base (nats/token; forgetting goes right)")
-    ax.set_ylabel(f"{first} accuracy (%), final epoch")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "study-tradeoff.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
