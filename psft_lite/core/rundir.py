@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from psft_lite.core.errors import RecipeError
+from psft_lite.core.files import atomic_write_text
 
 RUN_MARKER = "recipe.toml"  # a folder holding this file is a psft-lite run directory
 METRICS = "metrics.jsonl"
@@ -135,7 +136,7 @@ def create_run_dir(path: Path, recipe_toml: str, checkpoint_bytes: int, keep_las
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True)
-        recipe_file(path).write_text(recipe_toml, encoding="utf-8")
+        atomic_write_text(recipe_file(path), recipe_toml)
     except OSError as e:
         shutil.rmtree(path, ignore_errors=True)
         raise RecipeError(f"output.dir {path}: cannot write there ({e.strerror}); choose another output.dir.") from None

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from psft_lite.core.errors import RecipeError
+from psft_lite.core.files import atomic_write_text
 from psft_lite.data import load_conversations
 from psft_lite.data.tokenize import Example, encode_all
 from psft_lite.inference.generate import Loaded, generate
@@ -468,8 +469,6 @@ def write_outputs(
     out: Path, summaries: dict[str, dict[str, Any]], predictions: dict[str, list[dict[str, Any]]]
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for name, preds in predictions.items():
-            for p in preds:
-                f.write(json.dumps({"set": name, **p}) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summaries, indent=2) + "\n")
+    rows = [json.dumps({"set": name, **p}) + "\n" for name, preds in predictions.items() for p in preds]
+    atomic_write_text(out / "predictions.jsonl", "".join(rows))

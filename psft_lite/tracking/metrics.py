@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -21,6 +20,8 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from psft_lite.core.files import atomic_file
 
 
 class StepStats:
@@ -154,7 +155,8 @@ def read_records(path: Path, key: str, what: str) -> list[dict[str, Any]]:
         records.append(rec)
         good += line + b"\n"
     if lines and good != Path(path).read_bytes():
-        Path(path).write_bytes(good)
+        with atomic_file(Path(path)) as tmp:  # the repaired file replaces the torn one in one rename
+            tmp.write_bytes(good)
     return records
 
 
@@ -181,9 +183,8 @@ def truncate_metrics(path: Path, step: int) -> int:
         return 0
     lines = [(line, rec) for line, rec, _ in _lines(path) if rec is not None]
     keep = [line for line, rec in lines if float(rec.get("step", 0)) <= step]
-    tmp = Path(path).with_suffix(".jsonl.tmp")
-    tmp.write_bytes(b"".join(line + b"\n" for line in keep))
-    os.replace(tmp, path)
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_bytes(b"".join(line + b"\n" for line in keep))
     return max((int(rec.get("step", 0)) for _, rec in lines), default=0)
 
 
