@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; hub code paths run on local folders
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+QUIET = Console(quiet=True)  # for the internals that take a console: nothing on screen
 ARITH = ROOT / "data" / "arith"
 
 

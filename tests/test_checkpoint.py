@@ -22,10 +22,8 @@ from psft_lite.training import trainer
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import make_recipe
+from conftest import QUIET, make_recipe
 from test_cli import run_cli
-
-QUIET = Console(quiet=True)
 
 CASES = {
     "sft": {"objective": {"kind": "sft"}, "lora": {"dropout": 0.1}},  # dropout: the torch RNG must be restored
@@ -84,7 +82,6 @@ def test_a_resume_that_changes_the_schedule_says_exactly_what_changes_or_is_refu
     """Resuming a cosine run with more epochs changes the learning rate of every remaining step: the resume says the
     lr it will use and the one the original run had, and where the decay now ends; a constant schedule past its
     warm-up says nothing (nothing changes); a change of batch size or warm-up is refused, naming the key."""
-    from rich.console import Console
 
     from psft_lite.training.schedules import lr_at
 

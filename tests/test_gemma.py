@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from psft_lite.model import chat, loading
 from psft_lite.model.packaged import GEMMA3
@@ -16,9 +15,8 @@ from psft_lite.recipe.schema import ModelSection, load_recipe
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import make_recipe
+from conftest import QUIET, make_recipe
 
-QUIET = Console(quiet=True)
 # Two steps on the same two problems, bf16 where the CPU has it: Gemma's 262k-entry LM head is most of each step.
 STEPS = {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "lr": 1e-3, "schedule": "constant"}
 

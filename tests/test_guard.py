@@ -7,7 +7,6 @@ import math
 import re
 
 import pytest
-from rich.console import Console
 
 from psft_lite.core.errors import RunError
 from psft_lite.recipe.schema import GuardSection, load_recipe
@@ -17,9 +16,7 @@ from psft_lite.training.guard import ADVICE, DEFAULT_ADVICE, Guard
 from psft_lite.training.loop import train_loop
 from psft_lite.training.objectives import method_keys, methods
 
-from conftest import make_recipe
-
-QUIET = Console(quiet=True)
+from conftest import QUIET, make_recipe
 
 
 def rec(step, entropy=1.0, nll=1.0, loss=1.0, drift=None):

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from rich.console import Console
 
 from psft_lite.core.errors import Interrupted
 from psft_lite.model import scoring
@@ -18,9 +17,7 @@ from psft_lite.training.build import build, loss_scaler
 from psft_lite.training.loop import train_loop
 from psft_lite.training.step import train_step
 
-from conftest import make_recipe
-
-QUIET = Console(quiet=True)
+from conftest import QUIET, make_recipe
 
 
 def _run(tmp_path, model, scaler, **train_keys):

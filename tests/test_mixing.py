@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from psft_lite.data.batching import DataPlan, epoch_draws
 from psft_lite.recipe.schema import load_recipe
@@ -18,10 +17,8 @@ from psft_lite.training import trainer
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import ROOT, arith_rows, make_recipe, write_jsonl
+from conftest import QUIET, ROOT, arith_rows, make_recipe, write_jsonl
 from test_cli import run_cli
-
-QUIET = Console(quiet=True)
 
 
 def test_a_weighted_mix_draws_its_shares_every_epoch_and_in_every_batch():
