@@ -209,8 +209,8 @@ class ObjectiveSection(Section):
     old_policy: Literal["snapshot", "base"] = Field(
         "base",
         description="psft: `base` = the adapter-disabled base model (a fixed trust region; its log-probs are computed "
-        "once per example); `snapshot` = the adapter as it was at the last refresh (the paper's PSFT). docs/study.md "
-        "measures both against sft and sft_kl.",
+        "once per example); `snapshot` = the adapter as it was at the last refresh (the paper's PSFT). The forgetting "
+        "benchmark (docs/study.md) plans both beside sft and sft_kl; its committed records say which are measured.",
     )
     refresh_every: int = Field(8, ge=1, description="psft snapshot: optimizer steps per old-policy refresh (K).")
     clip_high: float = Field(
