@@ -143,14 +143,39 @@ class Model:
     ) -> Any:
         """Answer one prompt (a string → a string) or many (a list of strings or of message lists → a list), greedy
         unless `temperature` > 0."""
-        from psft_lite.inference.generate import generate
-
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         items = [prompts] if single else list(prompts)
         chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in items]
-        with _library_call():
-            texts = [g.text for g in generate(self.loaded, chats, max_new_tokens, temperature, top_p, seed=seed)]
+        texts = [g.text for g in self.generations(chats, max_new_tokens, temperature, top_p, seed)]
         return texts[0] if single else texts
+
+    def generations(
+        self,
+        chats: list[list[dict]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[Any]:
+        """The full records for message lists: each answer's text, token count, whether it ended its turn (rather
+        than hitting `max_new_tokens`) and its mean entropy."""
+        from psft_lite.inference.generate import generate
+
+        with _library_call():
+            return generate(self.loaded, chats, max_new_tokens, temperature, top_p, seed=seed)
+
+    def chat(
+        self,
+        system: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        console: Any = None,
+    ) -> None:
+        """An interactive chat on standard input (/reset starts over, /exit or end of input quits)."""
+        from psft_lite.inference.generate import chat_loop
+
+        chat_loop(self.loaded, system, max_new_tokens, temperature, top_p, console=_console(True, console))
 
 
 def load(model: str | Path, dtype: str | None = None, device: str = "auto") -> Model:

@@ -181,9 +181,9 @@ def generate(
     """
     import json
 
+    from psft_lite import api
     from psft_lite.core.errors import RecipeError
-    from psft_lite.inference.generate import generate as do_generate
-    from psft_lite.inference.generate import load_model, read_prompts
+    from psft_lite.inference.generate import read_prompts
 
     if bool(prompt) == bool(file):
         raise RecipeError("give either --prompt TEXT (repeatable) or --file prompts.jsonl.")
@@ -195,8 +195,7 @@ def generate(
             for p in prompt
         ]
     )
-    loaded = load_model(model, _dtype(dtype))
-    gens = do_generate(loaded, prompts, max_new_tokens, temperature, top_p, seed=seed)
+    gens = api.load(model, _dtype(dtype)).generations(prompts, max_new_tokens, temperature, top_p, seed)
     for msgs, g in zip(prompts, gens):
         if file:
             out.print(
@@ -221,11 +220,11 @@ def chat(
 
     [dim]Example: psft-lite chat runs/quickstart --temperature 0[/dim]
     """
-    from psft_lite.inference.generate import chat_loop, load_model
+    from psft_lite import api
 
-    loaded = load_model(model, _dtype(dtype))
-    err.print(f"chatting with {loaded.label} — /reset, /exit")
-    chat_loop(loaded, system, max_new_tokens, temperature, top_p, console=err)
+    m = api.load(model, _dtype(dtype))
+    err.print(f"chatting with {m.label} — /reset, /exit")
+    m.chat(system, max_new_tokens, temperature, top_p, console=err)
 
 
 @app.command("eval")

@@ -66,6 +66,16 @@ def test_train_evaluate_and_merge_return_typed_results(tmp_path, tiny_model_dir)
     assert score.n == 2 and 0 <= score.accuracy <= 1 and len(score.predictions) == 2 and ev.verdict is None
     merged = psft_lite.merge(run.run_dir, tmp_path / "merged", dtype="fp32", progress=False)
     assert (merged.path / "config.json").is_file() and merged.check["greedy_agreement"] > 0.9
+    model = psft_lite.load(run.run_dir)
+    one, many = model.generate("2+2?", max_new_tokens=3), model.generate(["2+2?", "Hi"], max_new_tokens=3)
+    (g,) = model.generations([[{"role": "user", "content": "2+2?"}]], max_new_tokens=3)
+    assert (
+        isinstance(one, str)
+        and len(many) == 2
+        and one == g.text
+        and 0 < g.n_tokens <= 3
+        and isinstance(g.finished, bool)
+    )
     # a recipe built in Python, overridden by sections and --set strings alike
     r = psft_lite.make_recipe(path, set=["train.lr=1e-4"], objective={"kind": "sft_kl"})
     assert r.train.lr == 1e-4 and r.objective.kind == "sft_kl" and r.path == path
