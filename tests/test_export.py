@@ -14,6 +14,7 @@ from psft_lite.core import extras
 from psft_lite.core.errors import RunError
 from psft_lite.exporting import gguf as export_mod
 from psft_lite.exporting import gguf_check, gguf_convert, ollama
+from psft_lite.exporting import merge as merge_mod
 from psft_lite.model import loading
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import trainer
@@ -431,3 +432,18 @@ def test_llama3_rope_factors_match_transformers_own_scaling():
     got = gguf_convert.llama3_rope_factors(cfg)
     assert got.shape == (dim // 2,) and got.min() == 1.0 and got.max() == 8.0  # both ends of the ramp are hit
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_an_output_format_names_its_functions_and_checks_before_training(monkeypatch):
+    """The output table resolves "module:function" when called (it imports nothing above core); gguf's check says
+    what is missing before any training when llama.cpp's binding is not installed."""
+    from psft_lite.core import extras
+    from psft_lite.core.errors import ModelError
+    from psft_lite.exporting import outputs
+
+    assert outputs._resolve(outputs.FORMATS["merged"].write) is merge_mod.write_merged
+    assert outputs._resolve(outputs.FORMATS["gguf"].write) is export_mod.write_gguf
+    monkeypatch.setattr(extras, "installed", lambda module: module != "llama_cpp")
+    with pytest.raises(ModelError, match=r"recipe.toml: output.save = 'gguf' .*llama-cpp-python is not installed"):
+        outputs.check(["adapter", "gguf"], "recipe.toml")
+    outputs.check(["adapter", "merged"], "recipe.toml")  # nothing to check

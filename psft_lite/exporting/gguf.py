@@ -540,3 +540,9 @@ def _card_check_table(report: dict[str, Any], adapter: Path | None) -> list[str]
             f"{c['greedy_ended']}/{c['greedy_n']} |"
         )
     return lines
+
+
+def write_gguf(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
+    """`output.save = ["gguf"]`: the finished run exported as `output.gguf_quant`, checked in llama.cpp."""
+    report = export(run_dir, quant=output.gguf_quant, overwrite=True, console=console)
+    return {"gguf": [f["path"] for f in report["files"]]}

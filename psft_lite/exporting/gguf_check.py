@@ -57,6 +57,11 @@ AWKWARD_STRINGS = [
 ]
 
 
+def check_output(where: str) -> None:
+    """`output.save = ["gguf"]` fails before training, not after it, when llama.cpp's binding is missing."""
+    require(f"{where}: output.save = 'gguf' (the export's check in llama.cpp)")
+
+
 def require(what: str) -> None:
     """llama.cpp's Python binding, or one paragraph saying how to install it (it builds from source where no wheel
     exists: ~5 min on 2 cores, cached afterwards)."""

@@ -227,3 +227,9 @@ def _judge(
         f"merge check failed: {why} (greedy agreement {agree:.2%} on {report['positions']} positions). "
         f"Nothing was written to {out}. Use --no-verify to write it anyway."
     )
+
+
+def write_merged(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
+    """`output.save = ["merged"]`: the finished run's adapter merged into RUN_DIR/merged."""
+    report = merge(rundir.adapter_dir(run_dir), out=rundir.merged_dir(run_dir), console=console)
+    return {"merged": str(report["out"])}

@@ -3,11 +3,12 @@ at the end of a run; `psft-lite merge` and `psft-lite export` call the same func
 
 An output format is a function from a finished run directory to what it wrote, registered in `FORMATS` by name.
 The adapter itself is always written by training (it needs the live model), so it is listed but writes nothing
-here. Adding a format: a module with its writer, and one entry below (the recipe reads the names from here).
+here. Adding a format: a module with its writer, and one entry below naming it (the recipe reads the names from here).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,40 +16,29 @@ from typing import Any
 
 from rich.console import Console
 
-from psft_lite.core import rundir
-
 
 @dataclass(frozen=True)
 class OutputFormat:
+    """A row of the table. `write` and `check` name their functions as "module:function" (or are callables, for a
+    format registered from Python), resolved when called: the table imports nothing above `core`, the rule every
+    registry the recipe reads follows."""
+
     name: str
-    write: Callable[[Path, Any, Console], dict[str, Any]] | None  # (run dir, output section, console) → summary
-    check: Callable[[str], None] | None = None  # raises a clear error before training when it cannot be written
+    write: str | Callable[[Path, Any, Console], dict[str, Any]] | None  # (run dir, output section, console) → summary
+    check: str | Callable[[str], None] | None = None  # raises a clear error before training when it cannot be written
 
 
-def _merged(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
-    from psft_lite.exporting.merge import merge
-
-    report = merge(rundir.adapter_dir(run_dir), out=rundir.merged_dir(run_dir), console=console)
-    return {"merged": str(report["out"])}
-
-
-def _gguf(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
-    from psft_lite.exporting.gguf import export
-
-    report = export(run_dir, quant=output.gguf_quant, overwrite=True, console=console)
-    return {"gguf": [f["path"] for f in report["files"]]}
-
-
-def _gguf_check(where: str) -> None:
-    from psft_lite.exporting import gguf_check
-
-    gguf_check.require(f"{where}: output.save = 'gguf' (the export's check in llama.cpp)")
+def _resolve(fn: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(fn):
+        return fn
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 FORMATS: dict[str, OutputFormat] = {
     "adapter": OutputFormat("adapter", None),
-    "merged": OutputFormat("merged", _merged),
-    "gguf": OutputFormat("gguf", _gguf, _gguf_check),
+    "merged": OutputFormat("merged", "psft_lite.exporting.merge:write_merged"),
+    "gguf": OutputFormat("gguf", "psft_lite.exporting.gguf:write_gguf", "psft_lite.exporting.gguf_check:check_output"),
 }
 
 
@@ -56,7 +46,7 @@ def check(names: list[str], where: str) -> None:
     """Fail now, not after hours of training, when a requested format cannot be written on this machine."""
     for name in names:
         if FORMATS[name].check is not None:
-            FORMATS[name].check(where)
+            _resolve(FORMATS[name].check)(where)
 
 
 def needs_model_memory(names: list[str]) -> bool:
@@ -69,5 +59,5 @@ def write(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, fmt in FORMATS.items():
         if name in output.save and fmt.write is not None:
-            summary.update(fmt.write(run_dir, output, console))
+            summary.update(_resolve(fmt.write)(run_dir, output, console))
     return summary
