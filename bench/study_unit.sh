@@ -6,7 +6,10 @@
 #   bench/study_unit.sh forgetting base                     # the base model once (before the methods' units)
 #   bench/study_unit.sh forgetting sft-s0                   # METHOD-sSEED
 #   bench/study_unit.sh forgetting sft_kl-s0 --sweep objective.kl_coef=0.3    # an exploratory setting
-# STUDY names the recipe (recipes/study/benchmark.toml for forgetting, benchmark-gemma3.toml for forgetting-gemma3)
+#   bench/study_unit.sh native hint-data                    # Hinted Decoding's rewrite of the 400 problems, committed
+#   bench/study_unit.sh native hint-idft-s0                 # idft trained on that rewrite
+# STUDY names the recipe (recipes/study/benchmark.toml for forgetting, benchmark-gemma3.toml for forgetting-gemma3,
+# benchmark-native.toml for native: the same problems in the "#### N" form the base already writes)
 # and the records' folder docs/study/STUDY/units/. Runs on one core (OMP_NUM_THREADS=1); run two units side by side.
 # Environment: PYTHON (default python), RUNS (run folders with weights, default ../study-runs), COMMIT=0 to not commit.
 set -euo pipefail
@@ -17,17 +20,38 @@ cd "$(dirname "$0")/.."
 case "$study" in
   forgetting) recipe=recipes/study/benchmark.toml ;;
   forgetting-gemma3) recipe=recipes/study/benchmark-gemma3.toml ;;
-  *) echo "unknown study $study (forgetting, forgetting-gemma3)" >&2; exit 2 ;;
+  native) recipe=recipes/study/benchmark-native.toml ;;
+  *) echo "unknown study $study (forgetting, forgetting-gemma3, native)" >&2; exit 2 ;;
 esac
 records="docs/study/$study/units"
-if git ls-files --error-unmatch "$records/$unit/results.jsonl" >/dev/null 2>&1; then
-  echo "$study/$unit: already committed, skipped"; exit 0
-fi
+hinted="docs/study/$study/hinted.jsonl"
 runs=${RUNS:-../study-runs}/$study
 export OMP_NUM_THREADS=1
 py=${PYTHON:-python}
+if [ "$unit" = hint-data ]; then  # the rewrite is data, committed once, read by every hint-idft unit
+  if git ls-files --error-unmatch "$hinted" >/dev/null 2>&1; then echo "$study/hint-data: already committed, skipped"; exit 0; fi
+  start=$(date +%s)
+  mkdir -p "$runs" "$(dirname "$hinted")"
+  "$py" -m psft_lite hint smollm2-135m-instruct --data data/arith/train.jsonl --limit 400 --max-new-tokens 256 \
+    --cot-fallback --out "$runs/hinted.jsonl" | tee "$runs/hint-summary.txt"
+  cp "$runs/hinted.jsonl" "$hinted"
+  cp "$runs/hint-summary.txt" "${hinted%.jsonl}-summary.txt"
+  echo "$(( $(date +%s) - start ))" > "${hinted%.jsonl}-seconds"
+  if [ "${COMMIT:-1}" = 1 ]; then
+    git add "$hinted" "${hinted%.jsonl}-summary.txt" "${hinted%.jsonl}-seconds"
+    git commit -q -m "Study records: $study hint-data ($(( ($(date +%s) - start) / 60 )) min on one core)" -- "$(dirname "$hinted")"
+  fi
+  exit 0
+fi
+if git ls-files --error-unmatch "$records/$unit/results.jsonl" >/dev/null 2>&1; then
+  echo "$study/$unit: already committed, skipped"; exit 0
+fi
 if [ "$unit" = base ]; then
   args=(--methods base --seeds 0)
+elif [ "${unit#hint-}" != "$unit" ]; then  # hint-idft-sN: the method on the committed rewrite
+  git ls-files --error-unmatch "$hinted" >/dev/null 2>&1 || { echo "run bench/study_unit.sh $study hint-data first" >&2; exit 2; }
+  method=${unit#hint-}
+  args=(--methods "${method%-s*}" --seeds "${unit##*-s}" --no-base --sweep "data.train=$hinted")
 else
   args=(--methods "${unit%-s*}" --seeds "${unit##*-s}" --no-base)
 fi

@@ -347,7 +347,7 @@ def test_report_intervals_cover_the_truth_about_95_percent_of_the_time():
 
 
 #: the committed benchmark studies: folder under docs/study → the name of its block in docs/study.md
-STUDIES = {"forgetting": "", "forgetting-gemma3": "gemma3-270m"}
+STUDIES = {"forgetting": "", "forgetting-gemma3": "gemma3-270m", "native": "native"}
 
 
 @pytest.mark.parametrize("folder", sorted(STUDIES))
