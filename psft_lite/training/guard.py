@@ -16,12 +16,12 @@ from psft_lite.recipe.schema import GuardSection
 Event = dict[str, Any]
 
 #: What to try, per warning and per method (objectives.method_name): only settings the running method reads, and
-#: never the method itself. docs/study.md has the measurements behind each suggestion.
+#: never the method itself.
 _SFT_KL = "objective.kind = 'sft_kl' (the default: SFT with a KL penalty that holds it near the base model)"
 _STUDY = "the run's general-ability verdict ([eval] final = true) says what it cost"
 
-#: What the guard suggests per event and method: the knobs to turn, never a figure (figures live in docs/study.md,
-#: generated from the study's committed records, so a message cannot go stale).
+#: What the guard suggests per event and method: the knobs to turn, never a figure (a message cannot go stale); what
+#: a run cost is its own verdict's to say.
 ADVICE: dict[str, dict[str, str]] = {
     "entropy": {
         "sft": f"Options: fewer epochs or a lower train.lr, or {_SFT_KL}; {_STUDY}.",
