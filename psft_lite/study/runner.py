@@ -290,7 +290,7 @@ def run_study(
         load_suite()
     n_steps = sum(int(j.recipe.train.epochs) * j.steps_per_epoch for j in jobs if not _trained(j.run_dir))
     base_key = ("base", "", 0, 0)
-    n_evals = len(({j.key(s) for j in jobs for s in j.eval_steps} | {base_key}) - done)
+    n_evals = len(({j.key(s) for j in jobs for s in j.eval_steps} | ({base_key} if base else set())) - done)
     cells = len({(j.method, j.cell) for j in jobs})
     plan = f"study: {len(jobs)} runs ({cells} method × sweep cells × {len(seeds)} seed(s))"
     if n_steps:  # an interrupted run counts whole: a rough upper bound
