@@ -136,3 +136,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within and after
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `psft-lite ARGS` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from psft_lite import cli
+
+    old = sys.argv
+    sys.argv = ["psft-lite", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

@@ -22,8 +22,7 @@ from psft_lite.training import trainer
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import QUIET, make_recipe
-from test_cli import run_cli
+from conftest import QUIET, make_recipe, run_cli
 
 CASES = {
     "sft": {"objective": {"kind": "sft"}, "lora": {"dropout": 0.1}},  # dropout: the torch RNG must be restored

@@ -12,21 +12,7 @@ import pytest
 
 from psft_lite import cli
 
-from conftest import ROOT, make_recipe, write_jsonl
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["psft-lite", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from conftest import ROOT, make_recipe, run_cli, write_jsonl
 
 
 def test_train_end_to_end_writes_exactly_the_run_layout(tmp_path, tiny_model_dir, capsys):

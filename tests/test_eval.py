@@ -288,7 +288,7 @@ def test_eval_final_says_accuracy_before_and_after_the_kl_and_the_general_abilit
     answers, and the verdict on the retention suite (here a 30-item slice of it, for time) with every item written."""
     from psft_lite.inference import retention as ret
 
-    from test_cli import run_cli
+    from conftest import run_cli
 
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     suite = ret.load_suite()

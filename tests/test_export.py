@@ -19,8 +19,7 @@ from psft_lite.model import loading
 from psft_lite.recipe.schema import load_recipe
 from psft_lite.training import trainer
 
-from conftest import QUIET, make_recipe
-from test_cli import run_cli
+from conftest import QUIET, make_recipe, run_cli
 
 
 def _field(reader: gguf.GGUFReader, key: str):

@@ -12,8 +12,7 @@ import pytest
 
 from psft_lite.core import extras
 
-from conftest import ROOT, arith_rows, make_recipe, write_jsonl
-from test_cli import run_cli
+from conftest import ROOT, arith_rows, make_recipe, run_cli, write_jsonl
 
 ROLLING_TASK = """
 task: {name}

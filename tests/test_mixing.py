@@ -17,8 +17,7 @@ from psft_lite.training import trainer
 from psft_lite.training.build import build
 from psft_lite.training.loop import train_loop
 
-from conftest import QUIET, ROOT, arith_rows, make_recipe, write_jsonl
-from test_cli import run_cli
+from conftest import QUIET, ROOT, arith_rows, make_recipe, run_cli, write_jsonl
 
 
 def test_a_weighted_mix_draws_its_shares_every_epoch_and_in_every_batch():

@@ -228,8 +228,7 @@ def test_the_verdict_line_has_the_shape_scripts_parse():
 
 
 def _tiny_run(tmp_path, tiny_model_dir, capsys):
-    from conftest import make_recipe
-    from test_cli import run_cli
+    from conftest import make_recipe, run_cli
 
     recipe = make_recipe(tmp_path, tiny_model_dir)
     code, _, err = run_cli(capsys, "train", str(recipe))
@@ -243,7 +242,7 @@ def test_eval_retention_on_a_run_and_on_a_plain_model_and_the_gate_exit_code(
     """`eval RUN --retention` compares the run with its base item by item and writes every item; a plain model is
     compared with itself (exactly 0); the base's results are cached (a second verdict scores only the run); a
     confident drop beyond --max-forgetting exits 3 with a one-line reason, after the outputs are written."""
-    from test_cli import run_cli
+    from conftest import run_cli
 
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     small = ret.load_suite()[::25]

@@ -27,7 +27,7 @@ def adapter_weights(run: Path) -> dict:
 def test_sharded_training_follows_the_single_process_trajectory_and_writes_the_same_adapter(
     tmp_path, single_process, objective, capsys
 ):
-    from test_cli import run_cli
+    from conftest import run_cli
 
     recipe, one = single_process[objective]
     two = tmp_path / "fsdp"
@@ -62,7 +62,7 @@ def test_sharding_without_a_launcher_or_with_a_4bit_base_is_refused(tmp_path, ti
     from psft_lite.core.errors import RecipeError
     from psft_lite.training.sharding import check_supported
 
-    from test_cli import run_cli
+    from conftest import run_cli
 
     recipe = make_recipe(tmp_path, tiny_model_dir, train={**TRAIN, "strategy": "fsdp"})
     code, _, err = run_cli(capsys, "train", str(recipe))  # one process, no launcher

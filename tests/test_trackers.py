@@ -17,8 +17,7 @@ from psft_lite.core import extras
 from psft_lite.tracking import trackers
 
 import tracker_readers as read
-from conftest import ROOT, arith_rows, make_recipe, write_jsonl
-from test_cli import run_cli
+from conftest import ROOT, arith_rows, make_recipe, run_cli, write_jsonl
 
 BACKENDS = list(trackers.BACKENDS)
 TRAJECTORY = ["loss", "nll", "entropy", "grad_norm", "lr", "clip_frac", "ratio_mean", "approx_kl"]
