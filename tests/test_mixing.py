@@ -167,21 +167,32 @@ def test_self_replay_generates_once_caches_and_trains_the_answers_as_assistant_t
     }
     code, _, err = run_cli(capsys, "train", str(make_recipe(tmp_path / "a", embedded_dir, **sections)))
     assert code == 0, err
-    assert re.search(r"self-replay: the base model answered 4 prompts in \d+ s", err), err
+    said = re.search(r"self-replay: the base model's answers to 4 prompts, generated in \d+ s .*; (\d) ended", err)
+    assert said, err
     cached = list((tmp_path / "home" / "replay").glob("*.jsonl"))
     rows = [json.loads(x) for x in cached[0].read_text().splitlines()]
-    assert len(cached) == 1 and len(rows) == 4 and sum(r["finished"] for r in rows) >= 2
+    assert len(cached) == 1 and len(rows) == 4 and sum(r["finished"] for r in rows) == int(said[1]) >= 2
 
     def no_generation(*a, **k):
         raise AssertionError("the cached answers should have been reused")
 
     monkeypatch.setattr(replay, "generate_answers", no_generation)
-    run = build(load_recipe(make_recipe(tmp_path / "b", embedded_dir, **sections)), QUIET)
+    import io
+
+    from rich.console import Console
+
+    said = io.StringIO()
+    run = build(load_recipe(make_recipe(tmp_path / "b", embedded_dir, **sections)), Console(file=said, width=300))
+    assert f"4 prompts, read from the cache ({cached[0]}); {len(finished_rows(rows))} ended" in said.getvalue()
     replayed = [e for e in run.examples if e.where.startswith("self-replay")]
-    finished = [r for r in rows if r["finished"]]
+    finished = finished_rows(rows)
     assert len(replayed) == len(finished)
     tok = run.tokenizer
     for ex, row in zip(replayed, finished):
         trained = tok.decode(ex.ids[ex.mask])
         assert trained == row["completion"] + "<|im_end|>", trained
         assert "Say hello." in tok.decode(ex.ids[~ex.mask]) or row["prompt"] in tok.decode(ex.ids[~ex.mask])
+
+
+def finished_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["finished"]]

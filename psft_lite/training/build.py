@@ -148,16 +148,20 @@ def self_replay(
     prompts = replay.read_prompts(d.replay, recipe.path.parent if recipe.path else None)
     spec = recipe.model.model_dump(mode="json", exclude_none=True)
     path = replay.cache_file(runtime.home(), spec, str(dtype), device.type, prompts, d)
+    how = f"read from the cache ({path})"
     if replay.read_cache(path) is None and dist.is_main:
         was = base.training
         base.eval()
         seconds = replay.generate_answers(Model(base, tokenizer, "base", device, dtype), prompts, d, path, console)
         base.train(was)
-        console.print(
-            f"self-replay: the base model answered {len(prompts)} prompts in {seconds:.0f} s (cached in {path})"
-        )
+        how = f"generated in {seconds:.0f} s (cached in {path})"
     dist.barrier()
     rows = replay.read_cache(path) or []
+    if dist.is_main:
+        console.print(
+            f"self-replay: the base model's answers to {len(prompts)} prompts, {how}; "
+            f"{sum(r['finished'] for r in rows)} ended within data.replay.max_new_tokens = {d.replay.max_new_tokens}"
+        )
     examples, stats = encode_all(tokenizer, replay.conversations(rows, d), d.max_length, "drop")
     if not examples:
         raise RecipeError(
