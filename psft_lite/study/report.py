@@ -297,7 +297,8 @@ def _r2w(c: Curve, j: int) -> str:
     pairs = [(((g[s, 0] == 1) & (g[s, j] == 0)).sum(), ((g[s, 0] == 0) & (g[s, j] == 1)).sum()) for s in c.present(j)]
     if not pairs:
         return "—"
-    return f"{np.mean([a for a, _ in pairs]):.1f} / {np.mean([b for _, b in pairs]):.1f}"
+    fmt = "{:.0f}" if len(pairs) == 1 else "{:.1f}"  # one seed: the counts themselves
+    return f"{fmt.format(np.mean([a for a, _ in pairs]))} / {fmt.format(np.mean([b for _, b in pairs]))}"
 
 
 def checkpoint_table(curves: list[Curve], base: dict[str, Any]) -> str:
