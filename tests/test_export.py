@@ -438,10 +438,11 @@ def test_an_output_format_names_its_functions_and_checks_before_training(monkeyp
     what is missing before any training when llama.cpp's binding is not installed."""
     from psft_lite.core import extras
     from psft_lite.core.errors import ModelError
+    from psft_lite.core.lazy import resolve
     from psft_lite.exporting import outputs
 
-    assert outputs._resolve(outputs.FORMATS["merged"].write) is merge_mod.write_merged
-    assert outputs._resolve(outputs.FORMATS["gguf"].write) is export_mod.write_gguf
+    assert resolve(outputs.FORMATS["merged"].write) is merge_mod.write_merged
+    assert resolve(outputs.FORMATS["gguf"].write) is export_mod.write_gguf
     monkeypatch.setattr(extras, "installed", lambda module: module != "llama_cpp")
     with pytest.raises(ModelError, match=r"recipe.toml: output.save = 'gguf' .*llama-cpp-python is not installed"):
         outputs.check(["adapter", "gguf"], "recipe.toml")

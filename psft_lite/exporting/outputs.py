@@ -8,13 +8,14 @@ here. Adding a format: a module with its writer, and one entry below naming it (
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from psft_lite.core.lazy import resolve
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,6 @@ class OutputFormat:
     check: str | Callable[[str], None] | None = None  # raises a clear error before training when it cannot be written
 
 
-def _resolve(fn: str | Callable[..., Any]) -> Callable[..., Any]:
-    if callable(fn):
-        return fn
-    module, _, name = fn.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 FORMATS: dict[str, OutputFormat] = {
     "adapter": OutputFormat("adapter", None),
     "merged": OutputFormat("merged", "psft_lite.exporting.merge:write_merged"),
@@ -46,7 +40,7 @@ def check(names: list[str], where: str) -> None:
     """Fail now, not after hours of training, when a requested format cannot be written on this machine."""
     for name in names:
         if FORMATS[name].check is not None:
-            _resolve(FORMATS[name].check)(where)
+            resolve(FORMATS[name].check)(where)
 
 
 def needs_model_memory(names: list[str]) -> bool:
@@ -59,5 +53,5 @@ def write(run_dir: Path, output: Any, console: Console) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, fmt in FORMATS.items():
         if name in output.save and fmt.write is not None:
-            summary.update(_resolve(fmt.write)(run_dir, output, console))
+            summary.update(resolve(fmt.write)(run_dir, output, console))
     return summary

@@ -9,11 +9,12 @@ first uses it (`Objective.fn`), so loading or validating a recipe stays cheap.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from psft_lite.core.lazy import resolve
 
 #: what a loss may read besides logp / mask / weights, and who provides it (training/step.py)
 INPUTS = {"entropy", "old_logp", "lam", "kl_base", "topk_entropy"}
@@ -47,10 +48,7 @@ class Objective:
     @property
     def fn(self) -> Callable[..., Any]:
         """The loss function itself."""
-        if callable(self.loss):
-            return self.loss
-        module, _, name = self.loss.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return resolve(self.loss)
 
 
 _PSFT_PARAMS = ("clip_high", "clip_low")
