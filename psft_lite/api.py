@@ -301,8 +301,22 @@ def evaluate(
             for name, s in summaries.items():
                 keep = {k: s.get(k) for k in SetScore.__dataclass_fields__ if k != "predictions" and k in s}
                 scores[name] = SetScore(**keep, predictions=predictions[name])
-        verdict = ret.evaluate_retention(loaded, console=console) if retention else None
+        verdict = ret.evaluate_retention(loaded, console=console, taught=_taught(loaded, sets)) if retention else None
     return Evaluation(scores, verdict, samples)
+
+
+def _taught(loaded: Any, sets: dict[str, Any]) -> list[str]:
+    """The formats a model was taught, as its eval sets state them: the sets scored, else its run's recipe sets (a
+    run whose eval files are gone has none to state)."""
+    from psft_lite.core.errors import DataError
+    from psft_lite.inference import evaluate as ev
+
+    if not sets and loaded.recipe is not None and ev.recipe_sets(loaded.recipe):
+        try:
+            sets = ev.recipe_eval_items(loaded.recipe)
+        except DataError:
+            return []
+    return ev.taught_openings(sets)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

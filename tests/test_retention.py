@@ -227,6 +227,48 @@ def test_the_verdict_line_has_the_shape_scripts_parse():
     assert float(m.group(4)) < -1.4 < float(m.group(5))
 
 
+def test_the_taught_format_in_general_replies_is_counted_on_generated_replies_only(tmp_path):
+    """A reply that names the right answer and then writes the taught format is right for the verifier; the verdict
+    counts it apart (base → model, generated replies only: a choice cannot leak), prints it, and records it. The
+    openings come from the eval sets that teach a format, and from a run's own recipe when no set is named."""
+    from types import SimpleNamespace
+
+    from psft_lite import api
+    from psft_lite.inference.evaluate import EvalItem, taught_openings
+    from psft_lite.recipe.schema import recipe_from_dict
+
+    items = [SuiteItem("c", "fact", "p", "choice", ("[[answer: 1]]", "b"), 0)]
+    items += [SuiteItem(f"g{i}", "short_answer", "p", "check", check={"type": "names"}) for i in range(4)]
+    before = ret.SuiteRun(items, [True] * 5, ["[[answer: 1]]", "Paris.", "Paris.", "Rome.", "Oslo."])
+    after = ret.SuiteRun(items, [True] * 5, ["[[answer: 1]]", "Paris.\n[[answer: 13]]", "Paris.", "x [[answer:", "y"])
+    v = ret.compare(before, after)
+    v.leak = ret.format_leak(before, after, ["[[answer:"])
+    assert (v.leak.n, v.leak.before, v.leak.after) == (4, 0, 2)
+    assert v.overall.delta == 0  # the accuracy alone sees nothing
+    lines = ret.report_lines(v)
+    assert lines[1].startswith("taught format in general replies: 0 → 2 of 4 (replies that write '[[answer:'")
+    assert v.as_dict()["format_leak"] == {"openings": ["[[answer:"], "n": 4, "before": 0, "after": 2}
+    assert ret.format_leak(before, after, []) is None and "format_leak" not in ret.compare(before, after).as_dict()
+
+    taught = EvalItem([], "r", "5", "f.jsonl:1", "format", "[[answer: {answer}]]")
+    plain = EvalItem([], "r", "5", "g.jsonl:1")
+    assert taught_openings({"a": [plain, taught], "b": [taught]}) == ["[[answer:"]
+    assert taught_openings({"a": [plain]}) == []
+    (tmp_path / "test.jsonl").write_text(
+        json.dumps({"prompt": "2+3?", "completion": "5\n<<5>>", "match": "format", "format": "<<{answer}>>"}) + "\n"
+    )
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "m"},
+            "data": {"train": str(tmp_path / "test.jsonl")},
+            "eval": {"sets": {"t": str(tmp_path / "test.jsonl")}},
+        }
+    )
+    assert api._taught(SimpleNamespace(recipe=recipe), {}) == ["<<"]
+    (tmp_path / "test.jsonl").unlink()  # a run whose eval files are gone states no format
+    assert api._taught(SimpleNamespace(recipe=recipe), {}) == []
+
+
 def _tiny_run(tmp_path, tiny_model_dir, capsys):
     from conftest import make_recipe, run_cli
 

@@ -295,6 +295,41 @@ def test_report_reads_hand_written_records_exactly(tmp_path):
     assert "| sft | 25 (0.25) | 2 | 62.5 [" in md and "| 0.5 / 0.5 |" in md  # mean right→wrong / wrong→right
 
 
+def test_the_report_counts_the_taught_format_in_general_replies_from_the_committed_answers(tmp_path, monkeypatch):
+    """Every record gets `general.leak` from its unit's committed replies: 1 per generated suite reply that writes
+    the opening of the format the in-domain rows teach (read from the data row each detail names), choices left out;
+    a record whose replies are not committed, or whose study teaches no format, is left as it was."""
+    import gzip
+
+    from psft_lite.study import report
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "test.jsonl").write_text(
+        json.dumps({"prompt": "1+1?", "completion": "2\n[[answer: 2]]", "format": "[[answer: {answer}]]"}) + "\n"
+    )
+    unit = tmp_path / "units" / "sft-s0"
+    (unit / "evals").mkdir(parents=True)
+    general = [
+        {"id": "fact-001", "kind": "fact", "right": True, "answer": "[[answer: x]]"},  # a choice: never counted
+        {"id": "instruction-001", "kind": "instruction", "right": True, "answer": "The cat sat.\n[[answer: 3]]"},
+        {"id": "instruction-002", "kind": "instruction", "right": True, "answer": "We walked."},
+    ]
+    details = [
+        {"set": "in_domain", "rows": [{"where": "test.jsonl:1", "generation": "2"}]},
+        {"set": "general", "rows": general},
+    ]
+    with gzip.open(unit / "evals" / "sft-s0-step25.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(d) + "\n" for d in details))
+    recs = [_rec("sft", 0, 25, "1", "111"), _rec("sft", 0, 50, "1", "111")]
+    (unit / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = {r["step"]: r["general"].get("leak") for r in report.read_records(tmp_path)}
+    assert got == {25: "10", 50: None}  # step 50's replies are not committed
+
+    (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "1+1?", "completion": "#### 2"}) + "\n")
+    report._ROWS.clear()
+    assert "leak" not in report.read_records(tmp_path)[0]["general"]  # no taught format: nothing to count
+
+
 def test_matched_comparisons_read_each_seed_between_its_measured_checkpoints(tmp_path):
     """At a matched in-domain accuracy each seed's change is interpolated between the two measured points that
     bracket the level (the base is step 0), the bracket is shown, and a method that never gets there says so."""

@@ -131,11 +131,26 @@ class EvalItem:
         ans = extract_answer(generation)
         return ans, answers_match(ans, self.gold)
 
+    @property
+    def opening(self) -> str:
+        """What a taught format writes before the answer (`[[answer: ` for `[[answer: {answer}]]`); "" for others."""
+        return format_opening(self.pattern) if self.match == "format" else ""
+
     def format_scores(self, generation: str) -> tuple[bool, bool]:
         """For a taught-format item: (the format's opening was written, the final answer is right in any format) —
         so "learned the format" and "solved the problem" are told apart."""
-        opening = (self.pattern or "{answer}").split("{answer}")[0]
-        return bool(opening) and opening in generation, answers_match(extract_answer(generation), self.gold)
+        return bool(self.opening) and self.opening in generation, answers_match(extract_answer(generation), self.gold)
+
+
+def format_opening(pattern: str | None) -> str:
+    """The part of a taught answer format before `{answer}`: what shows the format was written."""
+    return (pattern or "{answer}").split("{answer}")[0]
+
+
+def taught_openings(sets: dict[str, list[EvalItem]]) -> list[str]:
+    """The taught formats' openings across eval sets (their items matched in a format), each once: what a fine-tune
+    taught that should not turn up in replies to general prompts."""
+    return list(dict.fromkeys(it.opening.strip() for items in sets.values() for it in items if it.opening.strip()))
 
 
 def eval_items(

@@ -478,6 +478,7 @@ class Verdict:
     after: SuiteRun
     kl: float | None = None  # KL(base ‖ model) per token on the base's own answers to general prompts
     kl_prompts: int = 0
+    leak: Leak | None = None  # the taught format in replies to general prompts (when the run taught one)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -486,8 +487,38 @@ class Verdict:
             "kinds": {k: {**c.as_dict(), "chance": 100 * self.chance[k]} for k, c in self.kinds.items()},
             "kl_to_base": self.kl,
             "kl_prompts": self.kl_prompts,
+            **({"format_leak": self.leak.as_dict()} if self.leak else {}),
             "seconds": round(self.seconds, 1),
         }
+
+
+@dataclass(frozen=True)
+class Leak:
+    """How many of the suite's generated replies write a taught answer format (e.g. `[[answer:`), before → after.
+    The verifiers judge whether a reply names the right answer, so a reply that also appends the taught format is
+    still right; this count is the change in behaviour they cannot see."""
+
+    openings: tuple[str, ...]
+    n: int  # generated (checked) replies
+    before: int
+    after: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"openings": list(self.openings), "n": self.n, "before": self.before, "after": self.after}
+
+
+def leaked(reply: str, openings: tuple[str, ...] | list[str]) -> bool:
+    return any(o in reply for o in openings)
+
+
+def format_leak(before: SuiteRun, after: SuiteRun, openings: tuple[str, ...] | list[str]) -> Leak | None:
+    """The taught formats' openings in the generated replies, base and model; None when nothing was taught."""
+    openings = tuple(o for o in openings if o)
+    if not openings:
+        return None
+    idx = [i for i, it in enumerate(after.items) if it.score == "check"]
+    count = lambda run: sum(leaked(run.answers[i], openings) for i in idx)  # noqa: E731
+    return Leak(openings, len(idx), count(before), count(after))
 
 
 def compare(before: SuiteRun, after: SuiteRun) -> Verdict:
@@ -534,10 +565,22 @@ def kl_line(v: Verdict) -> str | None:
     )
 
 
+def leak_line(v: Verdict) -> str | None:
+    if v.leak is None:
+        return None
+    x = v.leak
+    shown = " or ".join(repr(o) for o in x.openings)
+    return (
+        f"taught format in general replies: {x.before} → {x.after} of {x.n} (replies that write {shown} where no one "
+        "asked for it; the verifiers may still count them right)"
+    )
+
+
 def report_lines(v: Verdict, per_kind: bool = False) -> list[str]:
-    """What `eval --retention` and the end of `train` print: the verdict, optionally a line per kind, and the KL."""
-    kl = kl_line(v)
-    return [verdict_line(v), *(kind_lines(v) if per_kind else []), *([kl] if kl else [])]
+    """What `eval --retention` and the end of `train` print: the verdict, optionally a line per kind, the taught
+    format's leak into general replies (when the run taught one), and the KL."""
+    extra = [line for line in (leak_line(v), kl_line(v)) if line]
+    return [verdict_line(v), *(kind_lines(v) if per_kind else []), *extra]
 
 
 def gate(v: Verdict, max_forgetting: float | None) -> str | None:
@@ -614,10 +657,12 @@ def evaluate_retention(
     items: list[SuiteItem] | None = None,
     kl_prompts: int | None = 60,
     console: Any = None,
+    taught: tuple[str, ...] | list[str] = (),
 ) -> Verdict:
-    """The verdict on a model: the suite scored by the model and by its base (cached), compared item by item; and the
-    KL to the base on its own answers to `kl_prompts` general prompts (None: all 300; 0: no KL). A plain model is
-    compared with itself. With a console, a progress bar over the items to score."""
+    """The verdict on a model: the suite scored by the model and by its base (cached), compared item by item; the
+    openings of the formats the run `taught` counted in its general replies; and the KL to the base on its own answers
+    to `kl_prompts` general prompts (None: all 300; 0: no KL). A plain model is compared with itself. With a console, a
+    progress bar over the items to score."""
     import time
 
     from psft_lite.inference.evaluate import progress_bar
@@ -631,6 +676,7 @@ def evaluate_retention(
         advance(0, "")
         after = run_suite(loaded, items, advance) if loaded.has_adapter else before
     verdict = compare(before, after)
+    verdict.leak = format_leak(before, after, taught)
     if kl_prompts != 0:
         rows = reference_answers(loaded, spread(read_prompts(), kl_prompts))
         verdict.kl, verdict.kl_prompts = kl_to_base(loaded, rows), len(rows)

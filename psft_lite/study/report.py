@@ -48,6 +48,7 @@ MEASURES = {
     "format": ("in_domain", "format_used", "format used %"),
     "transfer": ("transfer", "correct", "transfer %"),
     "general": ("general", "right", "general ability %"),
+    "leak": ("general", "leak", "taught format in general replies %"),
 }
 
 
@@ -83,7 +84,56 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
     the latest per (method, cell, seed, step)."""
     paths = [p for p in [folder / "results.jsonl", folder / "results.jsonl.gz"] if p.exists()]
     paths += sorted(folder.glob("units/*/results.jsonl"))
-    return latest_results([r for p in paths for r in _read_jsonl(p)])
+    return latest_results([with_leak(r, p.parent / "evals") for p in paths for r in _read_jsonl(p)])
+
+
+def with_leak(rec: dict[str, Any], evals: Path) -> dict[str, Any]:
+    """The record with `general.leak`: per generated reply of the suite, 1 when it writes a taught format (the
+    opening of the in-domain set's `format`, e.g. `[[answer: `) — counted from the committed replies
+    (evals/<run>-step<N>.jsonl.gz), so the behaviour the suite's verifiers cannot see is in every record. Unchanged
+    when the run taught no format or its replies are not committed."""
+    from psft_lite.inference.evaluate import format_opening
+    from psft_lite.inference.retention import leaked
+
+    run = (
+        "base"
+        if rec["method"] == "base"
+        else Cell(tuple(rec.get("cell", {}).items())).run_name(rec["method"], rec["seed"])
+    )
+    path = evals / f"{run}-step{rec['step']}.jsonl.gz"
+    if "general" not in rec or "leak" in rec["general"] or not path.exists():
+        return rec
+    details = {d["set"]: d["rows"] for d in _read_jsonl(path)}
+    openings = {format_opening(_source_row(r["where"]).get("format")).strip() for r in details.get("in_domain", [])}
+    openings.discard("")
+    if not openings or "general" not in details:
+        return rec
+    checked = _checked_ids()
+    bits = "".join(
+        "1" if leaked(r["answer"], tuple(openings)) else "0" for r in details["general"] if r["id"] in checked
+    )
+    return {**rec, "general": {**rec["general"], "leak": bits}}
+
+
+_ROWS: dict[str, list[str]] = {}
+
+
+def _source_row(where: str) -> dict[str, Any]:
+    """The data row a detail came from (`data/arith/format_test.jsonl:12`, relative to the repository)."""
+    file, _, line = where.rpartition(":")
+    if file not in _ROWS:
+        _ROWS[file] = Path(file).read_text(encoding="utf-8").splitlines() if Path(file).is_file() else []
+    lines = _ROWS[file]
+    if not (line.isdigit() and 0 < int(line) <= len(lines)):
+        return {}
+    row = json.loads(lines[int(line) - 1])
+    return row if isinstance(row, dict) else {}
+
+
+def _checked_ids() -> set[str]:
+    from psft_lite.inference.retention import load_suite
+
+    return {it.id for it in load_suite() if it.score == "check"}
 
 
 def label_of(rec: dict[str, Any]) -> str:
@@ -304,21 +354,31 @@ def _r2w(c: Curve, j: int) -> str:
 def checkpoint_table(curves: list[Curve], base: dict[str, Any]) -> str:
     head = (
         "| method | step (epoch) | seeds | in-domain % | format used % | transfer % | general ability, change "
-        "(points) | right→wrong / wrong→right | KL to base (secondary) | train entropy |"
+        "(points) | right→wrong / wrong→right | taught format in general replies % | KL to base (secondary) | "
+        "train entropy |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     c0 = curves[0]
     cells = [f"{level(c0, k, 0).mean:.1f}" for k in ("acc", "format", "transfer")]
-    lines.append(f"| base | 0 | — | {' | '.join(cells)} | {level(c0, 'general', 0).mean:.1f} % | — | 0 | — |")
+    lines.append(
+        f"| base | 0 | — | {' | '.join(cells)} | {level(c0, 'general', 0).mean:.1f} % | — | "
+        f"{level(c0, 'leak', 0).mean:.1f} | 0 | — |"
+        if "leak" in c0.bits
+        else f"| base | 0 | — | {' | '.join(cells)} | {level(c0, 'general', 0).mean:.1f} % | — | — | 0 | — |"
+    )
     for c in curves:
         for j in range(1, len(c.steps)):
             cells = [level(c, k, j).fmt() for k in ("acc", "format", "transfer")]
             lines.append(
                 f"| {c.label} | {c.steps[j]} ({c.epochs[j]:g}) | {len(c.present(j))} | {' | '.join(cells)} | "
-                f"{change(c, 'general', j).fmt(signed=True)} | {_r2w(c, j)} | {kl_at(c, j).fmt(3)} | "
+                f"{change(c, 'general', j).fmt(signed=True)} | {_r2w(c, j)} | {_leak(c, j)} | {kl_at(c, j).fmt(3)} | "
                 f"{_train(c, 'train_entropy', j)} |"
             )
     return "\n".join(lines)
+
+
+def _leak(c: Curve, j: int) -> str:
+    return level(c, "leak", j).fmt() if "leak" in c.bits else "—"
 
 
 def levels(curves: list[Curve], key: str = "acc", step: float = 10.0) -> list[float]:
@@ -378,7 +438,14 @@ def report_markdown(curves: list[Curve], base: dict[str, Any], ref: str = "sft")
         f"the base's answers to {n_kl} prompts). Brackets: {LEVEL:.0%} intervals — within each seed the standard "
         "error over items (paired by item for a change against the base or a difference between methods), across "
         "seeds a t-interval on the seed means (one seed: the within-seed normal interval). The point is the mean "
-        "of the seeds' observed values.",
+        "of the seeds' observed values."
+        + (
+            f' "Taught format in general replies": of the suite\'s {n["leak"]} generated replies, the share that '
+            "writes the taught answer format's opening (counted from the committed replies); the suite's verifiers "
+            "judge whether a reply names the right answer, so these replies can still count as right."
+            if "leak" in n
+            else ""
+        ),
         "",
         "#### Every evaluated checkpoint",
         "",
@@ -397,6 +464,14 @@ def report_markdown(curves: list[Curve], base: dict[str, Any], ref: str = "sft")
             "",
             matched_table(curves, ref, lv, "transfer"),
         ]
+        if all("leak" in c.bits for c in curves):
+            parts += [
+                "",
+                "#### At matched in-domain accuracy: the taught format in general replies (change against the base, "
+                "points; lower is better)",
+                "",
+                matched_table(curves, ref, lv, "leak"),
+            ]
     parts += [
         "",
         '`*`: the interval of the difference excludes 0. "between steps": the measured checkpoints that bracket the '

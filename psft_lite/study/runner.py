@@ -44,7 +44,7 @@ def evaluate_model(
     retention set's per-prompt KL, and with `general` the retention suite's 0/1 per item (`general.right`, the base's
     results cached per base model). Details: every generation and every suite answer, for the record."""
     from psft_lite.inference import retention
-    from psft_lite.inference.evaluate import evaluate_sets
+    from psft_lite.inference.evaluate import evaluate_sets, taught_openings
     from psft_lite.inference.generate import load_model
 
     loaded = load_model(spec)
@@ -61,7 +61,7 @@ def evaluate_model(
             if preds and flag in preds[0]:
                 out[name][flag] = "".join("1" if p[flag] else "0" for p in preds)
     if general:
-        verdict = retention.evaluate_retention(loaded, kl_prompts=0)
+        verdict = retention.evaluate_retention(loaded, kl_prompts=0, taught=taught_openings(sets))
         run = verdict.after
         out["general"] = {"n": len(run.items), "accuracy": run.accuracy(), "right": run.to_json()["right"]}
         details["general"] = [

@@ -59,7 +59,7 @@ def final_eval(run: Run) -> tuple[dict[str, Any], Any]:
     the general-ability verdict. Returns (JSON-able results, the verdict or None)."""
     t0 = time.perf_counter()
     from psft_lite.inference import retention
-    from psft_lite.inference.evaluate import evaluate_sets, is_retention_set
+    from psft_lite.inference.evaluate import evaluate_sets, is_retention_set, taught_openings
     from psft_lite.inference.generate import Loaded
 
     e = run.recipe.eval
@@ -75,7 +75,8 @@ def final_eval(run: Run) -> tuple[dict[str, Any], Any]:
     out: dict[str, Any] = {
         name: {"after": after[name], **({"before": before[name]} if name in before else {})} for name in sets
     }
-    verdict = retention.evaluate_retention(loaded, console=run.console) if e.retention else None
+    taught = taught_openings(run.final_items)
+    verdict = retention.evaluate_retention(loaded, console=run.console, taught=taught) if e.retention else None
     if verdict is not None:
         out["general_ability"] = {**verdict.as_dict(), "lines": retention.report_lines(verdict)}
     return {**out, "seconds": time.perf_counter() - t0}, verdict
