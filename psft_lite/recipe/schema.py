@@ -199,7 +199,8 @@ class ObjectiveSection(Section):
     kind: str = Field(
         "sft_kl",
         description="Training objective (docs/METHODS.md; the table in training/objectives.py). The default, sft_kl, "
-        "is the one docs/study.md found to forget least at a matched in-domain accuracy.",
+        "is sft plus a KL penalty toward the base model; whether it costs less general ability than sft for the same "
+        "learning is what docs/study.md measures (its committed units say how far that has got).",
     )
     normalize: Literal["token", "sequence"] = Field(
         "token",
