@@ -4,9 +4,9 @@ each fine-tune cost the model.
     import psft_lite
     run = psft_lite.train("recipes/quickstart.toml")
 
-The public functions (psft_lite.api): `train`, `load`, `evaluate`, `merge`, `export`, `make_recipe`,
-`register_objective`. Importing psft_lite is cheap and changes nothing: torch and transformers load when a function
-first needs them.
+The public functions (psft_lite.api): `train`, `load`, `evaluate`, `merge`, `export`, `make_recipe`, and the
+extension calls `register_objective`, `register_output`, `register_tracker`. Importing psft_lite is cheap and
+changes nothing: torch and transformers load when a function first needs them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "evaluate", "merge", "export", "make_recipe", "register_objective", "__version__"]
+__all__ = [
+    "train",
+    "load",
+    "evaluate",
+    "merge",
+    "export",
+    "make_recipe",
+    "register_objective",
+    "register_output",
+    "register_tracker",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

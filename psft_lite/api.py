@@ -415,3 +415,23 @@ def register_objective(name: str, loss: Any, **row: Any) -> None:
             f"({', '.join(sorted(ObjectiveSection.model_fields))})"
         )
     register(name, loss, **row)
+
+
+def register_output(name: str, write: Any, check: Any = None) -> None:
+    """Add an output format `output.save` (and `psft-lite train`) then accepts: `write(run_dir, output_section,
+    console) -> summary dict`, called at the end of a run after the adapter is written, and optionally `check(where)`,
+    called before training, which raises when the format cannot be written on this machine. A bad name or a
+    non-callable raises `ValueError`."""
+    from psft_lite.exporting.outputs import register
+
+    register(name, write, check)
+
+
+def register_tracker(backend: Any) -> None:
+    """Add a tracker `output.report_to` then accepts: a class with `name`, `module` (the package it needs, "" for
+    none), `extra`, `replays_resumed_steps` and the calls `open`, `where`, `start`, `scalars`, `text`, `finish`
+    (psft_lite.tracking.trackers.base.Backend). It gets every metrics.jsonl record live, as the built-in ones do. A
+    class missing any of them raises `ValueError` naming what."""
+    from psft_lite.tracking.trackers import register
+
+    register(backend)

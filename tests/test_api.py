@@ -122,6 +122,84 @@ def test_a_registered_objective_is_a_kind_the_recipe_accepts_and_trains(tmp_path
         OBJECTIVES.pop("x", None)
 
 
+class _Memo:
+    """A tracker kept in memory: what a user's own backend looks like (base.Backend's calls)."""
+
+    name, module, extra, replays_resumed_steps = "memo", "", "", False
+    seen: list[tuple[str, object]] = []
+
+    @classmethod
+    def open(cls, run_dir, state, project, start_step):
+        return cls()
+
+    @staticmethod
+    def where(run_dir, project, state):
+        return "memo: in memory"
+
+    def start(self, config):
+        self.seen.append(("start", config["train.lr"]))
+
+    def scalars(self, values, step):
+        self.seen.append(("scalars", step))
+
+    def text(self, tag, message, step):
+        self.seen.append(("text", step))
+
+    def finish(self, summary, status, step):
+        self.seen.append(("finish", status))
+
+
+def _write_note(run_dir, output, console):
+    (run_dir / "note.txt").write_text("adapter at " + str(run_dir / "adapter"))
+    return {"note": str(run_dir / "note.txt")}
+
+
+def test_a_registered_tracker_and_output_format_are_names_the_recipe_accepts_and_a_run_uses(tmp_path, tiny_model_dir):
+    """One call each: the recipe then takes the name, training reports every step to the tracker and calls the writer
+    at the end; a malformed one is refused naming what is wrong, and a check that fails stops the run before it
+    loads a model."""
+    from psft_lite.core.errors import RecipeError
+    from psft_lite.exporting.outputs import FORMATS
+    from psft_lite.tracking.trackers import BACKENDS
+
+    try:
+        with pytest.raises(RecipeError, match="unknown tracker 'memo'"):
+            psft_lite.make_recipe(make_recipe(tmp_path, tiny_model_dir), output={"report_to": ["memo"]})
+        psft_lite.register_tracker(_Memo)
+        psft_lite.register_output("note", _write_note)
+        path = make_recipe(
+            tmp_path, tiny_model_dir, train={"max_steps": 3}, output={"report_to": ["memo"], "save": ["note"]}
+        )
+        run = psft_lite.train(path, progress=False)
+        assert _Memo.seen[0] == ("start", 1e-3) and _Memo.seen[-1] == ("finish", "finished")
+        assert [step for kind, step in _Memo.seen if kind == "scalars"][:3] == [1, 2, 3]
+        assert (run.run_dir / "note.txt").read_text().startswith("adapter at ")
+
+        class NoFinish:
+            name, module, extra, replays_resumed_steps = "half", "", "", False
+            open = where = start = scalars = text = _Memo.open
+
+        for bad, message in [(NoFinish, "lacks finish"), (type("X", (), {"name": "Bad Name"}), "lowercase")]:
+            with pytest.raises(ValueError, match=message):
+                psft_lite.register_tracker(bad)
+        for name, write, message in [("adapter", _write_note, "cannot be replaced"), ("n2", "x", "must be a function")]:
+            with pytest.raises(ValueError, match=message):
+                psft_lite.register_output(name, write)
+
+        def refuse(where):
+            raise RecipeError(f"{where}: output.save = 'picky' needs a disk we do not have.")
+
+        psft_lite.register_output("picky", _write_note, check=refuse)
+        path = make_recipe(tmp_path, tiny_model_dir, output={"save": ["picky"], "dir": str(tmp_path / "picky")})
+        with pytest.raises(RecipeError, match="needs a disk we do not have"):
+            psft_lite.train(path, progress=False)
+        assert not (tmp_path / "picky").exists()
+    finally:
+        BACKENDS.pop("memo", None)
+        for name in ("note", "picky", "n2"):
+            FORMATS.pop(name, None)
+
+
 @pytest.mark.slow
 def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     """The README's "From Python" block, executed as written (output folder moved to a temporary one, and the

@@ -3,7 +3,8 @@ at the end of a run; `psft-lite merge` and `psft-lite export` call the same func
 
 An output format is a function from a finished run directory to what it wrote, registered in `FORMATS` by name.
 The adapter itself is always written by training (it needs the live model), so it is listed but writes nothing
-here. Adding a format: a module with its writer, and one entry below naming it (the recipe reads the names from here).
+here. Adding a format: a module with its writer and one entry below naming it, or `psft_lite.register_output` from
+Python (the recipe reads the names from here when it validates).
 """
 
 from __future__ import annotations
@@ -34,6 +35,28 @@ FORMATS: dict[str, OutputFormat] = {
     "merged": OutputFormat("merged", "psft_lite.exporting.merge:write_merged"),
     "gguf": OutputFormat("gguf", "psft_lite.exporting.gguf:write_gguf", "psft_lite.exporting.gguf_check:check_output"),
 }
+
+
+def register(
+    name: str,
+    write: Callable[[Path, Any, Console], dict[str, Any]],
+    check: Callable[[str], None] | None = None,
+) -> OutputFormat:
+    """Add (or replace) an output format, checked as a built-in row is: a name `output.save` can hold, a callable
+    writer and check. The recipe reads the table when it validates, so `save = ["<name>"]` works from then on."""
+    import re
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"output format {name!r}: use lowercase letters, digits and underscores (it is a TOML value)")
+    if name == "adapter":
+        raise ValueError("output format 'adapter' is written by training itself and cannot be replaced")
+    if not callable(write) or (check is not None and not callable(check)):
+        raise ValueError(
+            f"output format {name!r}: write must be a function (run_dir, output_section, console) -> summary dict, "
+            "and check, if given, a function (where) -> None that raises when the format cannot be written"
+        )
+    FORMATS[name] = OutputFormat(name, write, check)
+    return FORMATS[name]
 
 
 def check(names: list[str], where: str) -> None:

@@ -395,9 +395,16 @@ class GuardSection(Section):
     )
 
 
+def _known(names: list[str], table: Any, what: str) -> list[str]:
+    for name in names:
+        if name not in table:
+            raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, table)}; choose from {', '.join(table)}")
+    return names
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Run directory. Default: `runs/<recipe file name>`.")
-    save: list[Literal[tuple(OUTPUT_FORMATS)]] = Field(  # type: ignore[valid-type]
+    save: list[str] = Field(
         default_factory=lambda: ["adapter"],
         description="What the run writes at the end: `adapter` (always written); `merged`: also fold it into the base "
         "(`merged/`); `gguf`: also export GGUF for llama.cpp/Ollama (`gguf/`, checked in llama.cpp; needs "
@@ -408,7 +415,7 @@ class OutputSection(Section):
         description='GGUF type(s) for `save = "gguf"`: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, or a comma '
         "list (as `psft-lite export --quant`).",
     )
-    report_to: list[Literal[tuple(BACKENDS)]] = Field(  # type: ignore[valid-type]
+    report_to: list[str] = Field(
         default_factory=list,
         description="Trackers that get every metrics.jsonl record live: any of `tensorboard`, `wandb`, `mlflow`, "
         "`trackio` (each an extra: `pip install 'psft-lite[wandb]'`). metrics.jsonl is always written.",
@@ -425,6 +432,18 @@ class OutputSection(Section):
             v = [x.strip() for x in v.split(",") if x.strip()]
         # each named once; anything but a list of strings is left to the type check, which names the key
         return list(dict.fromkeys(v)) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+
+    @field_validator("save")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        """Checked against the output table when the recipe is read (psft_lite.register_output adds to it)."""
+        return _known(v, OUTPUT_FORMATS, "output format")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        """Checked against the tracker table when the recipe is read (psft_lite.register_tracker adds to it)."""
+        return _known(v, BACKENDS, "tracker")
 
     @field_validator("gguf_quant")
     @classmethod

@@ -33,7 +33,31 @@ from psft_lite.tracking.trackers.wandb import Wandb
 #: the registry: `output.report_to` accepts exactly these names
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TensorBoard, Wandb, Mlflow, Trackio)}
 
-__all__ = ["BACKENDS", "Backend", "Reporter", "flat_config", "open_reporter", "require", "where"]
+__all__ = ["BACKENDS", "Backend", "Reporter", "flat_config", "open_reporter", "register", "require", "where"]
+
+
+#: what a backend class must have (base.Backend)
+_NEEDS = ("open", "where", "start", "scalars", "text", "finish")
+
+
+def register(backend: type[Backend]) -> type[Backend]:
+    """Add (or replace) a tracker backend, checked as a built-in one is: a `name` `output.report_to` can hold, the
+    `module` it needs ("" for none) and `extra`, `replays_resumed_steps`, and every call of base.Backend. The recipe
+    reads the table when it validates, so `report_to = ["<name>"]` works from then on."""
+    import re
+
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"tracker {backend!r}: its `name` must be lowercase letters, digits and underscores")
+    missing = [a for a in _NEEDS if not callable(getattr(backend, a, None))]
+    missing += [a for a in ("module", "extra") if not isinstance(getattr(backend, a, None), str)]
+    missing += [] if isinstance(getattr(backend, "replays_resumed_steps", None), bool) else ["replays_resumed_steps"]
+    if missing:
+        raise ValueError(
+            f"tracker {name!r} lacks {', '.join(missing)} (psft_lite.tracking.trackers.base.Backend says what each is)"
+        )
+    BACKENDS[name] = backend
+    return backend
 
 
 def require(names: list[str], where: str = "output.report_to") -> None:
@@ -41,7 +65,10 @@ def require(names: list[str], where: str = "output.report_to") -> None:
     loads, so a missing package costs a second, not a model load)."""
     for n in names:
         b = BACKENDS[n]
-        require_extra(b.module, f"{where} names {n}", otherwise=f", or remove {n} from {where}", extra=b.extra)
+        if b.module:
+            require_extra(
+                b.module, f"{where} names {n}", otherwise=f", or remove {n} from {where}", extra=b.extra or None
+            )
 
 
 def open_reporter(

@@ -1,7 +1,8 @@
 """The interface every tracker backend implements, and the fan-out that sends each metrics record to all of them.
 
 A backend is a class with a `name`, the `module` it needs, `open(...)` and `where(...)`, and the four calls
-`start`, `scalars`, `text`, `finish`; it is registered by adding it to `BACKENDS` in this package's `__init__`.
+`start`, `scalars`, `text`, `finish`; it is registered by adding it to `BACKENDS` in this package's `__init__`, or
+from Python with `psft_lite.register_tracker`.
 """
 
 from __future__ import annotations
