@@ -4,9 +4,9 @@ each fine-tune cost the model.
     import psft_lite
     run = psft_lite.train("recipes/quickstart.toml")
 
-The public functions (psft_lite.api): `train`, `load`, `evaluate`, `merge`, `export`, `make_recipe`, and the
-extension calls `register_objective`, `register_output`, `register_tracker`. Importing psft_lite is cheap and
-changes nothing: torch and transformers load when a function first needs them.
+The public functions (psft_lite.api): `train`, `load`, `evaluate`, `merge`, `export`, `make_recipe`, `ddt`,
+`hint`, and the extension calls `register_objective`, `register_output`, `register_tracker`. Importing psft_lite
+is cheap and changes nothing: torch and transformers load when a function first needs them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ __all__ = [
     "merge",
     "export",
     "make_recipe",
+    "ddt",
+    "hint",
     "register_objective",
     "register_output",
     "register_tracker",

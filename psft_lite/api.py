@@ -396,6 +396,154 @@ def export(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Data diagnostics and rewriting
+
+
+def _source(data: str | Path, data_config: str | None, split: str) -> Any:
+    from psft_lite.recipe.schema import Source
+
+    return Source(path=str(data), config=data_config, split=split)
+
+
+@dataclass
+class Distribution:
+    """`ddt`'s answer: how in-distribution a data set's responses are for a model — φ = log p + H per response token
+    (mean over tokens and over sequences, shares above thresholds, a histogram over `edges`) and the verdict."""
+
+    model: str
+    data: str
+    examples: int
+    tokens: int
+    mean_phi: float
+    mean_phi_per_sequence: float
+    std_phi: float
+    shares: dict[str, float]  # "> 0", "> -1", "> -3", "> -5": share of tokens with φ above
+    edges: list[float]
+    counts: list[int]
+    verdict: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The statistics as `psft-lite ddt --json` prints them."""
+        return {
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "mean_phi": self.mean_phi,
+            "mean_phi_per_sequence": self.mean_phi_per_sequence,
+            "std_phi": self.std_phi,
+            **{f"share_phi_gt_{k[2:]}": v for k, v in self.shares.items()},
+            "histogram": {"edges": self.edges, "counts": self.counts},
+            "verdict": self.verdict,
+            "model": self.model,
+            "data": self.data,
+        }
+
+    def lines(self) -> list[str]:
+        from psft_lite.inference.ddt import report_lines
+
+        return report_lines(self.as_dict(), self.model, self.data)
+
+
+def ddt(
+    model: str | Path | Model,
+    data: str | Path,
+    *,
+    limit: int | None = None,
+    max_length: int = 4096,
+    data_config: str | None = None,
+    split: str = "train",
+    dtype: str | None = None,
+) -> Distribution:
+    """How in-distribution `data` is for `model` (docs/METHODS.md §3): one teacher-forced pass over every response.
+    The data are read and checked before the model loads (a bad file raises `DataError` naming its line)."""
+    from psft_lite.core.errors import DataError
+    from psft_lite.data import load_conversations, load_examples
+    from psft_lite.inference.ddt import summarize, token_phi
+    from psft_lite.inference.generate import load_model
+    from psft_lite.recipe.schema import RowFormat
+
+    rows, source = RowFormat(max_length=max_length, truncation="truncate"), _source(data, data_config, split)
+    load_conversations(source, rows, limit=limit)  # every row readable, before the model
+    with _library_call():
+        loaded = model.loaded if isinstance(model, Model) else load_model(model, dtype)
+        examples, _ = load_examples(source, rows, loaded.tokenizer, limit=limit)
+        s = summarize(token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype))
+    if not s["tokens"]:
+        raise DataError(f"{data}: no response tokens to score (every example's response is empty).")
+    shares = {f"> {k}": s[f"share_phi_gt_{k}"] for k in ("0", "-1", "-3", "-5")}
+    keep = ("examples", "tokens", "mean_phi", "mean_phi_per_sequence", "std_phi", "verdict")
+    hist = s["histogram"]
+    return Distribution(
+        str(model), str(data), **{k: s[k] for k in keep}, shares=shares, edges=hist["edges"], counts=hist["counts"]
+    )
+
+
+@dataclass
+class HintResult:
+    """`hint`'s answer: what was kept (`out`) and dropped (`dropped_file`) and why, over every example of the data
+    written so far (a resumed rewrite reports all), with the rewrites' answer accuracy and mean φ."""
+
+    out: Path
+    dropped_file: Path
+    summary: dict[str, Any]
+
+    @property
+    def kept(self) -> int:
+        return int(self.summary["kept"])
+
+    def lines(self) -> list[str]:
+        from psft_lite.inference.hinted import summary_lines
+
+        return summary_lines(self.summary)
+
+
+def hint(
+    model: str | Path | Model,
+    data: str | Path,
+    out: str | Path,
+    *,
+    format: str = "auto",  # noqa: A002
+    beta: float = 3.0,
+    answer_marker: str = "####",
+    temperature: float = 0.3,
+    top_p: float = 0.95,
+    max_new_tokens: int = 8192,
+    keep: str = "correct",
+    min_phi: float | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    cot_fallback: bool = False,
+    data_config: str | None = None,
+    split: str = "train",
+    dtype: str | None = None,
+    progress: bool = True,
+    console: Any = None,
+) -> HintResult:
+    """Hinted Decoding: rewrite (problem, solution) pairs in the model's own words, guided by the reference
+    (docs/METHODS.md). Resumable: the same `out` continues where it stopped. Options and data are checked before the
+    model loads (`RecipeError` / `DataError`)."""
+    from psft_lite.core.errors import RecipeError
+    from psft_lite.data import load_conversations
+    from psft_lite.inference.generate import load_model
+    from psft_lite.inference.hinted import HintConfig, run
+    from psft_lite.recipe.schema import FORMATS, RowFormat
+
+    if format not in FORMATS:
+        raise RecipeError(f"--format {format!r}: choose one of {', '.join(FORMATS)}.")
+    if keep not in ("correct", "all"):
+        raise RecipeError(f"--keep {keep!r}: choose correct or all.")
+    cfg = HintConfig(
+        beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, answer_marker=answer_marker
+    )
+    cfg.seed, cfg.cot_fallback = seed, cot_fallback
+    rows, source = RowFormat(format=format), _source(data, data_config, split)
+    load_conversations(source, rows, limit=limit)  # every row readable, before the model
+    with _library_call():
+        loaded = model.loaded if isinstance(model, Model) else load_model(model, dtype)
+        summary = run(loaded, source, rows, Path(out), cfg, keep, min_phi, limit, console=_console(progress, console))
+    return HintResult(Path(summary["out"]), Path(summary["dropped_file"]), summary)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Extension
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -137,13 +137,6 @@ DataConfigOpt = Annotated[
     Optional[str],
     typer.Option("--data-config", help="Hub data set configuration, e.g. main for openai/gsm8k.", show_default=False),
 ]
-
-
-def _source(path: str, config: str | None, split: str) -> Any:
-    """A `--data` value as a data source (the split and configuration matter for hub ids and folders)."""
-    from psft_lite.recipe.schema import Source
-
-    return Source(path=path, config=config, split=split)
 
 
 def _dtype(d: str | None) -> str | None:
@@ -410,20 +403,15 @@ def ddt(
     """
     import json
 
-    from psft_lite.data import load_examples
-    from psft_lite.inference.ddt import report_lines, summarize, token_phi
-    from psft_lite.inference.generate import load_model
-    from psft_lite.recipe.schema import RowFormat
+    from psft_lite import api
 
-    loaded = load_model(model, _dtype(dtype))
-    rows = RowFormat(max_length=max_length, truncation="truncate")
-    examples, _ = load_examples(_source(data, data_config, split), rows, loaded.tokenizer, limit=limit)
-    stats = summarize(token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype))
-    stats.update(model=str(model), data=data)
+    result = api.ddt(
+        model, data, limit=limit, max_length=max_length, data_config=data_config, split=split, dtype=_dtype(dtype)
+    )
     if as_json:
-        out.print(json.dumps(stats), highlight=False, soft_wrap=True)
+        out.print(json.dumps(result.as_dict()), highlight=False, soft_wrap=True)
         return
-    for line in report_lines(stats, str(model), data):
+    for line in result.lines():
         out.print(line, highlight=False)
 
 
@@ -487,23 +475,29 @@ def hint(
 
     [dim]Example: psft-lite hint smollm2-135m-instruct -d data/arith/train.jsonl -o runs/hinted.jsonl --limit 30[/dim]
     """
-    from psft_lite.core.errors import RecipeError
-    from psft_lite.inference.generate import load_model
-    from psft_lite.inference.hinted import HintConfig, run, summary_lines
-    from psft_lite.recipe.schema import FORMATS, RowFormat
+    from psft_lite import api
 
-    if fmt not in FORMATS:
-        raise RecipeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
-    if keep not in ("correct", "all"):
-        raise RecipeError(f"--keep {keep!r}: choose correct or all.")
-    cfg = HintConfig(
-        beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, answer_marker=answer_marker
+    result = api.hint(
+        model,
+        data,
+        out_file,
+        format=fmt,
+        beta=beta,
+        answer_marker=answer_marker,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        keep=keep,
+        min_phi=min_phi,
+        limit=limit,
+        seed=seed,
+        cot_fallback=cot_fallback,
+        data_config=data_config,
+        split=split,
+        dtype=_dtype(dtype),
+        console=err,
     )
-    cfg.seed, cfg.cot_fallback = seed, cot_fallback
-    loaded = load_model(model, _dtype(dtype))
-    src = _source(data, data_config, split)
-    summary = run(loaded, src, RowFormat(format=fmt), out_file, cfg, keep, min_phi, limit, console=err)
-    for line in summary_lines(summary):
+    for line in result.lines():
         out.print(line)
 
 

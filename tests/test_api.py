@@ -13,7 +13,7 @@ import torch
 
 import psft_lite
 
-from conftest import ROOT, make_recipe
+from conftest import ROOT, arith_rows, make_recipe, write_jsonl
 
 
 def test_importing_psft_lite_loads_no_torch_and_changes_no_logging():
@@ -120,6 +120,45 @@ def test_a_registered_objective_is_a_kind_the_recipe_accepts_and_trains(tmp_path
     finally:
         OBJECTIVES.pop("ent_weighted", None)
         OBJECTIVES.pop("x", None)
+
+
+def test_ddt_and_hint_from_python_check_their_data_before_the_model_and_return_typed_results(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """`psft_lite.ddt` scores every response token (the histogram counts them all) and `psft_lite.hint` rewrites into
+    the file it is given; a bad data file or option is refused before any model loads."""
+    from psft_lite.core.errors import DataError, RecipeError
+    from psft_lite.inference import generate
+
+    data = write_jsonl(tmp_path / "d.jsonl", arith_rows(3))
+    d = psft_lite.ddt(tiny_model_dir, data)
+    assert d.examples == 3 and d.tokens == sum(d.counts) > 0 and len(d.counts) == len(d.edges) + 1
+    assert d.mean_phi < 0 and 0 <= d.shares["> -5"] <= 1 and d.lines()[-1].startswith("  verdict:")
+    assert d.as_dict()["share_phi_gt_-5"] == d.shares["> -5"]
+    h = psft_lite.hint(
+        tiny_model_dir,
+        data,
+        tmp_path / "h.jsonl",
+        limit=2,
+        keep="all",
+        cot_fallback=True,
+        max_new_tokens=2,
+        progress=False,
+    )
+    assert h.kept == 2 and len(h.out.read_text().splitlines()) == 2 and h.lines()[0].startswith("hint: 2 of 2 kept")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the data were checked")
+
+    monkeypatch.setattr(generate, "load_model", no_model)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"\n')
+    with pytest.raises(DataError, match="bad.jsonl:1: not valid JSON"):
+        psft_lite.ddt(tiny_model_dir, tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match="bad.jsonl:1: not valid JSON"):
+        psft_lite.hint(tiny_model_dir, tmp_path / "bad.jsonl", tmp_path / "h2.jsonl")
+    with pytest.raises(RecipeError, match="--keep 'some'"):
+        psft_lite.hint(tiny_model_dir, data, tmp_path / "h2.jsonl", keep="some")
+    assert not (tmp_path / "h2.jsonl").exists()
 
 
 class _Memo:
