@@ -241,8 +241,8 @@ def test_a_registered_tracker_and_output_format_are_names_the_recipe_accepts_and
 
 @pytest.mark.slow
 def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
-    """The README's "From Python" block, executed as written (output folder moved to a temporary one, and the
-    retention suite cut to every 20th item for time)."""
+    """The README's "From Python" block, executed as written (output folder moved to a temporary one, and for time
+    the retention suite cut to every 20th item and its KL prompts to every 30th)."""
     from psft_lite.inference import retention
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -250,8 +250,9 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     code = block.group(1).replace('"runs/from-python"', json.dumps(str(tmp_path / "from-python")))
     from psft_lite.model import loading
 
-    suite = retention.load_suite()[::20]
+    suite, prompts = retention.load_suite()[::20], retention.read_prompts()[::30]
     monkeypatch.setattr(retention, "load_suite", lambda path=None: suite)
+    monkeypatch.setattr(retention, "read_prompts", lambda path=None: prompts)
     models = loading.embedded_model_dir().parent  # the shared cache's models, before the home moves
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(ROOT)
@@ -261,6 +262,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     out = capsys.readouterr().out
     assert re.search(r"general ability: [\d.]+ % → [\d.]+ % \([+-][\d.]+ \[", out), out
+    assert namespace["after"].verdict.kl_prompts == len(prompts) == 10
     assert namespace["run"].steps == 10 and namespace["gguf"].files[0].suffix == ".gguf"
     assert isinstance(namespace["model"].generate("Hi", max_new_tokens=2), str)
     assert torch.get_num_threads() >= 1

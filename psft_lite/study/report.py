@@ -558,7 +558,21 @@ def generate(folder: Path, ref: str = "sft") -> tuple[list[Curve], str]:
     curves, base = build_curves(records)
     order = {lab: i for i, lab in enumerate(dict.fromkeys(label_of(r) for r in records))}
     curves.sort(key=lambda c: (c.label != ref, order.get(c.label, 0), c.label))
-    return curves, report_markdown(curves, base, ref)
+    return curves, report_markdown(curves, base, ref) + compute_line(folder)
+
+
+def compute_line(folder: Path) -> str:
+    """What the committed units cost, from each unit's `seconds` (its wall time on one core): the plan's actual."""
+    times = {p.parent.name: float(p.read_text()) for p in sorted(folder.glob("units/*/seconds"))}
+    if not times:
+        return ""
+    each = ", ".join(f"{name} {t / 3600:.1f}" for name, t in times.items())
+    units = f"{len(times)} committed unit{'s' if len(times) > 1 else ''}"
+    return (
+        f"\nCompute of the {units}: {sum(times.values()) / 3600:.1f} core-hours ({each}): the wall time of each "
+        "unit's command on one core, from its `seconds` file (a unit resumed after a stop records only its last "
+        "part).\n"
+    )
 
 
 def collect(src: Path, dest: Path) -> list[Path]:
