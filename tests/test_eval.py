@@ -366,3 +366,34 @@ def test_generation_gives_the_lm_head_a_contiguous_input(tiny_model_dir):
     handle.remove()
     head._forward_pre_hooks.clear()  # without the fix: the same answers, from a strided input
     assert [g.text for g in generate(loaded, msgs, 4, 0.0, 1.0, 3)] == first
+
+
+def test_greedy_that_drops_finished_rows_equals_transformers_generate(embedded_dir):
+    """psft-lite's greedy decoder drops a row (and its KV cache) once it ends its turn; tokens, lengths, 'finished' and
+    the per-token entropies equal transformers' generate on the same batch, with rows ending at different steps. A
+    model whose generation config changes greedy's scores (a repetition penalty) goes through transformers."""
+    from psft_lite.inference import generate as gen
+
+    loaded = load_model(embedded_dir, "fp32")
+    tok = loaded.tokenizer
+    tok.padding_side = "left"
+    msgs = [[{"role": "user", "content": r["prompt"]}] for r in arith_rows(6, "test")]
+    enc = tok([gen.render_prompt(tok, m) for m in msgs], add_special_tokens=False, padding=True, return_tensors="pt")
+    free = gen.greedy(loaded.model, enc["input_ids"], enc["attention_mask"], 12, ends=[])
+
+    def first_stops(t: int) -> set[int]:  # the step at which each row would end if t ended a turn (12: never)
+        return {ids.index(t) if t in ids else 12 for ids, _ in free}
+
+    # the stop token that ends the rows at the most different steps
+    ends = [max({t for ids, _ in free for t in ids}, key=lambda t: len(first_stops(t)))]
+    pruned = gen.greedy(loaded.model, enc["input_ids"], enc["attention_mask"], 12, ends)
+    hf = gen._hf_generate(loaded, enc, 12, 0.0, 1.0, ends)
+    lengths = set()
+    for (p_ids, p_ent), (h_ids, h_ent) in zip(pruned, hf):
+        stop = next((i + 1 for i, t in enumerate(h_ids) if t in ends), len(h_ids))
+        assert p_ids == h_ids[:stop] and p_ent == pytest.approx(h_ent[:stop], abs=1e-5)
+        lengths.add(len(p_ids))
+    assert len(lengths) >= 3  # rows really ended at different steps (and some ran to the limit)
+    assert gen.plain_greedy(loaded.model)
+    loaded.model.generation_config.repetition_penalty = 1.3
+    assert not gen.plain_greedy(loaded.model)

@@ -139,31 +139,103 @@ def sampling_kwargs(temperature: float, top_p: float) -> dict[str, Any]:
 def _generate_batch(
     loaded: Loaded, chunk: list[list[Message]], max_new_tokens: int, temperature: float, top_p: float
 ) -> list[Generation]:
-    from transformers import LogitsProcessorList
-
     tok, ends = loaded.tokenizer, eos_ids(loaded)
     texts = [render_prompt(tok, m) for m in chunk]
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(loaded.device)
-    recorder = EntropyRecorder()
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "eos_token_id": ends,
-        "pad_token_id": tok.pad_token_id,
-        "logits_processor": LogitsProcessorList([recorder]),
-        **sampling_kwargs(temperature, top_p),
-    }
     with scoring.autocast(loaded.device, loaded.dtype):
-        seqs = loaded.model.generate(**enc, **kwargs)
-    new = seqs[:, enc["input_ids"].shape[1] :].cpu()
-    ent = torch.stack(recorder.steps, 1) if recorder.steps else torch.zeros(len(chunk), 0)
+        if temperature == 0 and plain_greedy(loaded.model):
+            rows = greedy(loaded.model, enc["input_ids"], enc["attention_mask"], max_new_tokens, ends)
+        else:
+            rows = _hf_generate(loaded, enc, max_new_tokens, temperature, top_p, ends)
     out = []
-    for row in range(len(chunk)):
-        ids = new[row].tolist()
+    for ids, ent in rows:
         end = next((i for i, t in enumerate(ids) if t in ends), None)
         n, finished = (end + 1, True) if end is not None else (len(ids), False)
         text = tok.decode(ids[: n - 1 if finished else n], skip_special_tokens=True)
-        out.append(Generation(text, n, finished, float(ent[row, :n].mean()) if n else 0.0))
+        out.append(Generation(text, n, finished, float(sum(ent[:n]) / n) if n else 0.0))
     return out
+
+
+def _hf_generate(
+    loaded: Loaded, enc: Any, max_new_tokens: int, temperature: float, top_p: float, ends: list[int]
+) -> list[tuple[list[int], list[float]]]:
+    """transformers' generate (sampling, or greedy under the model's own logits settings): (tokens, entropies)."""
+    from transformers import LogitsProcessorList
+
+    recorder = EntropyRecorder()
+    seqs = loaded.model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=ends,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList([recorder]),
+        **sampling_kwargs(temperature, top_p),
+    )
+    new = seqs[:, enc["input_ids"].shape[1] :].cpu()
+    ent = torch.stack(recorder.steps, 1) if recorder.steps else torch.zeros(len(new), 0)
+    return [(new[row].tolist(), ent[row].tolist()) for row in range(len(new))]
+
+
+#: generation settings that change greedy decoding's scores, with their neutral values
+_LOGITS_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "min_new_tokens": (None, 0),
+    "min_length": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
+
+
+def plain_greedy(model: Any) -> bool:
+    """Whether greedy decoding for this model is the argmax of its raw scores: no repetition penalty or other score
+    setting in its generation config (a hub model's config may carry one, and transformers' generate applies it)."""
+    gc = getattr(model, "generation_config", None)
+    return gc is None or all(getattr(gc, k, None) in ok for k, ok in _LOGITS_SETTINGS.items())
+
+
+@torch.no_grad()
+def greedy(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, ends: list[int]
+) -> list[tuple[list[int], list[float]]]:
+    """Greedy decoding of a left-padded batch, (tokens, entropy per token) per row, that drops each row from the
+    batch (and its KV cache) once it ends its turn — transformers' generate computes every row until the last one
+    ends, which for evaluation answers of uneven length is a third of the work. The tokens are its greedy tokens."""
+    n = input_ids.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    entropies: list[list[float]] = [[] for _ in range(n)]
+    active = torch.arange(n)
+    mask = attention_mask
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    step_ids, cache = input_ids, None
+    stop = torch.tensor(ends, device=input_ids.device)
+    keep_last = {"logits_to_keep": 1} if scoring.forward_takes(model, "logits_to_keep") else {}
+    for _ in range(max_new_tokens):
+        cached = {scoring.cache_kwarg(model): cache} if cache is not None else {}
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep_last, **cached)
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+        nxt = logp.argmax(-1)
+        ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+        for row, t, e in zip(active.tolist(), nxt.tolist(), ent.tolist()):
+            tokens[row].append(t)
+            entropies[row].append(e)
+        cache = scoring.output_cache(out)
+        going = ~torch.isin(nxt, stop)
+        if not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, nxt, mask, pos = active[going.cpu()], nxt[keep], mask[keep], pos[keep]
+        step_ids = nxt[:, None]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        pos = pos[:, -1:] + 1
+    return list(zip(tokens, entropies))
 
 
 def eos_ids(loaded: Loaded) -> list[int]:

@@ -177,15 +177,6 @@ def repeating(tokens: list[int], window: int, count: int) -> bool:
     return False
 
 
-def _cache_kwarg(model: Any) -> str:
-    """The forward's name for the KV cache: `cache` from transformers 5.25 on (`past_key_values` is deprecated there),
-    `past_key_values` before."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
 class _Streams:
     """Two prompts decoded in one batch, left-padded, each with its own KV cache rows."""
 
@@ -204,14 +195,13 @@ class _Streams:
             ids, pos = self.ids[:, -1:], pos[:, -1:]
         else:
             ids = self.ids
-        past = {_cache_kwarg(self.loaded.model): self.past} if self.incremental else {}
+        past = {scoring.cache_kwarg(self.loaded.model): self.past} if self.incremental else {}
         with scoring.autocast(self.loaded.device, self.loaded.dtype):
             out = self.loaded.model(
                 input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=self.incremental, **past
             )
         if self.incremental:
-            cache = getattr(out, "cache", None)
-            self.past = cache if cache is not None else out.past_key_values
+            self.past = scoring.output_cache(out)
         return torch.log_softmax(out.logits[:, -1].float(), -1)
 
     def append(self, token: int) -> None:

@@ -137,6 +137,26 @@ def score_examples(
         yield b, logp, ent
 
 
+def forward_takes(model: Any, name: str) -> bool:
+    """Whether the (peft-wrapped) model's own forward has a parameter `name`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(type(base).forward).parameters
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.25 on (`past_key_values` is deprecated there),
+    `past_key_values` before."""
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @contextlib.contextmanager
 def adapter_disabled(model: Any) -> Iterator[None]:
     """The base model's exact outputs (LoRA and QLoRA, tested): every adapter layer's forward skips its adapter —
