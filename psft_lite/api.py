@@ -472,8 +472,9 @@ def ddt(
     shares = {f"> {k}": s[f"share_phi_gt_{k}"] for k in ("0", "-1", "-3", "-5")}
     keep = ("examples", "tokens", "mean_phi", "mean_phi_per_sequence", "std_phi", "verdict")
     hist = s["histogram"]
+    name = model.label if isinstance(model, Model) else str(model)
     return Distribution(
-        str(model), str(data), **{k: s[k] for k in keep}, shares=shares, edges=hist["edges"], counts=hist["counts"]
+        name, str(data), **{k: s[k] for k in keep}, shares=shares, edges=hist["edges"], counts=hist["counts"]
     )
 
 
