@@ -262,7 +262,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     out = capsys.readouterr().out
     assert re.search(r"general ability: [\d.]+ % → [\d.]+ % \([+-][\d.]+ \[", out), out
-    assert namespace["after"].verdict.kl_prompts == len(prompts) == 10
+    assert namespace["after"].general_ability.kl_prompts == len(prompts) == 10
     assert namespace["run"].steps == 10 and namespace["gguf"].files[0].suffix == ".gguf"
     assert isinstance(namespace["model"].generate("Hi", max_new_tokens=2), str)
     assert torch.get_num_threads() >= 1
