@@ -355,16 +355,16 @@ def checkpoint_table(curves: list[Curve], base: dict[str, Any]) -> str:
     head = (
         "| method | step (epoch) | seeds | in-domain % | format used % | transfer % | general ability, change "
         "(points) | right→wrong / wrong→right | taught format in general replies % | KL to base (secondary) | "
-        "train entropy |"
+        "train entropy | clip fraction |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     c0 = curves[0]
     cells = [f"{level(c0, k, 0).mean:.1f}" for k in ("acc", "format", "transfer")]
     lines.append(
         f"| base | 0 | — | {' | '.join(cells)} | {level(c0, 'general', 0).mean:.1f} % | — | "
-        f"{level(c0, 'leak', 0).mean:.1f} | 0 | — |"
+        f"{level(c0, 'leak', 0).mean:.1f} | 0 | — | — |"
         if "leak" in c0.bits
-        else f"| base | 0 | — | {' | '.join(cells)} | {level(c0, 'general', 0).mean:.1f} % | — | — | 0 | — |"
+        else f"| base | 0 | — | {' | '.join(cells)} | {level(c0, 'general', 0).mean:.1f} % | — | — | 0 | — | — |"
     )
     for c in curves:
         for j in range(1, len(c.steps)):
@@ -372,7 +372,7 @@ def checkpoint_table(curves: list[Curve], base: dict[str, Any]) -> str:
             lines.append(
                 f"| {c.label} | {c.steps[j]} ({c.epochs[j]:g}) | {len(c.present(j))} | {' | '.join(cells)} | "
                 f"{change(c, 'general', j).fmt(signed=True)} | {_r2w(c, j)} | {_leak(c, j)} | {kl_at(c, j).fmt(3)} | "
-                f"{_train(c, 'train_entropy', j)} |"
+                f"{_train(c, 'train_entropy', j)} | {_train(c, 'clip_frac', j)} |"
             )
     return "\n".join(lines)
 
@@ -448,6 +448,9 @@ def report_markdown(curves: list[Curve], base: dict[str, Any], ref: str = "sft")
         ),
         "",
         "#### Every evaluated checkpoint",
+        "",
+        "Train entropy and clip fraction: means over the training steps since the previous checkpoint (the clip "
+        "fraction, psft only: the share of trained tokens whose ratio to the old policy was clipped).",
         "",
         checkpoint_table(curves, base),
     ]
