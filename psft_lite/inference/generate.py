@@ -83,9 +83,13 @@ class EntropyRecorder:
         self.steps: list[torch.Tensor] = []  # per step: [B] entropy
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        self.steps.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1).cpu())
+        self.steps.append(entropy(torch.log_softmax(scores.float(), dim=-1)).cpu())
         return scores
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of log-probabilities (a −inf entry, a masked token, contributes 0)."""
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
 @dataclass
@@ -215,12 +219,13 @@ def greedy(
     step_ids, cache = input_ids, None
     stop = torch.tensor(ends, device=input_ids.device)
     keep_last = {"logits_to_keep": 1} if scoring.forward_takes(model, "logits_to_keep") else {}
+    cache_name = scoring.cache_kwarg(model)
     for _ in range(max_new_tokens):
-        cached = {scoring.cache_kwarg(model): cache} if cache is not None else {}
+        cached = {cache_name: cache} if cache is not None else {}
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep_last, **cached)
         logp = torch.log_softmax(out.logits[:, -1].float(), -1)
         nxt = logp.argmax(-1)
-        ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+        ent = entropy(logp)
         for row, t, e in zip(active.tolist(), nxt.tolist(), ent.tolist()):
             tokens[row].append(t)
             entropies[row].append(e)

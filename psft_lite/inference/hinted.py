@@ -182,6 +182,7 @@ class _Streams:
 
     def __init__(self, loaded: Loaded, prompts: list[list[int]], incremental: bool):
         self.loaded, self.incremental = loaded, incremental
+        self.cache_name = scoring.cache_kwarg(loaded.model)
         width = max(len(p) for p in prompts)
         pad = loaded.tokenizer.pad_token_id
         self.ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=loaded.device)
@@ -195,7 +196,7 @@ class _Streams:
             ids, pos = self.ids[:, -1:], pos[:, -1:]
         else:
             ids = self.ids
-        past = {scoring.cache_kwarg(self.loaded.model): self.past} if self.incremental else {}
+        past = {self.cache_name: self.past} if self.incremental else {}
         with scoring.autocast(self.loaded.device, self.loaded.dtype):
             out = self.loaded.model(
                 input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=self.incremental, **past
