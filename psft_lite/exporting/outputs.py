@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from psft_lite.core.lazy import resolve
+from psft_lite.core.lazy import check_name, resolve
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,7 @@ def register(
 ) -> OutputFormat:
     """Add (or replace) an output format, checked as a built-in row is: a name `output.save` can hold, a callable
     writer and check. The recipe reads the table when it validates, so `save = ["<name>"]` works from then on."""
-    import re
-
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"output format {name!r}: use lowercase letters, digits and underscores (it is a TOML value)")
+    check_name("output format", name)
     if name == "adapter":
         raise ValueError("output format 'adapter' is written by training itself and cannot be replaced")
     if not callable(write) or (check is not None and not callable(check)):

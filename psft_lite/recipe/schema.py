@@ -195,6 +195,15 @@ class DataSection(RowFormat):
         return RowFormat(format=fmt, fields=fields, **{k: getattr(self, k) for k in keep})
 
 
+def _known(names: list[str], table: Any, what: str) -> list[str]:
+    """`names`, each checked against a registry read when the recipe validates (so a row registered from Python
+    counts): an unknown one is refused with the nearest name and the choices."""
+    for name in names:
+        if name not in table:
+            raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, table)}; choose from {', '.join(table)}")
+    return names
+
+
 class ObjectiveSection(Section):
     kind: str = Field(
         "sft_kl",
@@ -250,11 +259,7 @@ class ObjectiveSection(Section):
     def _known_kind(cls, v: str) -> str:
         """Checked against the objectives table when the recipe is read, so an objective registered from Python
         (psft_lite.register_objective) is a valid kind from then on."""
-        if v not in OBJECTIVES:
-            raise ValueError(
-                f"unknown objective {v!r}{did_you_mean(v, OBJECTIVES)}; choose from {', '.join(OBJECTIVES)}"
-            )
-        return v
+        return _known([v], OBJECTIVES, "objective")[0]
 
 
 class TrainSection(Section):
@@ -393,13 +398,6 @@ class GuardSection(Section):
     action: Literal["warn", "stop"] = Field(
         "warn", description="On an entropy or drift warning: `warn` once, or `stop` the run with a checkpoint."
     )
-
-
-def _known(names: list[str], table: Any, what: str) -> list[str]:
-    for name in names:
-        if name not in table:
-            raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, table)}; choose from {', '.join(table)}")
-    return names
 
 
 class OutputSection(Section):

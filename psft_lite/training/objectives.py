@@ -9,12 +9,11 @@ first uses it (`Objective.fn`), so loading or validating a recipe stays cheap.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from psft_lite.core.lazy import resolve
+from psft_lite.core.lazy import check_name, resolve
 
 #: what a loss may read besides logp / mask / weights, and who provides it (training/step.py)
 INPUTS = {"entropy", "old_logp", "lam", "kl_base", "topk_entropy"}
@@ -144,8 +143,7 @@ def register(name: str, loss: Callable[..., Any], **row: Any) -> Objective:
     """Add (or replace) an objective in the table, checked as a built-in row is: a name the recipe can hold, a
     callable loss, inputs the training step provides, statistics it reports; returns the row. The recipe reads the
     table when it validates, so `objective.kind = "<name>"` works from then on."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"objective name {name!r}: use lowercase letters, digits and underscores (it is a TOML value)")
+    check_name("objective", name)
     if not callable(loss):
         raise ValueError(f"objective {name!r}: loss must be a function (logp, *, mask, weights, ...) -> (loss, stats)")
     row.setdefault("label", name)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from psft_lite.core.extras import require_extra
+from psft_lite.core.lazy import check_name
 from psft_lite.tracking.trackers.base import Backend, Reporter, flat_config
 from psft_lite.tracking.trackers.base import open_reporter as _open
 from psft_lite.tracking.trackers.mlflow import Mlflow
@@ -44,11 +45,7 @@ def register(backend: type[Backend]) -> type[Backend]:
     """Add (or replace) a tracker backend, checked as a built-in one is: a `name` `output.report_to` can hold, the
     `module` it needs ("" for none) and `extra`, `replays_resumed_steps`, and every call of base.Backend. The recipe
     reads the table when it validates, so `report_to = ["<name>"]` works from then on."""
-    import re
-
-    name = getattr(backend, "name", None)
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"tracker {backend!r}: its `name` must be lowercase letters, digits and underscores")
+    name = check_name("tracker", getattr(backend, "name", None))
     missing = [a for a in _NEEDS if not callable(getattr(backend, a, None))]
     missing += [a for a in ("module", "extra") if not isinstance(getattr(backend, a, None), str)]
     missing += [] if isinstance(getattr(backend, "replays_resumed_steps", None), bool) else ["replays_resumed_steps"]
