@@ -456,16 +456,16 @@ def ddt(
     """How in-distribution `data` is for `model` (docs/METHODS.md §3): one teacher-forced pass over every response.
     The data are read and checked before the model loads (a bad file raises `DataError` naming its line)."""
     from psft_lite.core.errors import DataError
-    from psft_lite.data import load_conversations, load_examples
+    from psft_lite.data import encode_conversations, load_conversations
     from psft_lite.inference.ddt import summarize, token_phi
     from psft_lite.inference.generate import load_model
     from psft_lite.recipe.schema import RowFormat
 
     rows, source = RowFormat(max_length=max_length, truncation="truncate"), _source(data, data_config, split)
-    load_conversations(source, rows, limit=limit)  # every row readable, before the model
+    conversations = load_conversations(source, rows, limit=limit)  # every row read and checked, before the model
     with _library_call():
         loaded = model.loaded if isinstance(model, Model) else load_model(model, dtype)
-        examples, _ = load_examples(source, rows, loaded.tokenizer, limit=limit)
+        examples, _ = encode_conversations(conversations, source, rows, loaded.tokenizer)
         s = summarize(token_phi(loaded.model, examples, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype))
     if not s["tokens"]:
         raise DataError(f"{data}: no response tokens to score (every example's response is empty).")

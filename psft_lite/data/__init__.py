@@ -22,6 +22,7 @@ __all__ = [
     "Row",
     "SourceData",
     "load_examples",
+    "encode_conversations",
     "load_conversations",
     "load_sources",
     "resolve_format",
@@ -65,8 +66,20 @@ def load_examples(
     progress: Callable[[], None] | None = None,
 ) -> tuple[list[Example], EncodeStats]:
     """Tokenized examples of `source` with the recipe's length policy. Raises `DataError` if none survive."""
-    conversations = [(m, row.where) for m, row in load_conversations(source, data, limit=limit, base_dir=base_dir)]
-    examples, stats = encode_all(tokenizer, conversations, data.max_length, data.truncation, progress)
+    conversations = load_conversations(source, data, limit=limit, base_dir=base_dir)
+    return encode_conversations(conversations, source, data, tokenizer, progress)
+
+
+def encode_conversations(
+    conversations: list[tuple[list[dict[str, str]], Row]],
+    source: Source,
+    data: RowFormat,
+    tokenizer: Any,
+    progress: Callable[[], None] | None = None,
+) -> tuple[list[Example], EncodeStats]:
+    """`load_conversations`' output tokenized (for a caller that read the rows before it had a tokenizer)."""
+    pairs = [(m, row.where) for m, row in conversations]
+    examples, stats = encode_all(tokenizer, pairs, data.max_length, data.truncation, progress)
     if not examples:
         raise DataError(
             f"{source.path}: none of its {stats.rows} examples fit in data.max_length = {data.max_length} tokens "

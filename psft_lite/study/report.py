@@ -22,6 +22,7 @@ Statistics, honest for 2–5 seeds (psft_lite.core.stats):
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import math
@@ -130,10 +131,11 @@ def _source_row(where: str) -> dict[str, Any]:
     return row if isinstance(row, dict) else {}
 
 
-def _checked_ids() -> set[str]:
+@functools.cache
+def _checked_ids() -> frozenset[str]:
     from psft_lite.inference.retention import load_suite
 
-    return {it.id for it in load_suite() if it.score == "check"}
+    return frozenset(it.id for it in load_suite() if it.score == "check")
 
 
 def label_of(rec: dict[str, Any]) -> str:
