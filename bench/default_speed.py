@@ -2,7 +2,7 @@
 so every ratio is paired under the same machine conditions (separate processes on a shared virtual machine drift by
 tens of percent from one to the next).
 
-    python bench/default_speed.py                      # sft, sft_kl first epoch, sft_kl cached, asft, eaft
+    python bench/default_speed.py                      # sft, sft_kl (top-k, exact; first epoch, cached), asft, eaft
     python bench/default_speed.py --rounds 12 --length 256 --configs sft,sft_kl,sft_kl-cached
 
 Every configuration trains the embedded SmolLM2-135M-Instruct, LoRA r16 all-linear, micro batch 4 × LENGTH tokens
@@ -52,7 +52,9 @@ def build_run(name: str, data: Path, workdir: Path, steps: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="sft,sft_kl,sft_kl-cached,asft,eaft")
+    ap.add_argument(
+        "--configs", default="sft,sft_kl,sft_kl-cached,sft_kl-exact,sft_kl-exact-cached,asft,asft-cached,eaft"
+    )
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--examples", type=int, default=16, help="examples per epoch (the warm-up epoch's length)")
     ap.add_argument("--rounds", type=int, default=8)
@@ -92,7 +94,7 @@ def main() -> None:
         f"one step of every configuration in turn, after one epoch of warm-up; peak RSS of the process "
         f"{peak_mb():.0f} MB\n"
     )
-    print(f"{'configuration':<16} {'step s (median)':>16} {'tokens/s':>9} {'× sft (median)':>15} {'× sft range':>14}")
+    print(f"{'configuration':<20} {'step s (median)':>16} {'tokens/s':>9} {'× sft (median)':>15} {'× sft range':>14}")
     out = {}
     for n in names:
         ratios = [a / b for a, b in zip(times[n], times["sft"])]
@@ -106,7 +108,7 @@ def main() -> None:
             "steps": times[n],
         }
         print(
-            f"{n:<16} {med:>16.2f} {tokens / med:>9.0f} {statistics.median(ratios):>15.2f} "
+            f"{n:<20} {med:>16.2f} {tokens / med:>9.0f} {statistics.median(ratios):>15.2f} "
             f"{min(ratios):>6.2f}–{max(ratios):<6.2f}"
         )
     if args.json:

@@ -55,6 +55,9 @@ elif [ "${unit#hint-}" != "$unit" ]; then  # hint-idft-sN: the method on the com
 else
   args=(--methods "${unit%-s*}" --seeds "${unit##*-s}" --no-base)
 fi
+# sft_kl and asft with the exact KL over the full vocabulary, as the first units ran them (before the top-k
+# reference became the default): every seed of a method runs one objective
+args+=(--set objective.reference_top_k=0)
 start=$(date +%s)
 "$py" -m psft_lite study "$recipe" "${args[@]}" --limit 320 --max-new-tokens 128 --out "$runs/$unit" "$@"
 "$py" -m psft_lite.study.report "$records/$unit" --collect "$runs/$unit" --only-collect

@@ -26,10 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = {
     "sft": {"kind": "sft"},
-    # the default, as in a run's first epoch (the base's forward every step) and after it (its states cached)
+    # the default (the base's top-k reference), as in a run's first epoch (the base's forward every step) and after
+    # it (its top-k cached); then the same with the exact KL over the full vocabulary (reference_top_k = 0)
     "sft_kl": {"kind": "sft_kl", "reference_cache_mb": 0},
     "sft_kl-cached": {"kind": "sft_kl"},
+    "sft_kl-exact": {"kind": "sft_kl", "reference_top_k": 0, "reference_cache_mb": 0},
+    "sft_kl-exact-cached": {"kind": "sft_kl", "reference_top_k": 0},
     "asft": {"kind": "asft", "reference_cache_mb": 0},
+    "asft-cached": {"kind": "asft"},
     "eaft": {"kind": "eaft"},
     "psft-snapshot-K8": {"kind": "psft", "old_policy": "snapshot", "refresh_every": 8},
     "psft-base": {"kind": "psft", "old_policy": "base"},

@@ -311,7 +311,7 @@ def test_eaft_matches_its_definition_in_float64():
 def test_the_fused_head_equals_the_full_computation_with_gradients(kl, softcap, scale, bias):
     """One pass gives log p(target), entropy, the KL to a reference in either direction and the top-k entropy, and
     the gradients of log p and the KL through the hidden states and the head, as full float logits give them."""
-    from psft_lite.model.logprobs import head_outputs
+    from psft_lite.model.logprobs import Reference, head_outputs
 
     torch.manual_seed(0)
     b, length, hid, vocab = 2, 7, 6, 11
@@ -321,9 +321,8 @@ def test_the_fused_head_equals_the_full_computation_with_gradients(kl, softcap, 
     bb = torch.randn(vocab, dtype=torch.float64, requires_grad=True) if bias else None
     targets = torch.randint(0, vocab, (b, length))
     mask = torch.rand(b, length) > 0.3
-    out = head_outputs(
-        h, w, targets, mask, bb, h_ref if kl else None, kl, topk=4, chunk=3, softcap=softcap, scale=scale
-    )
+    ref = Reference(hidden=h_ref[mask]) if kl else None
+    out = head_outputs(h, w, targets, mask, bb, ref, kl, topk=4, chunk=3, softcap=softcap, scale=scale)
 
     def logits(x):
         z = x @ w.t() + (bb if bias else 0)
@@ -347,3 +346,69 @@ def test_the_fused_head_equals_the_full_computation_with_gradients(kl, softcap, 
     want_loss = (want["logp"] * 0.3).sum() + (want["kl"].sum() * 0.7 if kl else 0)
     for g, r in zip(torch.autograd.grad(got_loss, params), torch.autograd.grad(want_loss, params)):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+def _coarse_kl(ls: torch.Tensor, lr: torch.Tensor, k: int, kl: str, targets: torch.Tensor) -> torch.Tensor:
+    """The KL over the base's top k tokens (the target in place of the k-th when it is not among them), the model's
+    own top min(16, k), and one bucket for the rest, from full log-probs (the definition)."""
+    top = lr.topk(k, -1).indices
+    missing = ~(top == targets[:, None]).any(-1)
+    top[missing, -1] = targets[missing]
+    named = torch.zeros_like(ls, dtype=torch.bool).scatter(1, top, True)
+    named.scatter_(1, ls.detach().topk(min(16, k), -1).indices, True)
+    tiny = math.log(torch.finfo(torch.float32).tiny)  # an empty tail (k = V) counts as mass 'tiny'
+    lp_t = torch.logsumexp(ls.masked_fill(named, -math.inf), -1).clamp_min(tiny)
+    lq_t = torch.logsumexp(lr.masked_fill(named, -math.inf), -1).clamp_min(tiny)
+    m = named.to(ls.dtype)
+    if kl == "reverse":
+        return (m * ls.exp() * (ls - lr)).sum(-1) + lp_t.exp() * (lp_t - lq_t)
+    return (m * lr.exp() * (lr - ls)).sum(-1) + lq_t.exp() * (lq_t - lp_t)
+
+
+@pytest.mark.parametrize("kl", ["reverse", "forward"])
+@pytest.mark.parametrize("k", [3, 8, 11])
+def test_the_top_k_reference_gives_the_coarse_kl_and_its_gradient_and_the_full_kl_when_k_is_the_vocabulary(kl, k):
+    """With the base reduced to its top k tokens and a tail bucket (objective.reference_top_k), the fused head's KL
+    and its gradients equal the KL over those k + 1 outcomes written out in float64, for both directions; with
+    k = V it is the full KL; a model equal to the base gets a KL of 0."""
+    from psft_lite.model.logprobs import Reference, head_outputs, reference_topk
+
+    torch.manual_seed(1)
+    b, length, hid, vocab = 2, 7, 6, 11
+    h = torch.randn(b, length, hid, dtype=torch.float64, requires_grad=True)
+    h_ref = h.detach() + 0.5 * torch.randn(b, length, hid, dtype=torch.float64)
+    w = torch.randn(vocab, hid, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (b, length))
+    mask = torch.rand(b, length) > 0.3
+    ref = reference_topk(h_ref[mask], w.detach(), k, chunk=4, targets=targets[mask])
+    assert ref.sparse and ref.top_idx.shape == (int(mask.sum()), k) and ref.top_idx.dtype == torch.int32
+    out = head_outputs(h, w, targets, mask, None, ref, kl, chunk=3)
+    ls, lr = torch.log_softmax(h[mask] @ w.t(), -1), torch.log_softmax(h_ref[mask] @ w.detach().t(), -1)
+    want = _coarse_kl(ls, lr, k, kl, targets[mask])
+    assert (ref.top_idx.long() == targets[mask][:, None]).any(-1).all()  # the trained token is always kept
+    atol = 1e-4 if k == vocab else 1e-6  # an empty tail: 1 − Σ p over the whole vocabulary is float32 rounding
+    torch.testing.assert_close(out["kl"][mask].double(), want.detach(), rtol=1e-5, atol=atol)
+    if k == vocab:
+        full = (ls.exp() * (ls - lr)).sum(-1) if kl == "reverse" else (lr.exp() * (lr - ls)).sum(-1)
+        torch.testing.assert_close(out["kl"][mask].double(), full.detach(), rtol=1e-5, atol=atol)
+    else:
+        full = (ls.exp() * (ls - lr)).sum(-1) if kl == "reverse" else (lr.exp() * (lr - ls)).sum(-1)
+        assert (out["kl"][mask].double() <= full.detach() + 1e-6).all()  # the coarse KL is a lower bound
+    lp = ls.gather(-1, targets[mask][:, None]).squeeze(-1)
+    got_loss = (out["logp"] * 0.3).sum() + out["kl"].sum() * 0.7
+    want_loss = (lp * 0.3).sum() + want.sum() * 0.7
+    for g, r in zip(torch.autograd.grad(got_loss, [h, w]), torch.autograd.grad(want_loss, [h, w])):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 if k < vocab else 1e-3)
+    same = head_outputs(
+        h.detach().float(),
+        w.detach().float(),
+        targets,
+        mask,
+        None,
+        reference_topk(h.detach().float()[mask], w.detach().float(), k, targets=targets[mask]),
+        kl,
+    )
+    # equal states: 0 up to the rounding of the few log q taken by dot product (exactly 0 once k > 16, when the
+    # model's own top 16 are among the base's k, as at the first step of a run)
+    assert (same["kl"].abs() < 1e-6).all()
+    assert isinstance(Reference.cat(ref.split([2, len(ref) - 2])).top_logq, torch.Tensor)

@@ -22,7 +22,8 @@ from conftest import make_recipe  # noqa: E402
 
 OBJECTIVES = {
     "sft": {"kind": "sft"},
-    "sft_kl": {"kind": "sft_kl", "kl_coef": 0.1},
+    "sft_kl": {"kind": "sft_kl", "kl_coef": 0.1},  # the top-k reference (the default objective.reference_top_k)
+    "sft_kl-exact": {"kind": "sft_kl", "kl_coef": 0.1, "reference_top_k": 0},
     "dft": {"kind": "dft"},
     "idft": {"kind": "idft"},
     "psft-base": {"kind": "psft", "old_policy": "base"},
@@ -35,7 +36,8 @@ STEPS = 3  # with refresh_every 2, the snapshot's third step is a refresh: its r
 #: (dtype, method) -> per-step (loss, nll) of the first STEPS optimizer steps
 EXPECTED: dict[str, list[list[float]]] = {
     "fp32/sft": [[0.839716, 0.839716], [1.168148, 1.168148], [0.929288, 0.929288]],
-    "fp32/sft_kl": [[0.839716, 0.839716], [1.180701, 1.168148], [0.936413, 0.930415]],
+    "fp32/sft_kl": [[0.839715, 0.839715], [1.180685, 1.168148], [0.936383, 0.930419]],
+    "fp32/sft_kl-exact": [[0.839716, 0.839716], [1.180701, 1.168148], [0.936413, 0.930415]],
     "fp32/dft": [[0.133603, 0.839716], [0.156254, 1.17297], [0.112053, 0.996965]],
     "fp32/idft": [[0.155441, 0.839716], [0.198521, 1.243728], [0.12492, 1.029284]],
     "fp32/psft-base": [[-1.0, 0.839716], [-1.054744, 1.168148], [-1.04044, 0.946168]],

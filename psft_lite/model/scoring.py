@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from psft_lite.core.errors import ModelError
-from psft_lite.model.logprobs import head_outputs, target_logprobs
+from psft_lite.model.logprobs import Reference, head_outputs, reference_topk, target_logprobs
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward: hidden states → per-token log-probs of the trained targets
@@ -76,16 +76,16 @@ def response_outputs(
     kl: str | None = None,
     topk: int = 0,
     chunk: int = 1024,
-    ref_hidden: torch.Tensor | None = None,
+    ref: Reference | None = None,
 ) -> dict[str, torch.Tensor]:
     """The fused head's outputs at the batch's trained tokens, each [B, L] (position t scores token t, zero
     elsewhere): `logp` (with grad when enabled), `entropy`, and when asked `kl` — KL between the model and the base
     (the adapter disabled), `kl` = "reverse" for KL(p_θ ‖ p_base), "forward" for KL(p_base ‖ p_θ), with gradient —
-    and `topk_entropy` (the entropy of the `topk` largest logits, over ln k). The base's hidden states come from
-    `ref_hidden` [B, L, H] when given (a cache), else from one forward with the adapter off and no gradient."""
+    and `topk_entropy` (the entropy of the `topk` largest logits, over ln k). The base's distribution comes from
+    `ref` when given (a cache; `base_reference`), else from one forward with the adapter off and no gradient."""
     hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
-    if kl and ref_hidden is None:
-        ref_hidden = base_hidden(model, batch)
+    if kl and ref is None:
+        ref = base_reference(model, batch)
     head = lm_head(model)
     out = head_outputs(
         hidden[:, :-1],
@@ -93,7 +93,7 @@ def response_outputs(
         batch.input_ids[:, 1:],
         batch.target_mask[:, 1:],
         head.bias,
-        ref_hidden[:, :-1] if kl else None,
+        ref if kl else None,
         kl,
         topk,
         chunk,
@@ -105,10 +105,19 @@ def response_outputs(
 
 
 @torch.no_grad()
-def base_hidden(model: Any, batch: Any) -> torch.Tensor:
-    """The base model's final hidden states [B, L, H] (the adapter disabled, no gradient)."""
+def base_reference(model: Any, batch: Any, top_k: int = 0, chunk: int = 1024) -> Reference:
+    """The base model's distribution (the adapter disabled, no gradient) at the positions that predict the batch's
+    trained tokens, in row-major order: its final hidden states, or with `top_k` its k most likely tokens (the trained
+    token always among them) and the mass of the rest (`logprobs.reference_topk`)."""
     with adapter_disabled(model):
-        return causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+        hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+    mask = batch.target_mask[:, 1:]
+    states = hidden[:, :-1][mask]
+    if not top_k:
+        return Reference(hidden=states)
+    head = lm_head(model)
+    targets = batch.input_ids[:, 1:][mask]
+    return reference_topk(states, head.weight, top_k, head.bias, chunk, head.softcap, head.scale, targets)
 
 
 def response_hidden(model: Any, batch: Any) -> torch.Tensor:

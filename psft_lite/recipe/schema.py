@@ -231,15 +231,25 @@ class ObjectiveSection(Section):
     kl_coef: float = Field(
         0.1,
         gt=0,
-        description="sft_kl: β, the weight of KL(π_θ ‖ π_base) over the full vocabulary at every trained token (the "
-        "usual regularised baseline).",
+        description="sft_kl: β, the weight of KL(π_θ ‖ π_base) at every trained token (the usual regularised "
+        "baseline; objective.reference_top_k says over which tokens).",
+    )
+    reference_top_k: int = Field(
+        256,
+        ge=0,
+        description="sft_kl and asft: the KL to the base read over k + 17 outcomes — the base's k most likely tokens "
+        "(the trained token always among them), the model's own 16 most likely, and one bucket for the rest of the "
+        "vocabulary — a lower bound on the full KL, within 2 % of it and of its gradient where measured (README, "
+        "performance), at about sft's cost once cached; 0 = the KL over the full vocabulary (exact; docs/METHODS.md "
+        "§1b).",
     )
     reference_cache_mb: int = Field(
         2048,
         ge=0,
-        description="sft_kl and asft: keep the base model's hidden states at every trained token in host memory the "
-        "first time an example is seen, so later epochs skip the base's forward (exact, saved with checkpoints), "
-        "when they fit in this many MB; 0: recompute every step.",
+        description="sft_kl and asft: keep the base model's distribution at every trained token in host memory the "
+        "first time an example is seen (its hidden states, or with reference_top_k its top-k and tail mass), so later "
+        "epochs skip the base's forward (saved with checkpoints), when it fits in this many MB; 0: recompute every "
+        "step.",
     )
     asft_kl_coef: float = Field(
         0.05,

@@ -307,23 +307,24 @@ def build(
 def reference_cache(
     recipe: Recipe, examples: list[Example], model: Any, dtype: torch.dtype, repeats: bool, console: Console
 ) -> ReferenceCache | None:
-    """A cache of the base's hidden states when the objective reads the base's distribution, the run sees its
-    examples more than once (a cache that is never read is only memory) and it fits `objective.reference_cache_mb`;
-    its size is said either way."""
-    budget = recipe.objective.reference_cache_mb
+    """A cache of the base's distribution (hidden states, or top-k and tail with `objective.reference_top_k`) when the
+    objective reads it, the run sees its examples more than once (a cache that is never read is only memory) and it
+    fits `objective.reference_cache_mb`; its size is said either way."""
+    budget, top_k = recipe.objective.reference_cache_mb, recipe.objective.reference_top_k
     if OBJECTIVES[recipe.objective.kind].kl is None or not budget or not repeats:
         return None
     hidden = scoring.causal_lm(model).config.get_text_config().hidden_size
-    size = ReferenceCache.size_bytes(sum(e.n_trained for e in examples), hidden, dtype)
+    size = ReferenceCache.size_bytes(sum(e.n_trained for e in examples), hidden, dtype, top_k)
+    what = f"states and top-{top_k} log-probs" if top_k else "states"
     if size > budget * 2**20:
         console.print(
-            f"note: the base model's states at every trained token would take {size / 2**20:,.0f} MB, more than "
+            f"note: the base model's {what} at every trained token would take {size / 2**20:,.0f} MB, more than "
             f"objective.reference_cache_mb = {budget}: the base's forward is recomputed every step. Raise the key "
             "to cache them (every epoch after the first then skips that forward)."
         )
         return None
     console.print(
-        f"reference cache: the base model's states at every trained token, {size / 2**20:,.1f} MB in host memory "
+        f"reference cache: the base model's {what} at every trained token, {size / 2**20:,.1f} MB in host memory "
         "(filled in the first epoch; later epochs skip the base's forward)"
     )
-    return ReferenceCache()
+    return ReferenceCache(top_k)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from psft_lite.data.batching import Batch
+from psft_lite.model.logprobs import Reference
 from psft_lite.model.scoring import adapter_disabled, response_logprobs
 
 Score = Callable[[Batch], torch.Tensor]  # batch → logp [B, L] under the current model, no grad
@@ -153,57 +154,69 @@ def build_policy(
 
 
 class ReferenceCache:
-    """The base model's final hidden states at each example's trained positions, for the objectives whose loss reads
-    the base's whole next-token distribution (sft_kl, asft). The base never changes, so an example's states are
-    computed the first time it is seen (the adapter-off forward its micro-batch needs anyway) and reused after: from
-    the second epoch on the reference costs one LM-head pass over the trained positions instead of a forward through
-    the whole model. Exact, not an approximation: the same states a fresh forward gives (up to the float rounding of
-    a different micro-batch's padding). Kept in host memory in the compute dtype, sized against
-    `objective.reference_cache_mb`, and saved with checkpoints so a resumed run keeps it."""
+    """The base model's distribution at each example's trained positions, for the objectives whose loss reads it
+    (sft_kl, asft). The base never changes, so an example's reference is computed the first time it is seen (the
+    adapter-off forward its micro-batch needs anyway) and reused after: from the second epoch on the reference costs
+    no forward through the model. It holds what the loss reads (`logprobs.Reference`): with `objective.reference_top_k`
+    = 0 the base's final hidden states (the exact KL: later epochs still run the head over them); with k > 0 also the
+    base's top-k tokens, their log-probs and the mass outside them, so no epoch after the first runs the base's head.
+    Either equals a fresh forward's up to the float rounding of a different micro-batch's padding.
+    Kept in host memory, sized against `objective.reference_cache_mb`, and saved with checkpoints so a resumed run
+    keeps it."""
 
-    def __init__(self) -> None:
-        self.cache: dict[int, torch.Tensor] = {}  # example index → [n_trained, H]
+    def __init__(self, top_k: int = 0) -> None:
+        self.top_k = top_k
+        self.cache: dict[int, Reference] = {}  # example index → its trained positions' reference
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def size_bytes(trained_tokens: int, hidden: int, dtype: torch.dtype) -> int:
-        return trained_tokens * hidden * torch.tensor([], dtype=dtype).element_size()
+    def size_bytes(trained_tokens: int, hidden: int, dtype: torch.dtype, top_k: int = 0) -> int:
+        states = trained_tokens * hidden * torch.tensor([], dtype=dtype).element_size()
+        # with the top-k: an int32 index and a float32 log-prob per token, and the logsumexp and tail mass
+        return states + (trained_tokens * (top_k * 8 + 8) if top_k else 0)
 
-    def get(self, b: Batch) -> torch.Tensor | None:
-        """[B, L, H] with each row's cached states at the positions that predict its trained tokens (zeros elsewhere),
-        or None when any example of the micro-batch is not cached yet."""
+    def get(self, b: Batch) -> Reference | None:
+        """The micro-batch's reference (its rows' trained positions in row-major order, as the head reads them), or
+        None when any example of the micro-batch is not cached yet."""
         if not self.cache or any(i not in self.cache for i in b.index):
             self.misses += 1
             return None
         self.hits += 1
-        first = self.cache[b.index[0]]
-        out = torch.zeros(*b.target_mask.shape, first.shape[-1], dtype=first.dtype, device=b.target_mask.device)
-        pred = b.target_mask[:, 1:]
-        for row, i in enumerate(b.index):
-            out[row, :-1][pred[row]] = self.cache[i].to(out.device)
-        return out
+        return Reference.cat([self.cache[i] for i in b.index]).to(b.target_mask.device)
 
-    def put(self, b: Batch, hidden: torch.Tensor) -> None:
-        pred = b.target_mask[:, 1:]
-        for row, i in enumerate(b.index):
+    def put(self, b: Batch, ref: Reference) -> None:
+        rows = ref.split(b.target_mask[:, 1:].sum(1).tolist())
+        for i, row in zip(b.index, rows):
             if i not in self.cache:
-                self.cache[i] = hidden[row, :-1][pred[row]].detach().to("cpu", copy=True)
+                self.cache[i] = row.to("cpu", copy=True)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cache.values())
+        return sum(r.nbytes for r in self.cache.values())
 
     def state_dict(self) -> dict[str, Any]:
+        """The cache as flat tensors, one per field of the reference (fast to save for many examples)."""
         idx = sorted(self.cache)
-        return {
+        state: dict[str, Any] = {
+            "reference_top_k": self.top_k,
             "reference_index": torch.tensor(idx, dtype=torch.long),
             "reference_lengths": torch.tensor([len(self.cache[i]) for i in idx], dtype=torch.long),
-            "reference_values": torch.cat([self.cache[i] for i in idx]) if idx else torch.zeros(0),
         }
+        if idx:
+            state.update({f"reference_{k}": v for k, v in Reference.cat([self.cache[i] for i in idx]).parts().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "reference_index" not in state:
+        """Read back a saved cache of the same kind (a cache saved with another `reference_top_k` is dropped: it
+        refills as the run goes)."""
+        if "reference_index" not in state or int(state.get("reference_top_k", 0)) != self.top_k:
             return
-        values = state["reference_values"].split(state["reference_lengths"].tolist())
-        self.cache = dict(zip(state["reference_index"].tolist(), values))
+        if "reference_values" in state:  # saved before the cache held more than the hidden states
+            state = {**state, "reference_hidden": state["reference_values"]}
+        names = ("hidden",) if not self.top_k else ("hidden", "lse", "top_idx", "top_logq", "tail_q")
+        if any(f"reference_{n}" not in state for n in names):
+            return
+        lengths = state["reference_lengths"].tolist()
+        rows = Reference(**{n: state[f"reference_{n}"] for n in names}).split(lengths)
+        self.cache = dict(zip(state["reference_index"].tolist(), rows))

@@ -15,6 +15,7 @@ import torch
 
 from psft_lite.data.batching import Batch
 from psft_lite.model import scoring
+from psft_lite.model.logprobs import Reference
 from psft_lite.tracking.metrics import StepStats
 from psft_lite.training.build import Run
 from psft_lite.training.losses import token_weights
@@ -83,8 +84,8 @@ def micro_step(
     topk = getattr(o, spec.topk_key) if spec.topk_key else 0
     kl = spec.kl if "kl_base" in spec.inputs else None
     with run.amp():  # one fused head: the KL to the base and the top-k entropy when the objective reads them
-        ref = reference_hidden(run, b) if kl else None
-        out = scoring.response_outputs(run.model, b, kl=kl, topk=topk, ref_hidden=ref)
+        ref = reference(run, b) if kl else None
+        out = scoring.response_outputs(run.model, b, kl=kl, topk=topk, ref=ref)
     logp, ent = out["logp"], out["entropy"]
     mask = b.target_mask
     weights = token_weights(mask, o.normalize, n_tok, n_seq, seq_ids=b.seq_ids)
@@ -102,16 +103,17 @@ def micro_step(
     return loss, s, logp.detach()
 
 
-def reference_hidden(run: Run, b: Batch) -> torch.Tensor:
-    """The base's hidden states for a micro-batch: from the reference cache when every example in it was seen
-    before, else one adapter-off forward (whose states the cache then keeps)."""
+def reference(run: Run, b: Batch) -> Reference:
+    """The base's distribution for a micro-batch (its hidden states, or its top-k and tail mass when
+    `objective.reference_top_k` > 0): from the reference cache when every example in it was seen before, else one
+    adapter-off forward (whose result the cache then keeps)."""
     cached = run.reference.get(b) if run.reference is not None else None
     if cached is not None:
         return cached
-    hidden = scoring.base_hidden(run.model, b)
+    ref = scoring.base_reference(run.model, b, run.recipe.objective.reference_top_k)
     if run.reference is not None:
-        run.reference.put(b, hidden)
-    return hidden
+        run.reference.put(b, ref)
+    return ref
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
