@@ -537,10 +537,10 @@ def hint(
     )
     cfg.seed, cfg.cot_fallback = seed, cot_fallback
     rows, source = RowFormat(format=format), _source(data, data_config, split)
-    load_conversations(source, rows, limit=limit)  # every row readable, before the model
+    checked = [row for _, row in load_conversations(source, rows, limit=limit)]  # every row readable, before the model
     with _library_call():
         loaded = model.loaded if isinstance(model, Model) else load_model(model, dtype)
-        summary = run(loaded, source, rows, Path(out), cfg, keep, min_phi, limit, console=_console(progress, console))
+        summary = run(loaded, checked, rows, Path(out), cfg, keep, min_phi, console=_console(progress, console))
     return HintResult(Path(summary["out"]), Path(summary["dropped_file"]), summary)
 
 

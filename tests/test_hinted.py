@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from psft_lite.data import load_examples
+from psft_lite.data.sources import read_rows
 from psft_lite.inference.generate import load_model
 from psft_lite.inference.hinted import (
     HintConfig,
@@ -157,11 +158,11 @@ def test_run_writes_training_data_resumes_and_repairs_a_torn_line(tmp_path, tiny
     data = DataSection(train=str(src))
     out = tmp_path / "hinted.jsonl"
     cfg = HintConfig(max_new_tokens=6, hint_max_tokens=6, cot_fallback=True)
-    first = run(loaded, data.train[0], data, out, cfg, keep="all", limit=2)
+    first = run(loaded, read_rows(data.train[0], limit=2), data, out, cfg, keep="all")
     assert first["kept"] == 2 and first["decoded"] == 2 and first["mean_phi_hinted"] is not None
     lines = out.read_text().splitlines()
     out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing line 2
-    again = run(loaded, data.train[0], data, out, cfg, keep="all")
+    again = run(loaded, read_rows(data.train[0]), data, out, cfg, keep="all")
     assert again["skipped_done"] == 1 and again["kept"] == 3 and again["decoded"] == 3  # the summary covers all 3
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 3 and len({r["hint_id"] for r in rows}) == 3
@@ -171,11 +172,11 @@ def test_run_writes_training_data_resumes_and_repairs_a_torn_line(tmp_path, tiny
     assert stats.kept == 3
     # the same seed gives the same rewrites
     out2 = tmp_path / "again.jsonl"
-    run(loaded, data.train[0], data, out2, cfg, keep="all")
+    run(loaded, read_rows(data.train[0]), data, out2, cfg, keep="all")
     assert [json.loads(x)["completion"] for x in out2.read_text().splitlines()] == [r["completion"] for r in rows]
     # keep=correct sends wrong answers to the dropped file
     out3 = tmp_path / "strict.jsonl"
-    s = run(loaded, data.train[0], data, out3, cfg, keep="correct")
+    s = run(loaded, read_rows(data.train[0]), data, out3, cfg, keep="correct")
     dropped = [json.loads(x) for x in (tmp_path / "strict.dropped.jsonl").read_text().splitlines()]
     assert s["kept"] + s["unfinished"] + s["wrong_answer"] == 3 and len(dropped) == s["unfinished"] + s["wrong_answer"]
     for r in dropped:  # 6 new tokens cannot finish: unfinished first, wrong answer only for finished ones

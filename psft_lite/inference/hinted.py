@@ -352,21 +352,19 @@ def _progress(console: Any, total: int, completed: int) -> Any:
 
 def run(
     loaded: Loaded,
-    source: Any,
+    rows: list[Any],
     data: Any,
     out: Path,
     cfg: HintConfig,
     keep: str = "correct",
     min_phi: float | None = None,
-    limit: int | None = None,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Rewrite every example of `source` into `out` (kept) and `out.dropped.jsonl`; resumable; returns the summary
-    over every example of `source` written so far (this call's and earlier calls')."""
+    """Rewrite every row (`data.sources.read_rows`, read and checked by the caller before the model loaded) into
+    `out` (kept) and `out.dropped.jsonl`; resumable; returns the summary over every row written so far (this call's
+    and earlier calls')."""
     from psft_lite.data import resolve_format
-    from psft_lite.data.sources import read_rows
 
-    rows = read_rows(source, limit=limit)
     fmt, fields = resolve_format(rows, data)
     dropped_path = out.with_name(out.stem + ".dropped.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
