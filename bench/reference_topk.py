@@ -65,14 +65,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.checkpoints.split(","):
         set_peft_model_state_dict(model, load_file(args.run / "checkpoints" / name / "adapter_model.safetensors"))
-        kls: dict[int, list[float]] = {k: [] for k in [0, *ks]}
-        grads: dict[int, list[torch.Tensor]] = {}
-        kl_grads: dict[int, list[torch.Tensor]] = {}
+        kl_sums: dict[int, float] = {}  # k (0: exact) → Σ over trained tokens of the KL
+        grads: dict[int, torch.Tensor] = {}  # k → gradient of the loss, summed over micro-batches
+        kl_grads: dict[int, torch.Tensor] = {}  # k → gradient of the KL term alone
         for b in batches:
             exact = scoring.base_reference(model, b)
+            targets = b.input_ids[:, 1:][b.target_mask[:, 1:]]
             refs = {0: exact}
             for k in ks:
-                targets = b.input_ids[:, 1:][b.target_mask[:, 1:]]
                 refs[k] = reference_topk(
                     exact.hidden, head.weight, k, head.bias, softcap=head.softcap, scale=head.scale, targets=targets
                 )
@@ -84,17 +84,15 @@ def main() -> None:
                 kl = (out["kl"] * m).sum() / b.n_trained
                 g_loss = torch.autograd.grad(nll + coef * kl, params, retain_graph=True)
                 g_kl = torch.autograd.grad(kl, params)
-                kls[k].append(float(kl.detach()) * b.n_trained)
-                flat = torch.cat([g.flatten() for g in g_loss]).double()
-                flat_kl = torch.cat([g.flatten() for g in g_kl]).double()
-                grads[k] = [grads[k][0] + flat] if k in grads else [flat]
-                kl_grads[k] = [kl_grads[k][0] + flat_kl] if k in kl_grads else [flat_kl]
+                kl_sums[k] = kl_sums.get(k, 0.0) + float(kl.detach()) * b.n_trained
+                grads[k] = grads.get(k, 0) + torch.cat([g.flatten() for g in g_loss]).double()
+                kl_grads[k] = kl_grads.get(k, 0) + torch.cat([g.flatten() for g in g_kl]).double()
         tokens = sum(b.n_trained for b in batches)
-        exact_kl = sum(kls[0]) / tokens
-        g0, gk0 = grads[0][0], kl_grads[0][0]
+        exact_kl = kl_sums[0] / tokens
+        g0, gk0 = grads[0], kl_grads[0]
         for k in ks:
-            g, gk = grads[k][0], kl_grads[k][0]
-            top_kl = sum(kls[k]) / tokens
+            g, gk = grads[k], kl_grads[k]
+            top_kl = kl_sums[k] / tokens
             cos = float(torch.nn.functional.cosine_similarity(g, g0, dim=0))
             rel = float((g - g0).norm() / g0.norm())
             cos_kl = float(torch.nn.functional.cosine_similarity(gk, gk0, dim=0))

@@ -536,11 +536,12 @@ def hint(
         beta=beta, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, answer_marker=answer_marker
     )
     cfg.seed, cfg.cot_fallback = seed, cot_fallback
-    rows, source = RowFormat(format=format), _source(data, data_config, split)
-    checked = [row for _, row in load_conversations(source, rows, limit=limit)]  # every row readable, before the model
+    row_format, source = RowFormat(format=format), _source(data, data_config, split)
+    # every row readable, before the model
+    rows = [row for _, row in load_conversations(source, row_format, limit=limit)]
     with _library_call():
         loaded = model.loaded if isinstance(model, Model) else load_model(model, dtype)
-        summary = run(loaded, checked, rows, Path(out), cfg, keep, min_phi, console=_console(progress, console))
+        summary = run(loaded, rows, row_format, Path(out), cfg, keep, min_phi, console=_console(progress, console))
     return HintResult(Path(summary["out"]), Path(summary["dropped_file"]), summary)
 
 

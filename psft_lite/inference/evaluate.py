@@ -390,8 +390,7 @@ def _base_hidden(loaded: Loaded, b: Any, hidden: torch.Tensor, cache: dict, i: i
     key = (i, hashlib.sha1(b.input_ids.cpu().numpy().tobytes() + b.target_mask.cpu().numpy().tobytes()).hexdigest())
     if key not in cache:
         if loaded.has_adapter:
-            with scoring.adapter_disabled(loaded.model):
-                cache[key] = scoring.response_hidden(loaded.model, b)
+            cache[key] = scoring.base_reference(loaded.model, b).hidden
         else:
             cache[key] = hidden
     return cache[key]

@@ -110,13 +110,11 @@ def base_reference(model: Any, batch: Any, top_k: int = 0, chunk: int = 1024) ->
     trained tokens, in row-major order: its final hidden states, or with `top_k` its k most likely tokens (the trained
     token always among them) and the mass of the rest (`logprobs.reference_topk`)."""
     with adapter_disabled(model):
-        hidden = causal_lm(model).get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
-    mask = batch.target_mask[:, 1:]
-    states = hidden[:, :-1][mask]
+        states = response_hidden(model, batch)
     if not top_k:
         return Reference(hidden=states)
     head = lm_head(model)
-    targets = batch.input_ids[:, 1:][mask]
+    targets = batch.input_ids[:, 1:][batch.target_mask[:, 1:]]
     return reference_topk(states, head.weight, top_k, head.bias, chunk, head.softcap, head.scale, targets)
 
 

@@ -13,6 +13,7 @@ micro-batches (same padding) — so a ratio is exactly 1 wherever the policy has
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -214,7 +215,7 @@ class ReferenceCache:
             return
         if "reference_values" in state:  # saved before the cache held more than the hidden states
             state = {**state, "reference_hidden": state["reference_values"]}
-        names = ("hidden",) if not self.top_k else ("hidden", "lse", "top_idx", "top_logq", "tail_q")
+        names = [f.name for f in fields(Reference)] if self.top_k else ["hidden"]
         if any(f"reference_{n}" not in state for n in names):
             return
         lengths = state["reference_lengths"].tolist()
