@@ -259,6 +259,7 @@ def evaluate(
     data: dict[str, str] | list[str] | None = None,
     *,
     retention: bool = False,
+    retention_kinds: list[str] | None = None,
     limit: int | None = None,
     max_new_tokens: int = 256,
     samples: int = 1,
@@ -273,7 +274,8 @@ def evaluate(
 ) -> Evaluation:
     """Score a model on named data sets (`{"name": "file.jsonl"}` or `["name=file.jsonl", "other.jsonl"]`; a run
     without `data` uses its recipe's eval sets) and, with `retention`, give the general-ability verdict against its
-    base. A bad file or option raises `RecipeError`/`DataError` before any generation."""
+    base, on the suite's `retention_kinds` (None: a run's `eval.retention_kinds`, else every item). A bad file or
+    option raises `RecipeError`/`DataError` before any generation."""
     from psft_lite.core.errors import RecipeError
     from psft_lite.inference import evaluate as ev
     from psft_lite.inference import retention as ret
@@ -285,7 +287,10 @@ def evaluate(
         )
     console = _console(progress, console)
     with _library_call():
+        items = ret.load_suite(kinds=retention_kinds) if retention and retention_kinds else None
         loaded = model.loaded if isinstance(model, Model) else load_model(model, dtype)
+        if retention and items is None and loaded.recipe is not None and loaded.recipe.eval.retention_kinds:
+            items = ret.load_suite(kinds=loaded.recipe.eval.retention_kinds)
         named = [f"{k}={v}" for k, v in data.items()] if isinstance(data, dict) else data
         sets = ev.named_sets(loaded, named, data_config, split, limit) if named or not retention else {}
         scores: dict[str, SetScore] = {}
@@ -301,7 +306,9 @@ def evaluate(
             for name, s in summaries.items():
                 keep = {k: s.get(k) for k in SetScore.__dataclass_fields__ if k != "predictions" and k in s}
                 scores[name] = SetScore(**keep, predictions=predictions[name])
-        verdict = ret.evaluate_retention(loaded, console=console, taught=_taught(loaded, sets)) if retention else None
+        verdict = (
+            ret.evaluate_retention(loaded, items, console=console, taught=_taught(loaded, sets)) if retention else None
+        )
     return Evaluation(scores, verdict, samples)
 
 

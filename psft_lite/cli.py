@@ -290,11 +290,21 @@ def eval_(
         bool,
         typer.Option(
             "--retention",
-            help="The general-ability verdict: the shipped suite of 1,211 checkable items scored by the model and by "
+            help="The general-ability verdict: the shipped suite of 1,210 checkable items scored by the model and by "
             "its base (adapter off), compared item by item; a plain model is compared with itself.",
         ),
     ] = False,
     per_kind: Annotated[bool, typer.Option("--per-kind", help="With --retention: a line per kind of item.")] = False,
+    retention_kinds: Annotated[
+        Optional[str],
+        typer.Option(
+            "--retention-kinds",
+            help="With --retention: score only these kinds of item, comma-separated (e.g. "
+            "fact,category,opposite,word_form,commonsense,science,word_knowledge, the multiple-choice ones, for a "
+            "base model that does not answer a chat; default: a run's eval.retention_kinds, else every item).",
+            show_default=False,
+        ),
+    ] = None,
     max_forgetting: Annotated[
         Optional[float],
         typer.Option(
@@ -325,8 +335,8 @@ def eval_(
         return
     if harness_only:
         raise RecipeError("--num-fewshot, --include-path, --compare-base and --chat-template go with --tasks.")
-    if (per_kind or max_forgetting is not None) and not retention:
-        raise RecipeError("--per-kind and --max-forgetting go with --retention.")
+    if (per_kind or max_forgetting is not None or retention_kinds) and not retention:
+        raise RecipeError("--per-kind, --retention-kinds and --max-forgetting go with --retention.")
     from psft_lite import api
     from psft_lite.core.errors import ForgettingGate
 
@@ -334,6 +344,7 @@ def eval_(
         model,
         data,
         retention=retention,
+        retention_kinds=[k.strip() for k in retention_kinds.split(",") if k.strip()] if retention_kinds else None,
         limit=limit,
         max_new_tokens=max_new_tokens,
         samples=samples,

@@ -251,7 +251,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     from psft_lite.model import loading
 
     suite, prompts = retention.load_suite()[::20], retention.read_prompts()[::30]
-    monkeypatch.setattr(retention, "load_suite", lambda path=None: suite)
+    monkeypatch.setattr(retention, "load_suite", lambda path=None, kinds=(): suite)
     monkeypatch.setattr(retention, "read_prompts", lambda path=None: prompts)
     models = loading.embedded_model_dir().parent  # the shared cache's models, before the home moves
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))

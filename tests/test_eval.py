@@ -292,7 +292,7 @@ def test_eval_final_says_accuracy_before_and_after_the_kl_and_the_general_abilit
 
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     suite = ret.load_suite()
-    monkeypatch.setattr(ret, "load_suite", lambda path=None: suite[::40])
+    monkeypatch.setattr(ret, "load_suite", lambda path=None, kinds=(): suite[::40])
     retention = ROOT / "data" / "retention" / "base.jsonl"
     recipe = make_recipe(
         tmp_path,

@@ -127,6 +127,22 @@ def test_a_bad_suite_row_is_refused_naming_its_line(tmp_path, row, message):
         ret.load_suite(path)
 
 
+def test_retention_kinds_choose_items_and_an_unknown_kind_is_refused_before_the_model_loads(tmp_path, capsys):
+    """`eval.retention_kinds` / `--retention-kinds` keep only the named kinds; a kind the suite lacks is one clear
+    error naming the key and the suite's kinds (exit 2), with nothing loaded."""
+    from conftest import run_cli
+
+    from psft_lite.core.errors import RecipeError
+
+    items = ret.load_suite(kinds=["fact", "science"])
+    assert {it.kind for it in items} == {"fact", "science"}
+    assert len(items) == sum(it.kind in ("fact", "science") for it in ret.load_suite())
+    with pytest.raises(RecipeError, match=r"eval.retention_kinds .*'facts' is not a kind.*its kinds are category, "):
+        ret.load_suite(kinds=["facts"])
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "no-such-model"), "--retention", "--retention-kinds", "x")
+    assert code == 2 and "'x' is not a kind of the retention suite" in err and "Traceback" not in err
+
+
 def test_multiple_choice_scores_equal_a_float64_computation_one_option_at_a_time(tiny_model_dir):
     """The packed scorer (every option of an item in one row behind the shared prompt, many items per row) gives the
     log-likelihood a plain float64 forward of each prompt + option gives, option by option."""
@@ -288,7 +304,7 @@ def test_eval_retention_on_a_run_and_on_a_plain_model_and_the_gate_exit_code(
 
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     small = ret.load_suite()[::25]
-    monkeypatch.setattr(ret, "load_suite", lambda path=None: small)
+    monkeypatch.setattr(ret, "load_suite", lambda path=None, kinds=(): [x for x in small if not kinds or x.kind in kinds])
     run = _tiny_run(tmp_path, tiny_model_dir, capsys)
     code, out, err = run_cli(capsys, "eval", str(run), "--retention", "--per-kind", "--out", str(tmp_path / "ev"))
     assert code == 0, err
@@ -305,6 +321,11 @@ def test_eval_retention_on_a_run_and_on_a_plain_model_and_the_gate_exit_code(
     code, out2, err = run_cli(capsys, "eval", str(run), "--retention")
     assert code == 0 and calls == [1]  # the base came from the cache: only the run was scored
     assert out2.splitlines()[0] == out.splitlines()[0]  # the same verdict
+
+    code, out3, err = run_cli(capsys, "eval", str(run), "--retention", "--retention-kinds", "fact,opposite")
+    assert code == 0, err
+    chosen = [x for x in small if x.kind in ("fact", "opposite")]
+    assert 0 < len(chosen) < len(small) and f"points on {len(chosen)} items;" in out3
 
     code, out, err = run_cli(capsys, "eval", str(tiny_model_dir), "--retention")
     assert code == 0, err

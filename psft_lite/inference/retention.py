@@ -19,14 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from psft_lite.core.errors import DataError
+from psft_lite.core.errors import DataError, RecipeError
 from psft_lite.core.files import atomic_write_text
 from psft_lite.core.stats import Change, paired_change
 
@@ -126,9 +126,10 @@ _CHECK_KEYS = {
 # The suite file
 
 
-def load_suite(path: Path = SUITE_FILE) -> list[SuiteItem]:
+def load_suite(path: Path = SUITE_FILE, kinds: Sequence[str] = ()) -> list[SuiteItem]:
     """Every item of a suite file, checked: one right answer per item (a valid index into distinct choices, or a
-    known verifier with its parameters), unique ids. Bad rows are `DataError`s naming the file and line."""
+    known verifier with its parameters), unique ids. Bad rows are `DataError`s naming the file and line. With `kinds`
+    (`eval.retention_kinds`), only the items of those kinds; a kind the suite does not have is a `RecipeError`."""
     if not Path(path).is_file():
         raise DataError(f"{path}: retention suite not found.")
     items, ids = [], set()
@@ -147,6 +148,15 @@ def load_suite(path: Path = SUITE_FILE) -> list[SuiteItem]:
         items.append(item)
     if not items:
         raise DataError(f"{path}: the retention suite has no items.")
+    if kinds:
+        known = sorted({it.kind for it in items})
+        unknown = [k for k in kinds if k not in known]
+        if unknown:
+            raise RecipeError(
+                f"eval.retention_kinds (eval --retention-kinds): {unknown[0]!r} is not a kind of the retention suite "
+                f"({path}); its kinds are {', '.join(known)}. Name some of them, or leave it out to score every item."
+            )
+        items = [it for it in items if it.kind in kinds]
     return items
 
 

@@ -346,6 +346,13 @@ class EvalSection(Section):
         "suite of checkable items scored by the trained model and by the base, the change with a 95 % interval, and "
         "the KL to the base on its own answers. Written to RUN_DIR/eval/retention.json with every item's answers.",
     )
+    retention_kinds: list[str] = Field(
+        default_factory=list,
+        description="Score only these kinds of the general-ability suite (empty: every item), e.g. its multiple-choice "
+        'kinds `["fact", "category", "opposite", "word_form", "commonsense", "science", "word_knowledge"]` for a base '
+        "(pretrained) model that does not answer a chat: they are scored by log-likelihood and need no reply. "
+        "`psft-lite eval RUN --retention` reads it from the run's recipe.",
+    )
     max_forgetting: float | None = Field(
         None,
         ge=0,

@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -29,6 +29,9 @@ from psft_lite.study.methods import METHODS, PROBE, Cell, _fmt, reads
 from psft_lite.study.report import latest_results, plot_study, report_tables
 from psft_lite.tracking.metrics import read_metrics
 
+if TYPE_CHECKING:
+    from psft_lite.inference.retention import SuiteItem
+
 
 def evaluate_model(
     spec: str | Path,
@@ -36,13 +39,13 @@ def evaluate_model(
     limit: int,
     max_new_tokens: int,
     base_cache: dict | None = None,
-    general: bool = False,
+    general: list[SuiteItem] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """(scores, details) of one model. Scores: accuracy, generation entropy and reference NLL on each set (its first
     `limit` problems), the KL to the base on the probe and retention sets, and what a bootstrap resamples — per
     generated problem a 0/1 string (`correct`; for a taught-format set also `format_used`, `answer_right`), a
-    retention set's per-prompt KL, and with `general` the retention suite's 0/1 per item (`general.right`, the base's
-    results cached per base model). Details: every generation and every suite answer, for the record."""
+    retention set's per-prompt KL, and with `general` (suite items) the retention suite's 0/1 per item
+    (`general.right`, the base's results cached per base model). Details: every generation and every suite answer, for the record."""
     from psft_lite.inference import retention
     from psft_lite.inference.evaluate import evaluate_sets, taught_openings
     from psft_lite.inference.generate import load_model
@@ -60,8 +63,8 @@ def evaluate_model(
         for flag in ("correct", "format_used", "answer_right"):
             if preds and flag in preds[0]:
                 out[name][flag] = "".join("1" if p[flag] else "0" for p in preds)
-    if general:
-        verdict = retention.evaluate_retention(loaded, kl_prompts=0, taught=taught_openings(sets))
+    if general is not None:
+        verdict = retention.evaluate_retention(loaded, general, kl_prompts=0, taught=taught_openings(sets))
         run = verdict.after
         out["general"] = {"n": len(run.items), "accuracy": run.accuracy(), "right": run.to_json()["right"]}
         details["general"] = [
@@ -283,11 +286,11 @@ def run_study(
     results_path = out / "results.jsonl"
     done = {(rec["method"], rec.get("cell_label", ""), rec["seed"], rec["step"]) for rec in _read(results_path)}
     sets = recipe_eval_items(recipe)  # each set in its own format, every file checked before anything trains
-    general = recipe.eval.retention  # the general-ability suite at every evaluation
-    if general:
+    general = None  # the general-ability suite's items, scored at every evaluation
+    if recipe.eval.retention:
         from psft_lite.inference.retention import load_suite
 
-        load_suite()
+        general = load_suite(kinds=recipe.eval.retention_kinds)
     n_steps = sum(int(j.recipe.train.epochs) * j.steps_per_epoch for j in jobs if not _trained(j.run_dir))
     base_key = ("base", "", 0, 0)
     n_evals = len(({j.key(s) for j in jobs for s in j.eval_steps} | ({base_key} if base else set())) - done)
@@ -326,7 +329,7 @@ def evaluate_checkpoints(
     base_cache: dict,
     done: set,
     results: Path,
-    general: bool = False,
+    general: list[SuiteItem] | None = None,
 ) -> None:
     """Evaluate each checkpoint of a run at one of its evaluation steps that is not in `done`, appending one record
     per checkpoint and writing its details (every answer) beside the results."""

@@ -130,7 +130,7 @@ def load_data(recipe: Recipe, tokenizer: Any, console: Console) -> DataIn:
         if recipe.eval.retention:
             from psft_lite.inference.retention import load_suite
 
-            load_suite()
+            load_suite(kinds=recipe.eval.retention_kinds)
     report_data(console, total_stats([s.stats for s in sources]), tokenizer)
     return DataIn(sources, eval_examples, eval_items, final_items)
 
