@@ -522,11 +522,12 @@ def leaked(reply: str, openings: tuple[str, ...] | list[str]) -> bool:
 
 
 def format_leak(before: SuiteRun, after: SuiteRun, openings: tuple[str, ...] | list[str]) -> Leak | None:
-    """The taught formats' openings in the generated replies, base and model; None when nothing was taught."""
+    """The taught formats' openings in the generated replies, base and model; None when nothing was taught or no
+    reply was generated (only multiple-choice kinds scored)."""
     openings = tuple(o for o in openings if o)
-    if not openings:
-        return None
     idx = [i for i, it in enumerate(after.items) if it.score == "check"]
+    if not openings or not idx:
+        return None
     count = lambda run: sum(leaked(run.answers[i], openings) for i in idx)  # noqa: E731
     return Leak(openings, len(idx), count(before), count(after))
 

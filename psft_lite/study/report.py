@@ -113,6 +113,8 @@ def with_leak(rec: dict[str, Any], evals: Path) -> dict[str, Any]:
     bits = "".join(
         "1" if leaked(r["answer"], tuple(openings)) else "0" for r in details["general"] if r["id"] in checked
     )
+    if not bits:  # a suite of multiple-choice kinds only (eval.retention_kinds) writes no replies
+        return rec
     return {**rec, "general": {**rec["general"], "leak": bits}}
 
 
