@@ -325,9 +325,38 @@ def test_the_report_counts_the_taught_format_in_general_replies_from_the_committ
     got = {r["step"]: r["general"].get("leak") for r in report.read_records(tmp_path)}
     assert got == {25: "10", 50: None}  # step 50's replies are not committed
 
+    with gzip.open(unit / "evals" / "sft-s0-step25.jsonl.gz", "wt") as f:  # multiple-choice kinds only: no replies
+        f.write("".join(json.dumps(d) + "\n" for d in [details[0], {"set": "general", "rows": general[:1]}]))
+    assert "leak" not in report.read_records(tmp_path)[0]["general"]
+
     (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "1+1?", "completion": "#### 2"}) + "\n")
     report._ROWS.clear()
     assert "leak" not in report.read_records(tmp_path)[0]["general"]  # no taught format: nothing to count
+
+
+def test_the_base_calibration_table_counts_each_kind_against_its_chance(tmp_path):
+    """Per kind of suite item the base was scored on: its accuracy with an exact interval, and chance from the
+    suite's options (0 for a generated reply), read from the base's committed answers."""
+    import gzip
+
+    from psft_lite.core.stats import clopper_pearson
+    from psft_lite.inference.retention import load_suite
+    from psft_lite.study import report
+
+    suite = load_suite()
+    facts = [it for it in suite if it.kind == "fact"][:4]
+    checks = [it for it in suite if it.kind == "instruction"][:2]
+    rows = [{"id": it.id, "kind": it.kind, "right": i < 3, "answer": ""} for i, it in enumerate(facts)]
+    rows += [{"id": it.id, "kind": it.kind, "right": False, "answer": ""} for it in checks]
+    (tmp_path / "units" / "base" / "evals").mkdir(parents=True)
+    with gzip.open(tmp_path / "units" / "base" / "evals" / "base-step0.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"set": "general", "rows": rows}) + "\n")
+    table = report.calibration_table(tmp_path)
+    lo, hi = clopper_pearson(3, 4)
+    chance = 100 * sum(1 / len(it.choices) for it in facts) / 4
+    assert f"| fact | log-likelihood of each option | 4 | 75.0 [{100 * lo:.1f}, {100 * hi:.1f}] | {chance:.0f} |" in table
+    assert "| instruction | a generated reply, verified | 2 | 0.0 [0.0, " in table and table.endswith("| 0 |\n")
+    assert report.calibration_table(tmp_path / "nothing") == ""
 
 
 def test_matched_comparisons_read_each_seed_between_its_measured_checkpoints(tmp_path):

@@ -36,7 +36,7 @@ import numpy as np
 
 from psft_lite.core import rundir
 from psft_lite.core.files import atomic_write_text
-from psft_lite.core.stats import LEVEL, seed_interval
+from psft_lite.core.stats import LEVEL, clopper_pearson, seed_interval
 from psft_lite.study.methods import METHODS, PROBE, Cell
 from psft_lite.study.plot import pyplot
 from psft_lite.tracking.metrics import read_metrics
@@ -565,7 +565,7 @@ def generate(folder: Path, ref: str = "sft") -> tuple[list[Curve], str]:
     curves, base = build_curves(records)
     order = {lab: i for i, lab in enumerate(dict.fromkeys(label_of(r) for r in records))}
     curves.sort(key=lambda c: (c.label != ref, order.get(c.label, 0), c.label))
-    return curves, report_markdown(curves, base, ref) + compute_line(folder)
+    return curves, report_markdown(curves, base, ref) + calibration_table(folder) + compute_line(folder)
 
 
 def compute_line(folder: Path) -> str:
@@ -580,6 +580,42 @@ def compute_line(folder: Path) -> str:
         "unit's command on one core, from its `seconds` file (a unit resumed after a stop records only its last "
         "part).\n"
     )
+
+
+def calibration_table(folder: Path) -> str:
+    """The base model's accuracy on each kind of the general-ability suite it was scored on, against chance (from the
+    base's committed answers): a kind at chance can only show noise, so a reader weighs its changes accordingly."""
+    from psft_lite.inference.retention import load_suite
+
+    path = next(iter(sorted(folder.glob("units/base/evals/base-step0.jsonl.gz"))), None) or folder / "evals" / (
+        "base-step0.jsonl.gz"
+    )
+    if not path.exists():
+        return ""
+    rows = next((d["rows"] for d in _read_jsonl(path) if d["set"] == "general"), [])
+    if not rows:
+        return ""
+    items = {it.id: it for it in load_suite()}
+    lines = [
+        "",
+        "#### The base model on each kind of the general-ability suite",
+        "",
+        f"Accuracy with a {LEVEL:.0%} Clopper–Pearson interval, against chance (multiple choice: one over the number "
+        "of options; generated replies: 0).",
+        "",
+        "| kind | scored by | items | base accuracy % | chance % |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        right = [bool(r["right"]) for r in rows if r["kind"] == kind]
+        chance = statistics.fmean(items[r["id"]].chance for r in rows if r["kind"] == kind and r["id"] in items)
+        lo, hi = clopper_pearson(sum(right), len(right))
+        score = "log-likelihood of each option" if chance else "a generated reply, verified"
+        lines.append(
+            f"| {kind} | {score} | {len(right)} | {100 * sum(right) / len(right):.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+            f" | {100 * chance:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def collect(src: Path, dest: Path) -> list[Path]:
