@@ -25,7 +25,7 @@ def test_study_evaluates_every_epoch_resumes_and_reports(tmp_path, tiny_model_di
 
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     suite = retention.load_suite()[::60]
-    monkeypatch.setattr(retention, "load_suite", lambda path=None: suite)
+    monkeypatch.setattr(retention, "load_suite", lambda path=None, kinds=(): suite)
     probe = write_jsonl(
         tmp_path / "probe.jsonl",
         [
@@ -60,6 +60,7 @@ def test_study_evaluates_every_epoch_resumes_and_reports(tmp_path, tiny_model_di
         ("sft", 2, 4),
     ]
     assert all(len(r["general"]["right"]) == len(suite) for r in results)
+    assert all(r["eval_seconds"]["sets"] > 0 and r["eval_seconds"]["general"] > 0 for r in results)
     assert sorted(p.name for p in (out / "evals").glob("*.gz"))[:2] == [
         "base-step0.jsonl.gz",
         "psft-base-s0-step1.jsonl.gz",

@@ -45,12 +45,14 @@ def evaluate_model(
     `limit` problems), the KL to the base on the probe and retention sets, and what a bootstrap resamples — per
     generated problem a 0/1 string (`correct`; for a taught-format set also `format_used`, `answer_right`), a
     retention set's per-prompt KL, and with `general` (suite items) the retention suite's 0/1 per item
-    (`general.right`, the base's results cached per base model). Details: every generation and every suite answer, for the record."""
+    (`general.right`, the base's results cached per base model); `eval_seconds`, the wall time of the sets and of the
+    suite. Details: every generation and every suite answer, for the record."""
     from psft_lite.inference import retention
     from psft_lite.inference.evaluate import evaluate_sets, taught_openings
     from psft_lite.inference.generate import load_model
 
     loaded = load_model(spec)
+    t0 = time.perf_counter()
     firsts = {name: items[:limit] for name, items in sets.items()}
     summaries, predictions = evaluate_sets(
         loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,), base_cache=base_cache
@@ -63,7 +65,9 @@ def evaluate_model(
         for flag in ("correct", "format_used", "answer_right"):
             if preds and flag in preds[0]:
                 out[name][flag] = "".join("1" if p[flag] else "0" for p in preds)
+    seconds = {"sets": round(time.perf_counter() - t0, 1)}  # what each part cost: a plan's units are sized by it
     if general is not None:
+        t0 = time.perf_counter()
         verdict = retention.evaluate_retention(loaded, general, kl_prompts=0, taught=taught_openings(sets))
         run = verdict.after
         out["general"] = {"n": len(run.items), "accuracy": run.accuracy(), "right": run.to_json()["right"]}
@@ -71,7 +75,8 @@ def evaluate_model(
             {"id": it.id, "kind": it.kind, "right": ok, "answer": answer}
             for it, ok, answer in zip(run.items, run.right, run.answers)
         ]
-    return out, details
+        seconds["general"] = round(time.perf_counter() - t0, 1)
+    return {**out, "eval_seconds": seconds}, details
 
 
 # ---------------------------------------------------------------------------------------------------------------------
