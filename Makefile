@@ -101,7 +101,7 @@ bench: setup
 	$(BIN)/python bench/hint_decode.py
 
 # every unit of docs/study.md's plan, two side by side (one per core; rerun to continue: committed units are skipped),
-# then the page. About 80 core-hours in all (docs/study.md says what each unit took).
+# then the page: the SmolLM2 core set (docs/study.md plans every unit, about 75 core-hours, and says what each took).
 UNITS_A := base sft-s0 psft-snapshot-s0 sft-replay-s0 eaft-s0 sft_kl-s1 idft-s1 asft-s1 sft-s2 psft-snapshot-s2 sft-replay-s2 eaft-s2
 UNITS_B := sft_kl-s0 idft-s0 asft-s0 sft-s1 psft-snapshot-s1 sft-replay-s1 eaft-s1 sft_kl-s2 idft-s2 asft-s2
 study: setup
