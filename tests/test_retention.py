@@ -130,9 +130,9 @@ def test_a_bad_suite_row_is_refused_naming_its_line(tmp_path, row, message):
 def test_retention_kinds_choose_items_and_an_unknown_kind_is_refused_before_the_model_loads(tmp_path, capsys):
     """`eval.retention_kinds` / `--retention-kinds` keep only the named kinds; a kind the suite lacks is one clear
     error naming the key and the suite's kinds (exit 2), with nothing loaded."""
-    from conftest import run_cli
-
     from psft_lite.core.errors import RecipeError
+
+    from conftest import run_cli
 
     items = ret.load_suite(kinds=["fact", "science"])
     assert {it.kind for it in items} == {"fact", "science"}
@@ -304,7 +304,9 @@ def test_eval_retention_on_a_run_and_on_a_plain_model_and_the_gate_exit_code(
 
     monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
     small = ret.load_suite()[::25]
-    monkeypatch.setattr(ret, "load_suite", lambda path=None, kinds=(): [x for x in small if not kinds or x.kind in kinds])
+    monkeypatch.setattr(
+        ret, "load_suite", lambda path=None, kinds=(): [x for x in small if not kinds or x.kind in kinds]
+    )
     run = _tiny_run(tmp_path, tiny_model_dir, capsys)
     code, out, err = run_cli(capsys, "eval", str(run), "--retention", "--per-kind", "--out", str(tmp_path / "ev"))
     assert code == 0, err

@@ -355,7 +355,9 @@ def test_the_base_calibration_table_counts_each_kind_against_its_chance(tmp_path
     table = report.calibration_table(tmp_path)
     lo, hi = clopper_pearson(3, 4)
     chance = 100 * sum(1 / len(it.choices) for it in facts) / 4
-    assert f"| fact | log-likelihood of each option | 4 | 75.0 [{100 * lo:.1f}, {100 * hi:.1f}] | {chance:.0f} |" in table
+    assert (
+        f"| fact | log-likelihood of each option | 4 | 75.0 [{100 * lo:.1f}, {100 * hi:.1f}] | {chance:.0f} |" in table
+    )
     assert "| instruction | a generated reply, verified | 2 | 0.0 [0.0, " in table and table.endswith("| 0 |\n")
     assert report.calibration_table(tmp_path / "nothing") == ""
 
