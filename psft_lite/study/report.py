@@ -587,10 +587,9 @@ def calibration_table(folder: Path) -> str:
     base's committed answers): a kind at chance can only show noise, so a reader weighs its changes accordingly."""
     from psft_lite.inference.retention import load_suite
 
-    path = next(iter(sorted(folder.glob("units/base/evals/base-step0.jsonl.gz"))), None) or folder / "evals" / (
-        "base-step0.jsonl.gz"
-    )
-    if not path.exists():
+    name = "base-step0.jsonl.gz"  # a study's base record: in its base unit, or beside its results
+    path = next((p for p in (folder / "units" / "base" / "evals" / name, folder / "evals" / name) if p.exists()), None)
+    if path is None:
         return ""
     rows = next((d["rows"] for d in _read_jsonl(path) if d["set"] == "general"), [])
     if not rows:

@@ -67,7 +67,6 @@ def evaluate_model(
                 out[name][flag] = "".join("1" if p[flag] else "0" for p in preds)
     seconds = {"sets": round(time.perf_counter() - t0, 1)}  # what each part cost: a plan's units are sized by it
     if general is not None:
-        t0 = time.perf_counter()
         verdict = retention.evaluate_retention(loaded, general, kl_prompts=0, taught=taught_openings(sets))
         run = verdict.after
         out["general"] = {"n": len(run.items), "accuracy": run.accuracy(), "right": run.to_json()["right"]}
@@ -75,7 +74,7 @@ def evaluate_model(
             {"id": it.id, "kind": it.kind, "right": ok, "answer": answer}
             for it, ok, answer in zip(run.items, run.right, run.answers)
         ]
-        seconds["general"] = round(time.perf_counter() - t0, 1)
+        seconds["general"] = round(verdict.seconds, 1)
     return {**out, "eval_seconds": seconds}, details
 
 

@@ -76,8 +76,10 @@ def final_eval(run: Run) -> tuple[dict[str, Any], Any]:
         name: {"after": after[name], **({"before": before[name]} if name in before else {})} for name in sets
     }
     taught = taught_openings(run.final_items)
-    items = retention.load_suite(kinds=e.retention_kinds) if e.retention else None
-    verdict = retention.evaluate_retention(loaded, items, console=run.console, taught=taught) if e.retention else None
+    verdict = None
+    if e.retention:
+        items = retention.load_suite(kinds=e.retention_kinds)
+        verdict = retention.evaluate_retention(loaded, items, console=run.console, taught=taught)
     if verdict is not None:
         out["general_ability"] = {**verdict.as_dict(), "lines": retention.report_lines(verdict)}
     return {**out, "seconds": time.perf_counter() - t0}, verdict
