@@ -6,7 +6,7 @@
 #   bench/study_unit.sh forgetting base                     # the base model once (before the methods' units)
 #   bench/study_unit.sh forgetting sft-s0                   # METHOD-sSEED
 #   bench/study_unit.sh forgetting sft_kl-s0 --sweep objective.kl_coef=0.3    # an exploratory setting
-#   bench/study_unit.sh native hint-data                    # Hinted Decoding's rewrite of the 400 problems, committed
+#   bench/study_unit.sh native hint-data-p1                 # Hinted Decoding's rewrite, problems 1-100 (p1..p4), committed
 #   bench/study_unit.sh native hint-idft-s0                 # idft trained on that rewrite
 # STUDY names the recipe (recipes/study/benchmark.toml for forgetting, benchmark-gemma3.toml for forgetting-gemma3,
 # benchmark-native.toml for native: the same problems in the "#### N" form the base already writes)
@@ -28,19 +28,34 @@ hinted="docs/study/$study/hinted.jsonl"
 runs=${RUNS:-../study-runs}/$study
 export OMP_NUM_THREADS=1
 py=${PYTHON:-python}
-if [ "$unit" = hint-data ]; then  # the rewrite is data, committed once, read by every hint-idft unit
-  if git ls-files --error-unmatch "$hinted" >/dev/null 2>&1; then echo "$study/hint-data: already committed, skipped"; exit 0; fi
-  start=$(date +%s)
-  mkdir -p "$runs" "$(dirname "$hinted")"
-  "$py" -m psft_lite hint smollm2-135m-instruct --data data/arith/train.jsonl --limit 400 --max-new-tokens 256 \
-    --cot-fallback --out "$runs/hinted.jsonl" | tee "$runs/hint-summary.txt"
-  cp "$runs/hinted.jsonl" "$hinted"
-  cp "$runs/hint-summary.txt" "${hinted%.jsonl}-summary.txt"
-  echo "$(( $(date +%s) - start ))" > "${hinted%.jsonl}-seconds"
-  if [ "${COMMIT:-1}" = 1 ]; then
-    git add "$hinted" "${hinted%.jsonl}-summary.txt" "${hinted%.jsonl}-seconds"
-    git commit -q -m "Study records: $study hint-data ($(( ($(date +%s) - start) / 60 )) min on one core)" -- "$(dirname "$hinted")"
-  fi
+if [ "${unit%-p*}" = hint-data ]; then
+  # Hinted Decoding's rewrite is data, committed once and read by every hint-idft unit. It is longer than one unit on
+  # one fp32 core, so it runs in parts: hint-data-pK rewrites problems up to K x 100 of the 400 (parts p1..p4, in
+  # order), resuming from the committed kept and dropped rows, and commits them; hint-data alone runs every part.
+  if [ "$unit" = hint-data ]; then parts=(1 2 3 4); else parts=("${unit#hint-data-p}"); fi
+  dropped="${hinted%.jsonl}.dropped.jsonl"
+  done_rows() { cat "$hinted" "$dropped" 2>/dev/null | grep -c . || true; }
+  for part in "${parts[@]}"; do
+    case "$part" in 1|2|3|4) ;; *) echo "unknown part $unit (hint-data-p1 .. hint-data-p4)" >&2; exit 2 ;; esac
+    upto=$(( part * 100 ))
+    if [ "$(done_rows)" -ge "$upto" ]; then echo "$study/hint-data-p$part: already committed, skipped"; continue; fi
+    if [ "$(done_rows)" -lt $(( upto - 100 )) ]; then echo "run bench/study_unit.sh $study hint-data-p$(( part - 1 )) first" >&2; exit 2; fi
+    start=$(date +%s)
+    mkdir -p "$runs" "$(dirname "$hinted")"
+    rm -f "$runs/hinted.jsonl" "$runs/hinted.dropped.jsonl"  # resume from the committed rows, not a stale run folder
+    [ -f "$hinted" ] && cp "$hinted" "$runs/hinted.jsonl"
+    [ -f "$dropped" ] && cp "$dropped" "$runs/hinted.dropped.jsonl"
+    "$py" -m psft_lite hint smollm2-135m-instruct --data data/arith/train.jsonl --limit "$upto" --max-new-tokens 256 \
+      --cot-fallback --out "$runs/hinted.jsonl" | tee "$runs/hint-summary.txt"
+    cp "$runs/hinted.jsonl" "$hinted"
+    cp "$runs/hinted.dropped.jsonl" "$dropped"
+    cp "$runs/hint-summary.txt" "${hinted%.jsonl}-summary.txt"
+    echo "p$part $(( $(date +%s) - start ))" >> "${hinted%.jsonl}-seconds"
+    if [ "${COMMIT:-1}" = 1 ]; then
+      git add "$hinted" "$dropped" "${hinted%.jsonl}-summary.txt" "${hinted%.jsonl}-seconds"
+      git commit -q -m "Study records: $study hint-data-p$part, problems to $upto ($(( ($(date +%s) - start) / 60 )) min on one core)" -- "$(dirname "$hinted")"
+    fi
+  done
   exit 0
 fi
 if git ls-files --error-unmatch "$records/$unit/results.jsonl" >/dev/null 2>&1; then
@@ -49,7 +64,8 @@ fi
 if [ "$unit" = base ]; then
   args=(--methods base --seeds 0)
 elif [ "${unit#hint-}" != "$unit" ]; then  # hint-idft-sN: the method on the committed rewrite
-  git ls-files --error-unmatch "$hinted" >/dev/null 2>&1 || { echo "run bench/study_unit.sh $study hint-data first" >&2; exit 2; }
+  [ "$(cat "$hinted" "${hinted%.jsonl}.dropped.jsonl" 2>/dev/null | grep -c .)" -ge 400 ] \
+    || { echo "the rewrite is not whole: run bench/study_unit.sh $study hint-data (or its parts p1..p4) first" >&2; exit 2; }
   method=${unit#hint-}
   args=(--methods "${method%-s*}" --seeds "${unit##*-s}" --no-base --sweep "data.train=$hinted")
 else
