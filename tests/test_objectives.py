@@ -240,6 +240,23 @@ def test_sft_kl_matches_its_definition_in_float64():
     torch.testing.assert_close(g_same, g_sft, atol=ATOL, rtol=0)
 
 
+def test_the_heads_logsumexp_keeps_its_exponentials_and_is_torchs_bit_for_bit():
+    """The head computes logsumexp once and reuses its exponentials for p (one vocabulary-wide exp, not two); its
+    value must be torch's own bit for bit, so that the base's cached top-k and the model's log-probs agree exactly
+    at equal states (a KL of 0 at a run's first step)."""
+    from psft_lite.model.logprobs import _logsumexp_exp
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 1000) * 6
+    z[0, :3] = -math.inf  # masked tokens, as some heads have
+    lse, u, s = _logsumexp_exp(z.clone())
+    assert torch.equal(lse, torch.logsumexp(z, -1))
+    torch.testing.assert_close(u / s[:, None], torch.softmax(z, -1), rtol=1e-6, atol=1e-9)
+    w = z.clone()
+    lse2, u2, _ = _logsumexp_exp(w, inplace=True)
+    assert torch.equal(lse2, lse) and u2.data_ptr() == w.data_ptr()  # in place: no second [N, V] block
+
+
 def test_chunked_kl_to_reference_equals_the_full_computation_with_gradient():
     from psft_lite.model.logprobs import kl_to_reference
 

@@ -31,10 +31,9 @@ class _TargetLogProbs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, chunk):
                 z, _ = _chunk_logits(hidden[s : s + chunk], weight, bias, softcap, scale)
-                lse = torch.logsumexp(z, dim=-1)
+                lse, u, tot = _logsumexp_exp(z)
                 logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
-                p = torch.exp(z - lse[:, None])
-                ent[s : s + chunk] = lse - (p * z).sum(-1)
+                ent[s : s + chunk] = lse - torch.linalg.vecdot(u, z) / tot
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets)
         ctx.has_bias, ctx.chunk, ctx.softcap, ctx.scale = bias is not None, chunk, softcap, scale
         ctx.mark_non_differentiable(ent)
@@ -88,6 +87,18 @@ def _chunk_logits(
         t = torch.tanh(z / softcap)
         return softcap * t, (1 - t * t) * scale
     return z, (torch.full_like(z[:1, :1], scale) if scale != 1.0 else None)
+
+
+def _logsumexp_exp(z: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """`torch.logsumexp(z, -1)` computed as torch computes it (the row max, exp of the shifted logits, their sum, its
+    log: bitwise equal), returned with the exponentials `u` = exp(z − max) and their sum `s`, so that p = u / s costs a
+    division instead of a second vocabulary-wide exp — on a CPU the exp passes, not the head's matmul, are most of a
+    head's elementwise cost. `inplace` overwrites z with u."""
+    m = z.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == math.inf, 0)
+    u = z.sub_(m).exp_() if inplace else (z - m).exp_()
+    s = u.sum(-1)
+    return s.log().add_(m.squeeze(-1)), u, s
 
 
 def target_logprobs(
@@ -246,15 +257,15 @@ def reference_topk(
         for s in range(0, n, chunk):
             e = slice(s, s + chunk)
             z, _ = _chunk_logits(hidden[e], weight, bias, softcap, scale)
-            lse[e] = torch.logsumexp(z, -1)
-            ls = z.sub_(lse[e, None])
-            top = ls.topk(k, dim=-1).indices
+            top = z.topk(k, dim=-1).indices
             if targets is not None:
                 t = targets[e].long()
                 missing = ~(top == t[:, None]).any(-1)
                 top[missing, -1] = t[missing]
-            idx[e], lq[e] = top.to(torch.int32), ls.gather(1, top)
-            tail[e] = _tail_mass(ls.exp_(), top)
+            zk = z.gather(1, top)
+            lse[e], u, tot = _logsumexp_exp(z, inplace=True)  # bitwise the head's logsumexp: equal states, KL 0
+            idx[e], lq[e] = top.to(torch.int32), zk - lse[e, None]
+            tail[e] = _tail_mass(u, top).div_(tot).clamp_min_(_TINY)
     return Reference(hidden=hidden, lse=lse, top_idx=idx, top_logq=lq, tail_q=tail)
 
 
@@ -308,9 +319,9 @@ class _FusedHead(torch.autograd.Function):
                 if topk > 1:
                     top = torch.log_softmax(z.topk(topk, dim=-1).values, -1)
                     htop[e] = -(top.exp() * top).sum(-1) / math.log(topk)
-                lse[e] = torch.logsumexp(z, -1)
+                lse[e], u, tot = _logsumexp_exp(z)
                 ls = z.sub_(lse[e, None])  # log p, in z's memory
-                p = ls.exp()
+                p = u.div_(tot[:, None])
                 logp[e] = ls.gather(1, targets[e, None]).squeeze(1)
                 ent[e] = -torch.linalg.vecdot(p, ls)
                 if sparse:  # the outcomes: the base's k, the model's m not among them, the tail; lse_ref = log P_tail
