@@ -345,12 +345,12 @@ class _FusedHead(torch.autograd.Function):
                         )
                 elif kl:
                     zr, _ = _chunk_logits(ref[e], weight, bias, softcap, scale)
-                    lse_ref[e] = torch.logsumexp(zr, -1)
+                    lse_ref[e], uq, tq = _logsumexp_exp(zr)
                     lq = zr.sub_(lse_ref[e, None])  # computed as log p is: equal states give a KL of exactly 0
                     if kl == 1:  # KL(p ‖ q) = −H(p) − Σ p·log q
                         kls[e] = -ent[e] - torch.linalg.vecdot(p, lq)
                     else:  # KL(q ‖ p) = Σ q·log q − Σ q·log p
-                        q = lq.exp()
+                        q = uq.div_(tq[:, None])
                         kls[e] = torch.linalg.vecdot(q, lq) - torch.linalg.vecdot(q, ls)
         empty = torch.empty(0)
         ctx.save_for_backward(
