@@ -42,9 +42,15 @@ if [ "${unit%-p*}" = hint-data ]; then
     if [ "$(done_rows)" -lt $(( upto - 100 )) ]; then echo "run bench/study_unit.sh $study hint-data-p$(( part - 1 )) first" >&2; exit 2; fi
     start=$(date +%s)
     mkdir -p "$runs" "$(dirname "$hinted")"
-    rm -f "$runs/hinted.jsonl" "$runs/hinted.dropped.jsonl"  # resume from the committed rows, not a stale run folder
-    [ -f "$hinted" ] && cp "$hinted" "$runs/hinted.jsonl"
-    [ -f "$dropped" ] && cp "$dropped" "$runs/hinted.dropped.jsonl"
+    # resume from the committed rows, or from a stopped part's run folder when it extends them
+    for pair in "$hinted:$runs/hinted.jsonl" "$dropped:$runs/hinted.dropped.jsonl"; do
+      committed=${pair%%:*} local=${pair#*:}
+      if [ -f "$committed" ]; then
+        cmp -s -n "$(wc -c < "$committed")" "$committed" "$local" 2>/dev/null || cp "$committed" "$local"
+      else
+        rm -f "$local"
+      fi
+    done
     "$py" -m psft_lite hint smollm2-135m-instruct --data data/arith/train.jsonl --limit "$upto" --max-new-tokens 256 \
       --cot-fallback --out "$runs/hinted.jsonl" | tee "$runs/hint-summary.txt"
     cp "$runs/hinted.jsonl" "$hinted"
