@@ -55,7 +55,7 @@ if [ "${unit%-p*}" = hint-data ]; then
       --cot-fallback --out "$runs/hinted.jsonl" | tee "$runs/hint-summary.txt"
     cp "$runs/hinted.jsonl" "$hinted"
     cp "$runs/hinted.dropped.jsonl" "$dropped"
-    cp "$runs/hint-summary.txt" "${hinted%.jsonl}-summary.txt"
+    sed "s#$runs/hinted#$(dirname "$hinted")/hinted#g" "$runs/hint-summary.txt" > "${hinted%.jsonl}-summary.txt"  # the committed paths
     echo "p$part $(( $(date +%s) - start ))" >> "${hinted%.jsonl}-seconds"
     if [ "${COMMIT:-1}" = 1 ]; then
       git add "$hinted" "$dropped" "${hinted%.jsonl}-summary.txt" "${hinted%.jsonl}-seconds"
