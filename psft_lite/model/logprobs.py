@@ -265,7 +265,8 @@ def reference_topk(
             zk = z.gather(1, top)
             lse[e], u, tot = _logsumexp_exp(z, inplace=True)  # bitwise the head's logsumexp: equal states, KL 0
             idx[e], lq[e] = top.to(torch.int32), zk - lse[e, None]
-            tail[e] = _tail_mass(u, top).div_(tot).clamp_min_(_TINY)
+            # the tail from p = u / s elementwise, as the fused head sums the model's: equal states, equal tails
+            tail[e] = _tail_mass(u.div_(tot[:, None]), top)
     return Reference(hidden=hidden, lse=lse, top_idx=idx, top_logq=lq, tail_q=tail)
 
 
