@@ -28,13 +28,13 @@ hinted="docs/study/$study/hinted.jsonl"
 runs=${RUNS:-../study-runs}/$study
 export OMP_NUM_THREADS=1
 py=${PYTHON:-python}
+dropped="${hinted%.jsonl}.dropped.jsonl"  # the rewrite's dropped rows, committed beside the kept ones
+done_rows() { cat "$hinted" "$dropped" 2>/dev/null | grep -c . || true; }  # problems rewritten so far, kept or not
 if [ "${unit%-p*}" = hint-data ]; then
   # Hinted Decoding's rewrite is data, committed once and read by every hint-idft unit. It is longer than one unit on
   # one fp32 core, so it runs in parts: hint-data-pK rewrites problems up to K x 100 of the 400 (parts p1..p4, in
   # order), resuming from the committed kept and dropped rows, and commits them; hint-data alone runs every part.
   if [ "$unit" = hint-data ]; then parts=(1 2 3 4); else parts=("${unit#hint-data-p}"); fi
-  dropped="${hinted%.jsonl}.dropped.jsonl"
-  done_rows() { cat "$hinted" "$dropped" 2>/dev/null | grep -c . || true; }
   for part in "${parts[@]}"; do
     case "$part" in 1|2|3|4) ;; *) echo "unknown part $unit (hint-data-p1 .. hint-data-p4)" >&2; exit 2 ;; esac
     upto=$(( part * 100 ))
@@ -70,7 +70,7 @@ fi
 if [ "$unit" = base ]; then
   args=(--methods base --seeds 0)
 elif [ "${unit#hint-}" != "$unit" ]; then  # hint-idft-sN: the method on the committed rewrite
-  [ "$(cat "$hinted" "${hinted%.jsonl}.dropped.jsonl" 2>/dev/null | grep -c .)" -ge 400 ] \
+  [ "$(done_rows)" -ge 400 ] \
     || { echo "the rewrite is not whole: run bench/study_unit.sh $study hint-data (or its parts p1..p4) first" >&2; exit 2; }
   method=${unit#hint-}
   args=(--methods "${method%-s*}" --seeds "${unit##*-s}" --no-base --sweep "data.train=$hinted")
