@@ -82,6 +82,8 @@ study-report: setup
 	  docs/study/forgetting-gemma3 --name gemma3-270m --doc docs/study.md --figures docs/study; fi
 	@if test -d docs/study/native/units; then $(BIN)/python -m psft_lite.study.report \
 	  docs/study/native --name native --doc docs/study.md --figures docs/study; fi
+	@if test -d docs/study/forgetting/units; then $(BIN)/python -m psft_lite.study.verdicts docs/study/forgetting \
+	  docs/study/forgetting-gemma3 --doc docs/study.md; fi
 
 # docs/retention.md's tables from the committed teeth-check records (bench/retention_teeth.sh makes the records)
 retention-docs: setup

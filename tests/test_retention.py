@@ -347,7 +347,7 @@ def test_eval_retention_on_a_run_and_on_a_plain_model_and_the_gate_exit_code(
 def test_the_retention_page_is_what_its_committed_records_generate():
     """docs/retention.md's tables (calibration, teeth checks, power) regenerate from docs/retention/teeth/ exactly,
     and the three checks show what they were built to show."""
-    from psft_lite.study.report import splice
+    from psft_lite.study.blocks import splice
     from psft_lite.study.retention_docs import blocks, read
 
     from conftest import ROOT

@@ -266,6 +266,7 @@ def _rec(method, seed, step, acc, general, transfer="00", kl_rows=((0.0, 4), (0.
 def test_report_reads_hand_written_records_exactly(tmp_path):
     """Levels and changes are seed means of the observed values; the change in general ability is paired with the
     base item by item; units' records are read with the folder's own; a later record of the same point wins."""
+    from psft_lite.study import curves as cv
     from psft_lite.study import report
 
     base = _rec("base", 0, 0, "0000", "11110000")
@@ -287,12 +288,12 @@ def test_report_reads_hand_written_records_exactly(tmp_path):
     curves, md = report.generate(tmp_path)
     (sft,) = curves
     assert sft.seeds == [0, 1] and sft.steps == [0, 25]
-    assert report.level(sft, "acc", 1).mean == pytest.approx(62.5)  # (50 + 75) / 2
-    g = report.change(sft, "general", 1)
+    assert cv.level(sft, "acc", 1).mean == pytest.approx(62.5)  # (50 + 75) / 2
+    g = cv.change(sft, "general", 1)
     assert g.mean == pytest.approx(0.0) and g.seeds == 2  # seed 0: -12.5 (one right→wrong), seed 1: +12.5
     # the t-interval over two seeds: mean 0, between-seed sd 17.7, so half-width t(1)·17.7/√2 = 159 points
     assert g.high == pytest.approx(12.706 * 17.678 / math.sqrt(2), rel=1e-3)
-    assert report.kl_at(sft, 1).mean == pytest.approx(0.05)  # seed 0: 0, seed 1: 1.0 / 10 nats per token
+    assert cv.kl_at(sft, 1).mean == pytest.approx(0.05)  # seed 0: 0, seed 1: 1.0 / 10 nats per token
     assert "| sft | 25 (0.25) | 2 | 62.5 [" in md and "| 0.5 / 0.5 |" in md  # mean right→wrong / wrong→right
 
 
@@ -302,7 +303,7 @@ def test_the_report_counts_the_taught_format_in_general_replies_from_the_committ
     a record whose replies are not committed, or whose study teaches no format, is left as it was."""
     import gzip
 
-    from psft_lite.study import report
+    from psft_lite.study import curves as cv
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "test.jsonl").write_text(
@@ -323,16 +324,16 @@ def test_the_report_counts_the_taught_format_in_general_replies_from_the_committ
         f.write("".join(json.dumps(d) + "\n" for d in details))
     recs = [_rec("sft", 0, 25, "1", "111"), _rec("sft", 0, 50, "1", "111")]
     (unit / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    got = {r["step"]: r["general"].get("leak") for r in report.read_records(tmp_path)}
+    got = {r["step"]: r["general"].get("leak") for r in cv.read_records(tmp_path)}
     assert got == {25: "10", 50: None}  # step 50's replies are not committed
 
     with gzip.open(unit / "evals" / "sft-s0-step25.jsonl.gz", "wt") as f:  # multiple-choice kinds only: no replies
         f.write("".join(json.dumps(d) + "\n" for d in [details[0], {"set": "general", "rows": general[:1]}]))
-    assert "leak" not in report.read_records(tmp_path)[0]["general"]
+    assert "leak" not in cv.read_records(tmp_path)[0]["general"]
 
     (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "1+1?", "completion": "#### 2"}) + "\n")
-    report._ROWS.clear()
-    assert "leak" not in report.read_records(tmp_path)[0]["general"]  # no taught format: nothing to count
+    cv._ROWS.clear()
+    assert "leak" not in cv.read_records(tmp_path)[0]["general"]  # no taught format: nothing to count
 
 
 def test_the_base_calibration_table_counts_each_kind_against_its_chance(tmp_path):
@@ -365,7 +366,8 @@ def test_the_base_calibration_table_counts_each_kind_against_its_chance(tmp_path
 def test_matched_comparisons_read_each_seed_between_its_measured_checkpoints(tmp_path):
     """At a matched in-domain accuracy each seed's change is interpolated between the two measured points that
     bracket the level (the base is step 0), the bracket is shown, and a method that never gets there says so."""
-    from psft_lite.study import report
+    from psft_lite.study import blocks, report
+    from psft_lite.study import curves as cv
 
     recs = [_rec("base", 0, 0, "0000", "1111")]
     recs += [_rec("sft", 0, 25, "1100", "1110"), _rec("sft", 0, 50, "1111", "1100")]  # 50 %: -25; 100 %: -50
@@ -374,28 +376,28 @@ def test_matched_comparisons_read_each_seed_between_its_measured_checkpoints(tmp
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     curves, md = report.generate(tmp_path)
     sft, kl = next(c for c in curves if c.label == "sft"), next(c for c in curves if c.label == "sft_kl")
-    m = report.at_level(sft, "acc", 50.0, "general")
+    m = cv.at_level(sft, "acc", 50.0, "general")
     assert m.estimate.mean == pytest.approx(-25.0) and m.brackets == {(0, 25)} and m.reached == 1
-    m = report.at_level(kl, "acc", 50.0, "general")  # halfway between 25 % (change 0) and 75 % (change -25)
+    m = cv.at_level(kl, "acc", 50.0, "general")  # halfway between 25 % (change 0) and 75 % (change -25)
     assert m.estimate.mean == pytest.approx(-12.5) and m.brackets == {(25, 50)}
-    d = report.at_level(kl, "acc", 50.0, "general", sft)
+    d = cv.at_level(kl, "acc", 50.0, "general", sft)
     assert d.estimate.mean == pytest.approx(12.5)  # sft_kl kept 12.5 points more at the same accuracy
-    assert report.levels(curves) == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]  # up to the lowest learning peak
+    assert cv.levels(curves) == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]  # up to the lowest learning peak
     assert "| 50 | psft-base | not reached | — | 0 of 1 | — |" in md
-    doc = f"intro\n{report.BEGIN}\nold\n{report.END}\nafter\n"
-    assert report.splice(doc, md) == f"intro\n{report.BEGIN}\n{md}{report.END}\nafter\n"
-    begin, end = report.markers("gemma3-270m")  # a second model's block: its own markers, the first left alone
+    doc = f"intro\n{blocks.BEGIN}\nold\n{blocks.END}\nafter\n"
+    assert blocks.splice(doc, md) == f"intro\n{blocks.BEGIN}\n{md}{blocks.END}\nafter\n"
+    begin, end = blocks.markers("gemma3-270m")  # a second model's block: its own markers, the first left alone
     both = f"{doc}{begin}\nold\n{end}\n"
-    assert report.splice(both, "new\n", "gemma3-270m") == f"{doc}{begin}\nnew\n{end}\n"
+    assert blocks.splice(both, "new\n", "gemma3-270m") == f"{doc}{begin}\nnew\n{end}\n"
     with pytest.raises(ValueError, match="no <!-- benchmark-report other:begin"):
-        report.splice(doc, md, "other")
+        blocks.splice(doc, md, "other")
 
 
 def test_report_intervals_cover_the_truth_about_95_percent_of_the_time():
     """Three seeds, 400 items each, a true change of -3 points with seed-to-seed variation: the interval of the mean
     change covers -3 in about 95 % of 300 simulated studies (within Monte Carlo error), and the point is the mean of
     the observed seed values."""
-    from psft_lite.study import report
+    from psft_lite.study import curves as cv
 
     rng = np.random.default_rng(0)
     covered = 0
@@ -405,12 +407,55 @@ def test_report_intervals_cover_the_truth_about_95_percent_of_the_time():
             p = 0.03 + rng.normal(0, 0.01)  # each seed forgets its own share
             general = "".join("0" if x else "1" for x in rng.random(400) < p)
             recs.append(_rec("sft", seed, 25, "1", general))
-        curves, _ = report.build_curves(recs)
-        e = report.change(curves[0], "general", 1)
+        curves, _ = cv.build_curves(recs)
+        e = cv.change(curves[0], "general", 1)
         observed = np.mean([100 * (np.mean(curves[0].bits["general"][s, 1]) - 1) for s in range(3)])
         assert e.mean == pytest.approx(observed)
         covered += e.low <= -3.0 <= e.high
     assert 0.90 <= covered / 300 <= 0.995, covered
+
+
+def _study(methods: dict[str, tuple[int, int]], seeds=(0, 1, 2)) -> list:
+    """Records of a two-checkpoint study over 10 in-domain and 40 general items (the base knows 20): per method, the
+    in-domain items right at step 100 and the general items it loses by then (seed s loses s more, so seeds differ).
+    Every method is at 50 % in-domain at step 50, with nothing lost."""
+    recs = [_rec("base", 0, 0, "0" * 10, "1" * 20 + "0" * 20)]
+    for name, (right, lost) in methods.items():
+        for s in seeds:
+            recs.append(_rec(name, s, 50, "1" * 5 + "0" * 5, "1" * 20 + "0" * 20))
+            gone = min(20, lost + s) if lost else 0
+            recs.append(_rec(name, s, 100, "1" * right + "0" * (10 - right), "0" * gone + "1" * (20 - gone) + "0" * 20))
+    return recs
+
+
+def test_the_default_follows_the_rule_from_the_records():
+    """The rule of docs/study.md, "How the default is chosen": a method that keeps what sft loses at the same learning
+    wins; one that does not learn the task is out however little it forgets; with nothing better the current default
+    stays only while it qualifies; a method worse on the second model is out; fewer than 3 seeds is provisional."""
+    from psft_lite.study import curves as cv
+    from psft_lite.study import verdicts as v
+
+    def rows(methods, seeds=(0, 1, 2)):
+        return v.rows(cv.build_curves(_study(methods, seeds))[0])
+
+    smol = rows({"sft": (10, 10), "sft_kl": (10, 10), "keeps": (10, 0), "idle": (2, 0)})
+    by = {r.label: r for r in smol}
+    assert by["keeps"].level == 100.0 and by["keeps"].primary == "better"  # both reach 100 % in-domain
+    assert by["keeps"].general.mean == pytest.approx(27.5)  # sft loses 10, 11, 12 of the 40 items over its seeds
+    assert by["sft_kl"].primary == "no difference shown" and by["sft_kl"].learns
+    assert not by["idle"].learns and by["idle"].learned.mean == pytest.approx(-80.0)
+    d = v.decide({"smollm2": smol})
+    assert (d.choice, d.provisional) == ("keeps", False)
+
+    same = rows({"sft": (10, 10), "sft_kl": (10, 10), "idle": (2, 0)})
+    assert v.decide({"smollm2": same}).choice == "sft_kl"  # nothing better: the current default stays
+    assert v.decide({"smollm2": rows({"sft": (10, 10), "sft_kl": (2, 0)})}).choice == "sft"  # it does not learn
+
+    worse = rows({"sft": (10, 0), "keeps": (10, 10)})  # on the second model it loses what sft keeps
+    assert v.decide({"smollm2": smol, "gemma": worse}).choice == "sft_kl"
+    early = v.decide({"smollm2": rows({"sft": (10, 10), "keeps": (10, 0)}, seeds=(0, 1))})
+    assert early.provisional and early.choice == "sft"  # two seeds: t(1) = 12.7 leaves +27.5 points unproven
+    assert "**Provisional**" in v.decision_markdown(early, {"smollm2": []})
 
 
 #: the committed benchmark studies: folder under docs/study → the name of its block in docs/study.md
@@ -421,21 +466,40 @@ STUDIES = {"forgetting": "", "forgetting-gemma3": "gemma3-270m", "native": "nati
 def test_the_committed_study_page_is_what_the_committed_records_generate(folder):
     """docs/study.md's benchmark blocks are exactly `make study-report`'s output on docs/study/benchmark (and the
     Gemma repeat's folder): no number on the page was typed by hand or left behind by newer records."""
-    from psft_lite.study import report
+    from psft_lite.study import blocks, report
 
     root = Path(__file__).resolve().parent.parent
     if not (root / "docs" / "study" / folder).exists():
         pytest.skip(f"no committed records in docs/study/{folder} yet")
     _, generated = report.generate(root / "docs" / "study" / folder)
     doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
-    assert report.splice(doc, generated, STUDIES[folder]) == doc, "docs/study.md is stale: run `make study-report`"
+    assert blocks.splice(doc, generated, STUDIES[folder]) == doc, "docs/study.md is stale: run `make study-report`"
+
+
+def test_the_committed_default_outcome_is_what_the_rule_reads_from_the_committed_records():
+    """docs/study.md's "How the default is chosen" block is the rule applied to the committed SmolLM2 and Gemma
+    records, exactly as `make study-report` writes it."""
+    from psft_lite.study import blocks, verdicts
+
+    root = Path(__file__).resolve().parent.parent
+    folders = [root / "docs" / "study" / f for f in ("forgetting", "forgetting-gemma3")]
+    models = {f.name: verdicts.rows(cv_curves(f)) for f in folders if f.exists()}
+    generated = verdicts.decision_markdown(verdicts.decide(models), models)
+    doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
+    assert blocks.splice(doc, generated, verdicts.BLOCK) == doc, "docs/study.md is stale: run `make study-report`"
+
+
+def cv_curves(folder: Path) -> list:
+    from psft_lite.study import curves as cv
+
+    return cv.build_curves(cv.read_records(folder))[0]
 
 
 def test_every_benchmark_figure_the_readme_quotes_is_in_the_generated_tables():
     """README's "Which objective?" quotes the benchmark as `value [low, high]`; each such figure must appear in a row
     of docs/study.md's generated block (the same measure may sit in any column), so a stale quote fails here. (It
     quotes none while the benchmark's units are being run.)"""
-    from psft_lite.study import report
+    from psft_lite.study import blocks
 
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text(encoding="utf-8")
@@ -443,7 +507,7 @@ def test_every_benchmark_figure_the_readme_quotes_is_in_the_generated_tables():
     section = section[: section.index("\n## ", 3)]
     quoted = re.findall(r"([+-]?\d+\.\d+) \[([+-]?\d+\.\d+), ([+-]?\d+\.\d+)\]", section)
     doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
-    blocks = [doc[doc.index(b) : doc.index(e)] for b, e in map(report.markers, STUDIES.values()) if b in doc]
-    block = "\n".join(blocks)
+    parts = [doc[doc.index(b) : doc.index(e)] for b, e in map(blocks.markers, STUDIES.values()) if b in doc]
+    block = "\n".join(parts)
     for value, low, high in quoted:
         assert f"{value} [{low}, {high}]" in block, f"README quotes {value} [{low}, {high}], not in docs/study.md"

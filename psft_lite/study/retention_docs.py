@@ -13,7 +13,7 @@ from typing import Any
 
 from psft_lite.core.files import atomic_write_text
 from psft_lite.core.stats import detectable_drop
-from psft_lite.study.report import splice
+from psft_lite.study.blocks import splice
 
 CHECKS = {  # folder → what the run was built to show
     "damaged": "sft at lr 1e-2 on 400 problems in a new format, 100 steps, loss watchdog off: built to damage",

@@ -25,8 +25,9 @@ from psft_lite.core.files import atomic_write_text
 from psft_lite.core.rundir import list_checkpoints
 from psft_lite.model import loading
 from psft_lite.recipe.schema import Recipe, parse_override, recipe_from_dict
+from psft_lite.study.curves import latest_results
 from psft_lite.study.methods import METHODS, PROBE, Cell, _fmt, reads
-from psft_lite.study.report import latest_results, plot_study, report_tables
+from psft_lite.study.report import plot_study, report_tables
 from psft_lite.tracking.metrics import read_metrics
 
 if TYPE_CHECKING:
