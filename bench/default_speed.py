@@ -10,7 +10,10 @@ Every configuration trains the embedded SmolLM2-135M-Instruct, LoRA r16 all-line
 (so sft_kl-cached's reference cache is full and measured steps read it); then each round times one step of every
 configuration in turn. Printed per configuration: the median step time and, paired with sft's step of the same round,
 the median ratio with its range; and the peak RSS of the whole process (shared: the per-configuration memory of
-bench/train_step.py, which runs each configuration in its own process).
+bench/train_step.py, which runs each configuration in its own process). For a configuration that runs the base's
+forward in its measured steps (a first epoch), also where that time goes, in sft steps: the base's forward through
+the model (adapter off, no gradient) and the base's head with its top-k, so the first epoch's cost can be set against
+its floor (the forward's FLOPs).
 """
 
 from __future__ import annotations
@@ -28,6 +31,34 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from train_step import BATCH, CONFIGS, peak_mb, synthetic_rows  # noqa: E402
+
+
+class Timed:
+    """Seconds spent in `scoring.base_reference` and, within it, in the base's head and top-k, while active."""
+
+    def __init__(self) -> None:
+        from psft_lite.model import scoring
+
+        self.scoring, self.total, self.head = scoring, 0.0, 0.0
+        self.reference, self.topk = scoring.base_reference, scoring.reference_topk
+
+    def _wrap(self, fn, field: str):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+
+        return timed
+
+    def __enter__(self) -> Timed:
+        self.scoring.base_reference = self._wrap(self.reference, "total")
+        self.scoring.reference_topk = self._wrap(self.topk, "head")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.scoring.base_reference, self.scoring.reference_topk = self.reference, self.topk
 
 
 def build_run(name: str, data: Path, workdir: Path, steps: int):
@@ -81,11 +112,14 @@ def main() -> None:
                 train_step(r, step)
             print(f"warmed up {n}", file=sys.stderr, flush=True)
         times: dict[str, list[float]] = {n: [] for n in names}
+        parts: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
         for k in range(args.rounds):
             for n in names:
-                t0 = time.perf_counter()
-                train_step(runs[n], epoch + k)
-                times[n].append(time.perf_counter() - t0)
+                with Timed() as spent:
+                    t0 = time.perf_counter()
+                    train_step(runs[n], epoch + k)
+                    times[n].append(time.perf_counter() - t0)
+                parts[n].append((spent.total - spent.head, spent.head))
         r0 = runs["sft"]
         dtype = str(r0.dtype).removeprefix("torch.")
         tokens = sum(r0.data.totals(epoch)[2] for _ in [0])
@@ -111,6 +145,15 @@ def main() -> None:
             f"{n:<20} {med:>16.2f} {tokens / med:>9.0f} {statistics.median(ratios):>15.2f} "
             f"{min(ratios):>6.2f}–{max(ratios):<6.2f}"
         )
+    split = [n for n in names if any(f for f, _ in parts[n])]
+    if split:
+        print("\nthe base's reference in the measured steps, in sft steps of the same round (median):")
+        print(f"{'configuration':<20} {'base forward':>13} {'base head + top-k':>18}")
+    for n in split:
+        fwd = statistics.median(f / b for (f, _), b in zip(parts[n], times["sft"]))
+        head = statistics.median(h / b for (_, h), b in zip(parts[n], times["sft"]))
+        out[n].update({"base_forward_x_sft": fwd, "base_head_x_sft": head})
+        print(f"{n:<20} {fwd:>13.3f} {head:>18.3f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 
