@@ -80,12 +80,23 @@ fi
 # sft_kl and asft with the exact KL over the full vocabulary, as the first units ran them (before the top-k
 # reference became the default): every seed of a method runs one objective
 args+=(--set objective.reference_top_k=0)
+# the unit's compute across stops: a stopped attempt's time (its heartbeat, to the minute) is kept beside the run
+# folder and added to the last attempt's, so `seconds` is the whole unit's and the plan's actual is summed from it
+mkdir -p "$runs"
+spent="$runs/$unit.seconds-earlier" beat="$runs/$unit.seconds-this"
+if [ -f "$beat" ]; then cat "$beat" >> "$spent"; rm -f "$beat"; fi
 start=$(date +%s)
+( while sleep 60 && kill -0 $$ 2>/dev/null; do echo "$(( $(date +%s) - start ))" > "$beat"; done ) &
+heartbeat=$!
+trap 'kill $heartbeat 2>/dev/null || true' EXIT
 "$py" -m psft_lite study "$recipe" "${args[@]}" --limit 320 --max-new-tokens 128 --out "$runs/$unit" "$@"
 "$py" -m psft_lite.study.report "$records/$unit" --collect "$runs/$unit" --only-collect
-echo "$(( $(date +%s) - start ))" > "$records/$unit/seconds"
+kill $heartbeat 2>/dev/null || true
+earlier=$(awk '{ s += $1 } END { print s + 0 }' "$spent" 2>/dev/null || echo 0)
+echo "$(( $(date +%s) - start + earlier ))" > "$records/$unit/seconds"
+rm -f "$beat" "$spent"
 if [ "${COMMIT:-1}" = 1 ]; then
   git add "$records/$unit"
-  git commit -q -m "Study records: $study unit $unit ($(( ($(date +%s) - start) / 60 )) min on one core)" -- "$records/$unit"
+  git commit -q -m "Study records: $study unit $unit ($(( $(cat "$records/$unit/seconds") / 60 )) min on one core)" -- "$records/$unit"
   echo "$study/$unit: committed"
 fi

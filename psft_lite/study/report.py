@@ -292,8 +292,8 @@ def compute_line(folder: Path) -> str:
     units = f"{len(times)} committed unit{'s' if len(times) > 1 else ''}"
     return (
         f"\nCompute of the {units}: {sum(times.values()) / 3600:.1f} core-hours ({each}): the wall time of each "
-        "unit's command on one core, from its `seconds` file (a unit resumed after a stop records only its last "
-        "part).\n"
+        "unit's command on one core, from its `seconds` file (every attempt of a unit stopped and resumed, to the "
+        "minute; a unit committed before 2026-12-07 that was resumed records only its last attempt).\n"
     )
 
 
