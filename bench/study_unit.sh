@@ -86,7 +86,7 @@ mkdir -p "$runs"
 spent="$runs/$unit.seconds-earlier" beat="$runs/$unit.seconds-this"
 if [ -f "$beat" ]; then cat "$beat" >> "$spent"; rm -f "$beat"; fi
 start=$(date +%s)
-( while sleep 60 && kill -0 $$ 2>/dev/null; do echo "$(( $(date +%s) - start ))" > "$beat"; done ) &
+( while sleep 60 && kill -0 $$ 2>/dev/null; do echo "$(( $(date +%s) - start ))" > "$beat"; done ) >/dev/null 2>&1 &
 heartbeat=$!
 trap 'kill $heartbeat 2>/dev/null || true' EXIT
 "$py" -m psft_lite study "$recipe" "${args[@]}" --limit 320 --max-new-tokens 128 --out "$runs/$unit" "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -456,6 +457,50 @@ def test_the_default_follows_the_rule_from_the_records():
     early = v.decide({"smollm2": rows({"sft": (10, 10), "keeps": (10, 0)}, seeds=(0, 1))})
     assert early.provisional and early.choice == "sft"  # two seeds: t(1) = 12.7 leaves +27.5 points unproven
     assert "**Provisional**" in v.decision_markdown(early, {"smollm2": []})
+
+
+def test_a_study_unit_commits_once_and_counts_the_compute_of_every_attempt(tmp_path):
+    """bench/study_unit.sh: a unit's `seconds` adds a stopped attempt's time (its heartbeat, left beside the run
+    folder) to the last attempt's, the records are committed, and a committed unit is skipped. `psft-lite study` is a
+    stub here: the unit's logic is the script's."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(root / "bench" / "study_unit.sh", repo / "bench")
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"  # the collect step writes the unit's record; the study itself does nothing
+        'if [ "$2" = psft_lite.study.report ]; then mkdir -p "$3" && echo "{}" > "$3/results.jsonl"; fi\n'
+    )
+    stub.chmod(0o755)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+    runs = tmp_path / "runs"
+    (runs / "forgetting").mkdir(parents=True)
+    (runs / "forgetting" / "sft-s0.seconds-earlier").write_text("120\n")  # an attempt before that one
+    (runs / "forgetting" / "sft-s0.seconds-this").write_text("600\n")  # the stopped attempt's last heartbeat
+    env = {**os.environ, "PYTHON": str(stub), "RUNS": str(runs), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
+    env.update(GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def unit():
+        return subprocess.run(
+            ["bash", "bench/study_unit.sh", "forgetting", "sft-s0"], cwd=repo, env=env, capture_output=True, text=True
+        )
+
+    out = unit()
+    assert out.returncode == 0, out.stderr
+    assert "forgetting/sft-s0: committed" in out.stdout
+    seconds = int((repo / "docs/study/forgetting/units/sft-s0/seconds").read_text())
+    assert 720 <= seconds < 780  # 120 + 600 + this attempt's few seconds
+    assert not list((runs / "forgetting").glob("sft-s0.seconds-*"))  # counted once
+    log = subprocess.run(["git", "log", "--format=%s", "-1"], cwd=repo, capture_output=True, text=True).stdout
+    assert log.startswith("Study records: forgetting unit sft-s0 (12 min on one core)")
+    assert "already committed, skipped" in unit().stdout
 
 
 #: the committed benchmark studies: folder under docs/study → the name of its block in docs/study.md
