@@ -220,8 +220,10 @@ def _combine(values: list[tuple[float, float]]) -> Estimate:
 
 
 def level(c: Curve, key: str, j: int) -> Estimate:
-    """The measure at point j, across the seeds evaluated there."""
-    return _combine([_mean_se(c.bits[key][s, j]) for s in c.present(j)])
+    """The measure at point j (a share, in %), across the seeds evaluated there; its interval kept within 0–100 % (a
+    t-interval over two or three seeds can reach past the range, and the share cannot)."""
+    e = _combine([_mean_se(c.bits[key][s, j]) for s in c.present(j)])
+    return Estimate(e.mean, max(e.low, 0.0), min(e.high, 100.0), e.seeds) if e.seeds else e
 
 
 def change(c: Curve, key: str, j: int) -> Estimate:
@@ -257,7 +259,7 @@ def kl_at(c: Curve, j: int) -> Estimate:
         resid = (sums - r * n) / n.mean()
         vals.append((float(r), float(resid.std() / math.sqrt(len(n)))))
     mean, lo, hi = seed_interval([v for v, _ in vals], [se for _, se in vals])
-    return Estimate(mean, lo, hi, len(vals))
+    return Estimate(mean, max(lo, 0.0), hi, len(vals))  # a KL is never negative
 
 
 @dataclass
