@@ -527,17 +527,9 @@ def test_the_committed_default_outcome_is_what_the_rule_reads_from_the_committed
     from psft_lite.study import blocks, verdicts
 
     root = Path(__file__).resolve().parent.parent
-    folders = [root / "docs" / "study" / f for f in ("forgetting", "forgetting-gemma3")]
-    models = {f.name: verdicts.rows(cv_curves(f)) for f in folders if f.exists()}
-    generated = verdicts.decision_markdown(verdicts.decide(models), models)
+    generated = verdicts.outcome([root / "docs" / "study" / f for f in ("forgetting", "forgetting-gemma3")])
     doc = (root / "docs" / "study.md").read_text(encoding="utf-8")
     assert blocks.splice(doc, generated, verdicts.BLOCK) == doc, "docs/study.md is stale: run `make study-report`"
-
-
-def cv_curves(folder: Path) -> list:
-    from psft_lite.study import curves as cv
-
-    return cv.build_curves(cv.read_records(folder))[0]
 
 
 def test_every_benchmark_figure_the_readme_quotes_is_in_the_generated_tables():
