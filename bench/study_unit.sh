@@ -80,6 +80,9 @@ fi
 # sft_kl and asft with the exact KL over the full vocabulary, as the first units ran them (before the top-k
 # reference became the default): every seed of a method runs one objective
 args+=(--set objective.reference_top_k=0)
+# fp32 on every machine: bf16 (model.dtype = auto on a CPU with avx512_bf16) changes greedy answers, and every unit
+# committed before this line ran on fp32 CPUs, so every seed of every method runs one computation
+args+=(--set model.dtype=fp32)
 # the unit's compute across stops: a stopped attempt's time (its heartbeat, to the minute) is kept beside the run
 # folder and added to the last attempt's, so `seconds` is the whole unit's and the plan's actual is summed from it
 mkdir -p "$runs"
