@@ -102,9 +102,17 @@ def default_out(info: AdapterInfo) -> Path:
     return info.path.with_name(info.path.name + "-merged")
 
 
+# The floor is one largest error over a few hundred positions x the vocabulary; the merged model's rounding is another
+# draw of the same size, and its largest error came out 0.84x and 1.68x the floor on two bf16 runs (the quickstart;
+# the README's 10-step Python example). A merge that loses the delta moves the quickstart's logits by 29.8, 15x the
+# floor, so 2.5x keeps the check's teeth while a correct bf16 merge passes.
+FLOOR_MARGIN = 2.5
+
+
 def check_merged(folder: Path, out_dtype: torch.dtype, device: torch.device, batch: dict, refs: References) -> dict:
     """Reload the written folder with plain transformers and compare its logits with the adapter model's. The
-    tolerance: round-off, plus what the output precision alone costs (`dtype_noise_floor`)."""
+    tolerance: round-off, plus what the output precision alone costs (`dtype_noise_floor`, the adapter model's own
+    largest error in that precision) times `FLOOR_MARGIN`."""
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(folder, dtype=out_dtype).to(device)
@@ -118,7 +126,7 @@ def check_merged(folder: Path, out_dtype: torch.dtype, device: torch.device, bat
         "max_abs_dlogit": d_trained,
         "greedy_agreement": agree,
         "max_abs_dlogit_vs_fp32": d_exact,
-        "tolerance": 1e-3 + 1e-4 * float(refs.exact.abs().max()) + 1.5 * floor,
+        "tolerance": 1e-3 + 1e-4 * float(refs.exact.abs().max()) + FLOOR_MARGIN * floor,
         "dtype_noise_floor": floor,
         "positions": int(mask.sum()),
     }
