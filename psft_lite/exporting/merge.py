@@ -104,8 +104,8 @@ def default_out(info: AdapterInfo) -> Path:
 
 # The floor is one largest error over a few hundred positions x the vocabulary; the merged model's rounding is another
 # draw of the same size, and its largest error came out 0.84x and 1.68x the floor on two bf16 runs (the quickstart;
-# the README's 10-step Python example). A merge that loses the delta moves the quickstart's logits by 29.8, 15x the
-# floor, so 2.5x keeps the check's teeth while a correct bf16 merge passes.
+# the README's 10-step Python example). A merge that loses the delta moves their logits by 15x and 19x the floor,
+# so 2.5x keeps the check's teeth while a correct bf16 merge passes (`python bench/merge_margin.py RUN`).
 FLOOR_MARGIN = 2.5
 
 
