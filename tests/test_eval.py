@@ -84,6 +84,10 @@ def test_a_right_answer_scores_right_and_a_wrong_one_wrong_end_to_end(tiny_model
     assert summaries["arith"]["accuracy"] == 0.5 and preds["arith"][3]["extracted"] is None
     assert math.isfinite(summaries["arith"]["mean_nll"])
 
+    fake = iter([Generation(a, 5, True, 0.5) for a in answers * 2])
+    named, _ = ev.evaluate_sets(loaded, {"arith": items, "other": items}, max_new_tokens=8, nll=("other",))
+    assert "mean_nll" not in named["arith"] and named["other"]["mean_nll"] == summaries["arith"]["mean_nll"]
+
 
 def test_eval_end_to_end_writes_summary_and_predictions(tmp_path, tiny_model_dir):
     from psft_lite.inference.evaluate import write_outputs

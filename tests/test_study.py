@@ -70,6 +70,7 @@ def test_study_evaluates_every_epoch_resumes_and_reports(tmp_path, tiny_model_di
     sft2 = next(r for r in results if r["method"] == "sft" and r["epoch"] == 2)
     assert base["probe"]["kl_to_base"] == 0.0 and sft2["probe"]["kl_to_base"] > 0  # the adapter moved the model
     assert sft2["probe"]["mean_nll"] != base["probe"]["mean_nll"]
+    assert "mean_nll" not in sft2["in_domain"]  # a teacher-forced pass the report never reads: skipped
     assert sft2["train_entropy"] is not None and sft2["in_domain"]["n"] == 3
 
     run_study(recipe, ["sft", "psft-base"], [0], out, limit=3, max_new_tokens=4, console=QUIET)  # all done: no-op

@@ -303,14 +303,16 @@ def evaluate_sets(
     top_p: float = 1.0,
     max_new_tokens: int = 512,
     batch_size: int = 16,
-    nll: bool = True,
+    nll: bool | tuple[str, ...] = True,
     kl_sets: tuple[str, ...] = (),
     console: Console | None = None,
     base_cache: dict | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """The one way psft-lite evaluates a model on named sets (`psft-lite eval`, `study`, the in-training eval):
-    per set, (summary, predictions); sets named in `kl_sets` also get `kl_to_base`. With a console, a progress bar
-    over every generation. `base_cache`: see `retention_scores`."""
+    per set, (summary, predictions); sets named in `kl_sets` also get `kl_to_base`. `nll`: every set's reference NLL
+    (True), none (False), or only the named sets' — it is a teacher-forced pass over every reference answer, a quarter
+    of a set's time, so a caller that reads it on one set names that one. With a console, a progress bar over every
+    generation. `base_cache`: see `retention_scores`."""
     summaries: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[dict[str, Any]]] = {}
     to_generate = {name: items for name, items in sets.items() if not is_retention_set(items)}
@@ -329,7 +331,7 @@ def evaluate_sets(
                 max_new_tokens,
                 batch_size,
                 progress=advance,
-                nll=nll,
+                nll=nll if isinstance(nll, bool) else name in nll,
             )
             if name in kl_sets:
                 summaries[name]["kl_to_base"] = kl_to_base(loaded, items)

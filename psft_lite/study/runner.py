@@ -42,12 +42,13 @@ def evaluate_model(
     base_cache: dict | None = None,
     general: list[SuiteItem] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """(scores, details) of one model. Scores: accuracy, generation entropy and reference NLL on each set (its first
-    `limit` problems), the KL to the base on the probe and retention sets, and what a bootstrap resamples — per
-    generated problem a 0/1 string (`correct`; for a taught-format set also `format_used`, `answer_right`), a
-    retention set's per-prompt KL, and with `general` (suite items) the retention suite's 0/1 per item
-    (`general.right`, the base's results cached per base model); `eval_seconds`, the wall time of the sets and of the
-    suite. Details: every generation and every suite answer, for the record."""
+    """(scores, details) of one model. Scores: accuracy and generation entropy on each set (its first `limit`
+    problems), the reference NLL and the KL to the base on the probe (the only set whose NLL the report reads), NLL
+    and KL on retention sets, and what a bootstrap resamples — per generated problem a 0/1 string (`correct`; for a
+    taught-format set also `format_used`, `answer_right`), a retention set's per-prompt KL, and with `general` (suite
+    items) the retention suite's 0/1 per item (`general.right`, the base's results cached per base model);
+    `eval_seconds`, the wall time of the sets and of the suite. Details: every generation and every suite answer,
+    for the record."""
     from psft_lite.inference import retention
     from psft_lite.inference.evaluate import evaluate_sets, taught_openings
     from psft_lite.inference.generate import load_model
@@ -56,7 +57,13 @@ def evaluate_model(
     t0 = time.perf_counter()
     firsts = {name: items[:limit] for name, items in sets.items()}
     summaries, predictions = evaluate_sets(
-        loaded, firsts, max_new_tokens=max_new_tokens, batch_size=32, kl_sets=(PROBE,), base_cache=base_cache
+        loaded,
+        firsts,
+        max_new_tokens=max_new_tokens,
+        batch_size=32,
+        nll=(PROBE,),  # the report reads the reference NLL only on the probe
+        kl_sets=(PROBE,),
+        base_cache=base_cache,
     )
     keep = ("accuracy", "mean_entropy", "mean_nll", "n", "kl_to_base", "rows", "finished")
     keep += ("format_rate", "answer_accuracy", "kl_rows")
@@ -66,7 +73,7 @@ def evaluate_model(
         for flag in ("correct", "format_used", "answer_right"):
             if preds and flag in preds[0]:
                 out[name][flag] = "".join("1" if p[flag] else "0" for p in preds)
-    seconds = {"sets": round(time.perf_counter() - t0, 1)}  # what each part cost: a plan's units are sized by it
+    seconds = {"sets": round(time.perf_counter() - t0, 2)}  # what each part cost: a plan's units are sized by it
     if general is not None:
         verdict = retention.evaluate_retention(loaded, general, kl_prompts=0, taught=taught_openings(sets))
         run = verdict.after
@@ -75,7 +82,7 @@ def evaluate_model(
             {"id": it.id, "kind": it.kind, "right": ok, "answer": answer}
             for it, ok, answer in zip(run.items, run.right, run.answers)
         ]
-        seconds["general"] = round(verdict.seconds, 1)
+        seconds["general"] = round(verdict.seconds, 2)
     return {**out, "eval_seconds": seconds}, details
 
 
