@@ -86,6 +86,13 @@ def test_psft_with_k1_warns_and_run_dir_defaults_to_recipe_name(tmp_path):
     assert any("exactly SFT" in w for w in r.warnings())
     r = recipe_from_dict({"data": {"train": "x.jsonl"}, "objective": {"kind": "sft", "clip_high": 0.5}})
     assert any("objective.clip_high only applies to kind = 'psft'" in w for w in r.warnings())
+    # a key two kinds read is one warning naming both, not two that each say "only"
+    r = recipe_from_dict({"data": {"train": "x.jsonl"}, "objective": {"kind": "psft", "reference_top_k": 20}})
+    topk = [w for w in r.warnings() if "reference_top_k" in w]
+    assert topk == [
+        "objective.reference_top_k only applies to kind = 'sft_kl' or 'asft' (this recipe's kind is 'psft') and is "
+        "ignored."
+    ]
     p = tmp_path / "my-run.toml"
     p.write_text('[data]\ntrain = "x.jsonl"\n')
     assert load_recipe(p).run_dir == Path("runs/my-run")

@@ -561,14 +561,24 @@ class Recipe(Section):
                 f"lora.dropout = {self.lora.dropout} with psft: the old and current policy see different dropout "
                 "masks, so ratios differ from 1 even right after a refresh. Set lora.dropout = 0."
             )
+        # One warning per set of kinds that read the ignored keys: a key two kinds share (reference_top_k) names both
+        # kinds in one line rather than two lines that each say "only".
         defaults, reads = ObjectiveSection(), OBJECTIVES[o.kind].keys
+        readers: dict[str, list[str]] = {}
         for kind, spec in OBJECTIVES.items():
-            changed = [k for k in spec.keys if k not in reads and getattr(o, k) != getattr(defaults, k)]
-            if kind != o.kind and changed:
-                applies, is_ = ("applies", "is") if len(changed) == 1 else ("apply", "are")
-                out.append(
-                    f"objective.{', objective.'.join(changed)} only {applies} to kind = '{kind}' and {is_} ignored."
-                )
+            for k in spec.keys:
+                if k not in reads and getattr(o, k) != getattr(defaults, k):
+                    readers.setdefault(k, []).append(kind)
+        grouped: dict[tuple[str, ...], list[str]] = {}
+        for key, kinds in readers.items():
+            grouped.setdefault(tuple(kinds), []).append(key)
+        for kinds, changed in grouped.items():
+            applies, is_ = ("applies", "is") if len(changed) == 1 else ("apply", "are")
+            to = " or ".join(f"'{k}'" for k in kinds)
+            out.append(
+                f"objective.{', objective.'.join(changed)} only {applies} to kind = {to} "
+                f"(this recipe's kind is '{o.kind}') and {is_} ignored."
+            )
         return out
 
     def to_toml(self) -> str:
