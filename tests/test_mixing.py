@@ -196,3 +196,62 @@ def test_self_replay_generates_once_caches_and_trains_the_answers_as_assistant_t
 
 def finished_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["finished"]]
+
+
+def test_a_base_model_that_rarely_ends_a_turn_replays_its_cut_answers_up_to_the_cut(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """`data.replay.unfinished`: with no finished answer, the default refuses before training and names the key; with
+    "train", every cut answer is trained as far as the model wrote it — its own tokens, no end of turn — and a few
+    steps train on them."""
+    from psft_lite.inference import replay
+
+    monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in ["Tell me about rivers.", "Describe a cat."]])
+    rows = [
+        {
+            "prompt": "Tell me about rivers.",
+            "completion": "Rivers carry water from the hills to the sea, and",
+            "finished": False,
+        },
+        {
+            "prompt": "Describe a cat.",
+            "completion": "A cat is a small furry animal with whiskers that",
+            "finished": False,
+        },
+    ]
+
+    def base_answers(loaded, prompts, data, path, console=None):  # the base's answers, as a base model writes them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return 0.0
+
+    monkeypatch.setattr(replay, "generate_answers", base_answers)
+    data = {"replay": {"ratio": 0.25, "prompts": str(prompts), "max_new_tokens": 12}}
+    train = {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4}
+    code, _, err = run_cli(capsys, "train", str(make_recipe(tmp_path / "a", tiny_model_dir, data=data, train=train)))
+    assert code == 2 and 'data.replay.unfinished = "train"' in " ".join(err.split()), err
+    assert "Traceback" not in err and not (tmp_path / "a" / "run").exists()
+
+    data["replay"]["unfinished"] = "train"
+    recipe = make_recipe(tmp_path / "b", tiny_model_dir, data=data, train=train)
+    import io
+
+    from rich.console import Console
+
+    said = io.StringIO()
+    run = build(load_recipe(recipe), Console(file=said, width=300))
+    assert (
+        "0 ended within data.replay.max_new_tokens = 12; the 2 cut by it are trained up to the cut" in said.getvalue()
+    )
+    replayed = [e for e in run.examples if e.where.startswith("self-replay")]
+    assert len(replayed) == 2
+    for ex, row in zip(replayed, rows):
+        assert run.tokenizer.decode(ex.ids[ex.mask]) == row["completion"]  # no <|im_end|>: the model never wrote it
+        assert ex.mask[-1] and ex.ids[-1] not in run.tokenizer.all_special_ids  # nothing after its last own token
+    code, _, err = run_cli(capsys, "train", str(recipe))
+    assert code == 0, err
+    metrics = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2] and all(
+        math.isfinite(m["loss"]) for m in metrics if "loss" in m
+    )

@@ -115,19 +115,25 @@ def _segments(tokenizer: Any, messages: list[Message], where: str) -> list[tuple
 
 
 def encode(
-    tokenizer: Any, messages: list[Message], where: str, special_ids: set[int]
+    tokenizer: Any, messages: list[Message], where: str, special_ids: set[int], open_end: bool = False
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Token ids and trained-token mask of one conversation; the bool says whether an eos token had to be appended."""
+    """Token ids and trained-token mask of one conversation; the bool says whether an eos token had to be appended.
+
+    `open_end`: the last reply was cut by a length limit, so it ends at its last own token — the end of turn the
+    template would add (and anything after it) is left out, since the model never wrote it."""
     ids: list[int] = []
     mask: list[bool] = []
     appended = False
     for text, trained in _segments(tokenizer, messages, where):
         seg = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if trained and seg and seg[-1] not in special_ids and tokenizer.eos_token_id is not None:
+        if trained and not open_end and seg and seg[-1] not in special_ids and tokenizer.eos_token_id is not None:
             seg = [*seg, tokenizer.eos_token_id]
             appended = True
         ids += seg
         mask += [trained] * len(seg)
+    if open_end:
+        own = [i for i, (tid, m) in enumerate(zip(ids, mask)) if m and tid not in special_ids]
+        ids, mask = ids[: own[-1] + 1 if own else 0], mask[: own[-1] + 1 if own else 0]
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool), appended
 
 
@@ -145,13 +151,15 @@ def encode_all(
     max_length: int,
     truncation: str,
     progress: Any = None,
+    open_end: bool = False,
 ) -> tuple[list[Example], EncodeStats]:
-    """Encode (messages, where) pairs, applying the length policy; returns the kept examples and counts."""
+    """Encode (messages, where) pairs, applying the length policy; returns the kept examples and counts.
+    `open_end`: every last reply was cut by a length limit (see `encode`)."""
     stats = EncodeStats(rows=len(conversations))
     special = special_token_ids(tokenizer)
     out: list[Example] = []
     for messages, where in conversations:
-        ids, mask, appended = encode(tokenizer, messages, where, special)
+        ids, mask, appended = encode(tokenizer, messages, where, special, open_end)
         stats.eos_appended += appended
         if len(ids) > max_length:
             if truncation == "error":

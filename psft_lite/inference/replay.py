@@ -96,9 +96,10 @@ def generate_answers(loaded: Any, prompts: list[str], data: Any, path: Path, con
     return time.perf_counter() - t0
 
 
-def conversations(rows: list[dict[str, Any]], data: Any) -> list[tuple[list[dict[str, str]], str]]:
-    """The finished answers as chat conversations to train (an answer cut by the length limit would teach the model
-    to stop mid-sentence, so it is left out)."""
+def conversations(
+    rows: list[dict[str, Any]], data: Any, finished: bool = True
+) -> list[tuple[list[dict[str, str]], str]]:
+    """The finished answers (or, with `finished=False`, those cut by the length limit) as chat conversations."""
     system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
     return [
         (
@@ -106,5 +107,22 @@ def conversations(rows: list[dict[str, Any]], data: Any) -> list[tuple[list[dict
             f"self-replay #{i + 1}",
         )
         for i, r in enumerate(rows)
-        if r.get("finished") and r.get("completion", "").strip()
+        if bool(r.get("finished")) == finished and r.get("completion", "").strip()
     ]
+
+
+def encode_answers(tokenizer: Any, rows: list[dict[str, Any]], data: Any) -> tuple[list[Any], Any]:
+    """The replay answers as training examples, with their counts. A finished answer is trained with its end of turn;
+    one cut by `data.replay.max_new_tokens` would teach the model to stop mid-sentence that way, so it is dropped —
+    unless `data.replay.unfinished = "train"`, which trains it up to the cut and no further (for a base model that
+    rarely ends a chat turn, whose finished answers are too few to replay)."""
+    from psft_lite.data import total_stats
+    from psft_lite.data.tokenize import encode_all
+
+    examples, stats = encode_all(tokenizer, conversations(rows, data), data.max_length, "drop")
+    if data.replay.unfinished == "train":
+        cut, cut_stats = encode_all(
+            tokenizer, conversations(rows, data, finished=False), data.max_length, "truncate", open_end=True
+        )
+        examples, stats = examples + cut, total_stats([stats, cut_stats])
+    return examples, stats

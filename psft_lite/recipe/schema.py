@@ -159,7 +159,13 @@ class ReplaySection(Section):
         "of 530 general requests, disjoint from every evaluation set.",
     )
     max_new_tokens: int = Field(
-        256, gt=0, description="Length limit of a replay answer; answers cut by it are not trained."
+        256, gt=0, description="Length limit of a replay answer; answers cut by it are not trained (see `unfinished`)."
+    )
+    unfinished: Literal["drop", "train"] = Field(
+        "drop",
+        description="Answers cut by `max_new_tokens`: `drop` them (trained, they would teach the model to end a turn "
+        "mid-sentence), or `train` them up to the cut, with no end of turn, for a base (pretrained) model that rarely "
+        "ends a chat turn and so has too few finished answers to replay.",
     )
 
 
@@ -723,12 +729,22 @@ def reference_markdown() -> str:
         out.append(f"#### `[{name}]`\n\n| key | default | meaning |\n|---|---|---|")
         own = [k for k in model.model_fields if k in vars(model).get("__annotations__", {})]  # type: ignore[union-attr]
         keys = own + [k for k in model.model_fields if k not in own]  # a section's own keys before shared ones
-        for key in keys:
-            f = model.model_fields[key]  # type: ignore[union-attr]
-            default = "required" if f.is_required() else _fmt_default(f.get_default(call_default_factory=True))
-            out.append(f"| `{name}.{key}` | {default} | {f.description or ''} |")
+        out += _reference_rows(name, model, keys)
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _reference_rows(prefix: str, model: Any, keys: list[str]) -> list[str]:
+    """One row per key; a nested table (e.g. `[data.replay]`) gives one row per key of its own, in place."""
+    rows = []
+    for key in keys:
+        f = model.model_fields[key]
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            rows += _reference_rows(f"{prefix}.{key}", f.annotation, list(f.annotation.model_fields))
+            continue
+        default = "required" if f.is_required() else _fmt_default(f.get_default(call_default_factory=True))
+        rows.append(f"| `{prefix}.{key}` | {default} | {f.description or ''} |")
+    return rows
 
 
 def _fmt_default(v: Any) -> str:

@@ -140,7 +140,6 @@ def self_replay(
 ) -> SourceData:
     """`data.replay`: the base model's own answers to the replay prompts as a training source — read from the cache,
     or generated once (rank 0; the other ranks wait and read it)."""
-    from psft_lite.data.tokenize import encode_all
     from psft_lite.inference import replay
     from psft_lite.inference.generate import Loaded as Model
 
@@ -157,16 +156,24 @@ def self_replay(
         how = f"generated in {seconds:.0f} s (cached in {path})"
     dist.barrier()
     rows = replay.read_cache(path) or []
+    ended = sum(r["finished"] for r in rows)
     if dist.is_main:
         console.print(
             f"self-replay: the base model's answers to {len(prompts)} prompts, {how}; "
-            f"{sum(r['finished'] for r in rows)} ended within data.replay.max_new_tokens = {d.replay.max_new_tokens}"
+            f"{ended} ended within data.replay.max_new_tokens = {d.replay.max_new_tokens}"
+            + (
+                f"; the {len(rows) - ended} cut by it are trained up to the cut"
+                if d.replay.unfinished == "train"
+                else ""
+            )
         )
-    examples, stats = encode_all(tokenizer, replay.conversations(rows, d), d.max_length, "drop")
+    examples, stats = replay.encode_answers(tokenizer, rows, d)
     if not examples:
         raise RecipeError(
             f"data.replay: none of the base model's {len(rows)} answers to {replay.prompt_file(d.replay)} ended within "
-            f"data.replay.max_new_tokens = {d.replay.max_new_tokens} tokens and data.max_length; raise them."
+            f"data.replay.max_new_tokens = {d.replay.max_new_tokens} tokens and data.max_length; raise them, or, for "
+            'a base model that rarely ends a chat turn, set data.replay.unfinished = "train" to train answers up to '
+            "the cut."
         )
     return SourceData("self-replay", examples, stats)
 

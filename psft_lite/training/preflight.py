@@ -326,7 +326,6 @@ def _replay_source(recipe: Recipe, tokenizer: Any, device: Any, dtype: Any, rep:
     """The self-replay answers as a source when this base's are cached; else a note (and None): they are generated
     once, at the start of the first training run, and the memory estimate allows for their length limit."""
     from psft_lite.data import SourceData
-    from psft_lite.data.tokenize import encode_all
     from psft_lite.inference import replay
 
     d = recipe.data
@@ -340,7 +339,7 @@ def _replay_source(recipe: Recipe, tokenizer: Any, device: Any, dtype: Any, rep:
         )
         rep.stats["replay_pending"] = d.replay.max_new_tokens
         return None
-    examples, stats = encode_all(tokenizer, replay.conversations(rows, d), d.max_length, "drop")
+    examples, stats = replay.encode_answers(tokenizer, rows, d)
     return SourceData("self-replay", examples, stats)
 
 
