@@ -133,7 +133,8 @@ def encode(
         mask += [trained] * len(seg)
     if open_end:
         own = [i for i, (tid, m) in enumerate(zip(ids, mask)) if m and tid not in special_ids]
-        ids, mask = ids[: own[-1] + 1 if own else 0], mask[: own[-1] + 1 if own else 0]
+        end = own[-1] + 1 if own else 0
+        ids, mask = ids[:end], mask[:end]
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool), appended
 
 

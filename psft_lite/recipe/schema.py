@@ -750,8 +750,6 @@ def _reference_rows(prefix: str, model: Any, keys: list[str]) -> list[str]:
 def _fmt_default(v: Any) -> str:
     if v is None:
         return "—"
-    if isinstance(v, BaseModel):
-        return "—"
     if isinstance(v, bool):
         return f"`{str(v).lower()}`"
     if isinstance(v, str):
