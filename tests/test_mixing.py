@@ -255,3 +255,29 @@ def test_a_base_model_that_rarely_ends_a_turn_replays_its_cut_answers_up_to_the_
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2] and all(
         math.isfinite(m["loss"]) for m in metrics if "loss" in m
     )
+
+
+def test_replay_with_nothing_to_train_says_why_without_suggesting_a_setting_already_made(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """With `unfinished = "train"` set, an empty replay can only mean empty answers (or finished ones too long to
+    keep): the error says so and does not advise setting what is already set."""
+    from psft_lite.inference import replay
+
+    monkeypatch.setenv("PSFT_LITE_HOME", str(tmp_path / "home"))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say nothing."}, {"prompt": "Be silent."}])
+
+    def empty_answers(loaded, prompts, data, path, console=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": p, "completion": "", "finished": i == 0} for i, p in enumerate(prompts)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return 0.0
+
+    monkeypatch.setattr(replay, "generate_answers", empty_answers)
+    data = {"replay": {"ratio": 0.25, "prompts": str(prompts), "max_new_tokens": 12, "unfinished": "train"}}
+    train = {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4}
+    code, _, err = run_cli(capsys, "train", str(make_recipe(tmp_path / "a", tiny_model_dir, data=data, train=train)))
+    said = " ".join(err.split())
+    assert code == 2 and "left anything to train" in said and "data.max_length" in said, err
+    assert 'set data.replay.unfinished = "train"' not in said and "Traceback" not in err
+    assert not (tmp_path / "a" / "run").exists()

@@ -169,11 +169,17 @@ def self_replay(
         )
     examples, stats = replay.encode_answers(tokenizer, rows, d)
     if not examples:
+        where = f"data.replay: none of the base model's {len(rows)} answers to {replay.prompt_file(d.replay)}"
+        if d.replay.unfinished == "train":  # even cut answers are trained, so every one was empty
+            raise RecipeError(
+                f"{where} left anything to train: each was empty, or ended but was longer than data.max_length = "
+                f"{d.max_length} tokens. Raise data.max_length, or check data.system_prompt and the prompts in "
+                f"{replay.prompt_file(d.replay)}."
+            )
         raise RecipeError(
-            f"data.replay: none of the base model's {len(rows)} answers to {replay.prompt_file(d.replay)} ended within "
-            f"data.replay.max_new_tokens = {d.replay.max_new_tokens} tokens and data.max_length; raise them, or, for "
-            'a base model that rarely ends a chat turn, set data.replay.unfinished = "train" to train answers up to '
-            "the cut."
+            f"{where} ended within data.replay.max_new_tokens = {d.replay.max_new_tokens} tokens and "
+            "data.max_length; raise them, or, for a base model that rarely ends a chat turn, set "
+            'data.replay.unfinished = "train" to train answers up to the cut.'
         )
     return SourceData("self-replay", examples, stats)
 
