@@ -395,6 +395,27 @@ def test_matched_comparisons_read_each_seed_between_its_measured_checkpoints(tmp
         blocks.splice(doc, md, "other")
 
 
+def test_the_end_of_budget_table_pairs_each_methods_last_checkpoint_with_sfts_seed_by_seed(tmp_path):
+    """Each method's last checkpoint minus sft's (whatever step each ended at), paired by seed and item, with every
+    seed's general-ability difference; a seed sft does not have is left out."""
+    from psft_lite.study import report
+
+    recs = [_rec("base", 0, 0, "0000", "11110000")]
+    for seed, general in ((0, "11100000"), (1, "11000000")):
+        recs += [_rec("sft", seed, 25, "1100", "11110000"), _rec("sft", seed, 200, "1110", general)]
+    recs += [_rec("eaft", 0, 200, "1100", "11110000"), _rec("eaft", 1, 200, "1110", "11110000")]  # +12.5, +25.0
+    recs += [_rec("sft-replay", 0, 250, "1110", "11100000"), _rec("sft-replay", 2, 250, "1111", "11111111")]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    curves, md = report.generate(tmp_path)
+    table = report.end_table(curves, "sft")
+    eaft = next(line for line in table.splitlines() if line.startswith("| eaft |"))
+    cells = [c.strip() for c in eaft.strip("|").split("|")]
+    assert cells[:3] == ["eaft", "2", "200 / 200"] and cells[5] == "s0 +12.5, s1 +25.0"
+    assert cells[3].startswith("-12.5 [") and cells[4].startswith("+18.8 [")  # in-domain (-25 + 0) / 2
+    assert "| sft-replay | 1 | 250 / 200 | +0.0 [" in table and "| s0 +0.0 |" in table  # seed 2 has no sft pair
+    assert "#### At the end of the budget, against sft (the rule does not read this)" in md and table in md
+
+
 def test_report_intervals_cover_the_truth_about_95_percent_of_the_time():
     """Three seeds, 400 items each, a true change of -3 points with seed-to-seed variation: the interval of the mean
     change covers -3 in about 95 % of 300 simulated studies (within Monte Carlo error), and the point is the mean of

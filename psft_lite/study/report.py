@@ -36,6 +36,7 @@ from psft_lite.study.curves import (
     bits_of,
     build_curves,
     change,
+    difference,
     kl_at,
     label_of,
     level,
@@ -120,6 +121,47 @@ def matched_table(curves: list[Curve], ref: str, lv: list[float], read: str = "g
     return "\n".join(lines)
 
 
+def _end_difference(c: Curve, ref: Curve, key: str) -> str:
+    """c's last checkpoint minus ref's on `key`, paired by seed and item, starred when the interval excludes 0."""
+    if key not in c.bits or key not in ref.bits:
+        return "—"
+    e = difference(c, ref, key, len(c.steps) - 1, len(ref.steps) - 1)
+    return e.fmt(signed=True) + (" *" if e.seeds and e.excludes_zero else "")
+
+
+def _end_by_seed(c: Curve, ref: Curve, key: str = "general") -> str:
+    j, k = len(c.steps) - 1, len(ref.steps) - 1
+    out = []
+    for s in c.seeds:
+        if s in ref.seeds and not np.isnan(c.bits[key][c.seeds.index(s), j, 0]):
+            d = c.bits[key][c.seeds.index(s), j] - ref.bits[key][ref.seeds.index(s), k]
+            out.append(f"s{s} {100 * float(np.mean(d)):+.1f}")
+    return ", ".join(out) or "—"
+
+
+def end_table(curves: list[Curve], ref: str) -> str:
+    """Each method's last checkpoint against `ref`'s, paired by seed and item, with the general-ability difference of
+    every seed: what a user who trains for the whole budget gets. The rule reads the matched level instead, since a
+    method that learns less by the end can keep more for that reason alone."""
+    refc = next((c for c in curves if c.label == ref), None)
+    if refc is None:
+        return ""
+    lines = [
+        f"| method | seeds paired with {ref} | step (its / {ref}'s) | in-domain, minus {ref} | general ability, "
+        f"minus {ref} | by seed | taught format in general replies, minus {ref} | transfer, minus {ref} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in curves:
+        if c is refc:
+            continue
+        d = {key: _end_difference(c, refc, key) for key in ("acc", "general", "leak", "transfer")}
+        lines.append(
+            f"| {c.label} | {len([s for s in c.seeds if s in refc.seeds])} | {c.steps[-1]} / {refc.steps[-1]} | "
+            f"{d['acc']} | {d['general']} | {_end_by_seed(c, refc)} | {d['leak']} | {d['transfer']} |"
+        )
+    return "\n".join(lines)
+
+
 def base_only_markdown(base: dict[str, Any]) -> str:
     """The block while only the base model's evaluation is committed: its own scores."""
     cells = []
@@ -193,6 +235,14 @@ def report_markdown(curves: list[Curve], base: dict[str, Any], ref: str = "sft")
             f"method and of {ref} reaches; better or worse when the interval excludes 0.",
             "",
             verdicts.table(rs, ref),
+            "",
+            f"#### At the end of the budget, against {ref} (the rule does not read this)",
+            "",
+            f"Each method's last checkpoint against {ref}'s, paired by seed and item: what training for the whole "
+            "budget gives. Read it with the in-domain column: a method that has learned less by the end can keep "
+            "more general ability for that reason alone, which is why the rule compares at a matched in-domain level.",
+            "",
+            end_table(curves, ref),
         ]
     parts += [
         "",
