@@ -130,6 +130,8 @@ def _end_difference(c: Curve, ref: Curve, key: str) -> str:
 
 
 def _end_by_seed(c: Curve, ref: Curve, key: str = "general") -> str:
+    if key not in c.bits or key not in ref.bits:
+        return "—"
     j, k = len(c.steps) - 1, len(ref.steps) - 1
     out = []
     for s in c.seeds:

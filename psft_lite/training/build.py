@@ -170,7 +170,7 @@ def self_replay(
     examples, stats = replay.encode_answers(tokenizer, rows, d)
     if not examples:
         where = f"data.replay: none of the base model's {len(rows)} answers to {replay.prompt_file(d.replay)}"
-        if d.replay.unfinished == "train":  # even cut answers are trained, so every one was empty
+        if d.replay.unfinished == "train":  # cut answers are trained too: each was empty, or ended and was too long
             raise RecipeError(
                 f"{where} left anything to train: each was empty, or ended but was longer than data.max_length = "
                 f"{d.max_length} tokens. Raise data.max_length, or check data.system_prompt and the prompts in "
