@@ -231,20 +231,26 @@ def change(c: Curve, key: str, j: int) -> Estimate:
     return _combine([_mean_se(c.bits[key][s, j] - c.bits[key][s, 0]) for s in c.present(j)])
 
 
+def seed_differences(c: Curve, ref: Curve, key: str, j: int, k: int) -> dict[int, tuple[float, float]]:
+    """Per seed evaluated in both, (mean, standard error) in points of c at point j − ref at its point k, paired by
+    seed (same data order and initialisation) and by item."""
+    out = {}
+    for s in c.seeds:
+        if s not in ref.seeds:
+            continue
+        a, b = c.bits[key][c.seeds.index(s), j], ref.bits[key][ref.seeds.index(s), k]
+        if not np.isnan(a[0]) and not np.isnan(b[0]):
+            out[s] = _mean_se(a - b)
+    return out
+
+
 def difference(c: Curve, ref: Curve, key: str, j: int, k: int | None = None) -> Estimate:
-    """c at point j − ref at its point k (by default the same step), paired by seed (same data order and
-    initialisation) and by item."""
+    """c at point j − ref at its point k (by default the same step), across the paired seeds (`seed_differences`)."""
     if k is None:
         if c.steps[j] not in ref.steps:
             return _combine([])
         k = ref.steps.index(c.steps[j])
-    pairs = [(c.seeds.index(s), ref.seeds.index(s)) for s in c.seeds if s in ref.seeds]
-    vals = [
-        _mean_se(c.bits[key][a, j] - ref.bits[key][b, k])
-        for a, b in pairs
-        if not np.isnan(c.bits[key][a, j, 0]) and not np.isnan(ref.bits[key][b, k, 0])
-    ]
-    return _combine(vals)
+    return _combine(list(seed_differences(c, ref, key, j, k).values()))
 
 
 def kl_at(c: Curve, j: int) -> Estimate:

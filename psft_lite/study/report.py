@@ -43,6 +43,7 @@ from psft_lite.study.curves import (
     levels,
     read_jsonl,
     read_records,
+    seed_differences,
 )
 from psft_lite.study.methods import METHODS, PROBE, Cell
 from psft_lite.study.plot import pyplot
@@ -132,13 +133,8 @@ def _end_difference(c: Curve, ref: Curve, key: str) -> str:
 def _end_by_seed(c: Curve, ref: Curve, key: str = "general") -> str:
     if key not in c.bits or key not in ref.bits:
         return "—"
-    j, k = len(c.steps) - 1, len(ref.steps) - 1
-    out = []
-    for s in c.seeds:
-        if s in ref.seeds and not np.isnan(c.bits[key][c.seeds.index(s), j, 0]):
-            d = c.bits[key][c.seeds.index(s), j] - ref.bits[key][ref.seeds.index(s), k]
-            out.append(f"s{s} {100 * float(np.mean(d)):+.1f}")
-    return ", ".join(out) or "—"
+    per_seed = seed_differences(c, ref, key, len(c.steps) - 1, len(ref.steps) - 1)
+    return ", ".join(f"s{s} {mean:+.1f}" for s, (mean, _) in per_seed.items()) or "—"
 
 
 def end_table(curves: list[Curve], ref: str) -> str:
